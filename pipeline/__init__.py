@@ -1,0 +1,1 @@
+"""imagebatch's domain: specs, caps, planning, budget and ledger, upstream, storage, models."""

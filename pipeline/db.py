@@ -1,0 +1,112 @@
+"""Engines and sessions: SQLite tuned for concurrent writers, PostgreSQL as it is."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+
+class SchemaBehind(RuntimeError):
+    """The database's schema is older than this code: run `imagebatch db upgrade`."""
+
+
+def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(database_url)
+    # hide_parameters: a failing statement must not print bound values (prompts, keys) in logs.
+    return create_engine(
+        database_url,
+        hide_parameters=True,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+    )
+
+
+def _sqlite_engine(database_url: str) -> Engine:
+    url = make_url(database_url)
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        database_url,
+        hide_parameters=True,
+        poolclass=NullPool,
+        connect_args={"timeout": 60, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy, not the driver, decide when a transaction starts: see "begin".
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        # A transaction that reads then writes must hold the write lock from its start,
+        # or a concurrent writer gets "database is locked" at once instead of waiting.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction: committed on success, rolled back on any error."""
+    with sessions() as session, session.begin():
+        yield session
+
+
+def _alembic_config(connection: object) -> object:
+    from alembic.config import Config
+
+    import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Apply every migration not yet applied (`imagebatch db upgrade`)."""
+    from alembic import command
+
+    with engine.connect() as connection:
+        command.upgrade(_alembic_config(connection), "head")  # type: ignore[arg-type]
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's revision, the code's head revision)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+        script = ScriptDirectory.from_config(_alembic_config(connection))  # type: ignore[arg-type]
+    return current, script.get_current_head() or ""
+
+
+def require_current_schema(engine: Engine) -> None:
+    current, head = schema_revisions(engine)
+    if current != head:
+        raise SchemaBehind(
+            f"the database schema is at revision {current or 'none'} but this imagebatch needs "
+            f"{head}: run `imagebatch db upgrade`"
+        )

@@ -1,0 +1,250 @@
+"""The SQL schema as SQLAlchemy 2 typed models; migrations/ builds it, this module reads it."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "pending"  # written by submit or by another program's INSERT; not planned yet
+    RUNNING = "running"  # planned: its renders are queued or under way
+    SUCCEEDED = "succeeded"  # every item delivered all its images
+    PARTIAL = "partial"  # some items delivered, some failed
+    FAILED = "failed"  # nothing delivered
+    CANCELLED = "cancelled"  # cancelled by a user; in-flight renders finished first
+
+
+TERMINAL_JOB = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+
+class ItemStatus(enum.StrEnum):
+    PENDING = "pending"  # not planned yet
+    RUNNING = "running"  # has renders not yet terminal
+    SUCCEEDED = "succeeded"  # every render succeeded
+    FAILED = "failed"  # invalid, or at least one render failed
+    CANCELLED = "cancelled"  # the job was cancelled before its renders ran
+
+
+class RenderStatus(enum.StrEnum):
+    QUEUED = "queued"  # planned and enqueued; no attempt holds it
+    RUNNING = "running"  # an attempt holds the lease and may be calling the upstream
+    SUCCEEDED = "succeeded"  # its images are stored and charged
+    FAILED = "failed"  # gave up: budget, a non-retryable refusal, or attempts exhausted
+    CANCELLED = "cancelled"  # the job was cancelled before this render called the upstream
+
+
+TERMINAL_RENDER = (RenderStatus.SUCCEEDED, RenderStatus.FAILED, RenderStatus.CANCELLED)
+
+
+class AttemptOutcome(enum.StrEnum):
+    RESERVED = "reserved"  # money held; the call is under way (or its worker died)
+    CHARGED = "charged"  # a result came back: the provider did the work
+    RELEASED = "released"  # a definite refusal: nothing was billed
+    UNKNOWN = "unknown"  # cut, timed out or killed: charged, the provider may have billed it
+
+
+class LedgerKind(enum.StrEnum):
+    RESERVE = "reserve"  # money held before a call
+    CHARGE = "charge"  # a reservation turned into spend: result delivered
+    RELEASE = "release"  # a reservation given back: definite refusal
+    UNKNOWN = "unknown"  # a reservation turned into spend whose outcome is unknown
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    team: Mapped[str] = mapped_column(String(200), server_default="default")
+    name: Mapped[str | None] = mapped_column(String(500))
+    budget_cents: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"), index=True)
+    # Counters kept equal to the ledger's sums in the same transaction as each ledger row.
+    # spent_cents includes unknown_cents: both count against the budget.
+    spent_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    reserved_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    unknown_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    source: Mapped[str] = mapped_column(String(20), server_default=text("'sql'"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class JobItem(Base):
+    __tablename__ = "job_items"
+    __table_args__ = (UniqueConstraint("job_id", "line", name="uq_job_items_job_line"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    line: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(String(500))
+    body: Mapped[str] = mapped_column(Text)  # the request body as JSON text
+    meta: Mapped[str | None] = mapped_column("metadata", Text)  # JSON text
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    model: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Render(Base):
+    """One upstream call's worth of work: an item's `n` split into calls of at most max_n."""
+
+    __tablename__ = "renders"
+    __table_args__ = (
+        UniqueConstraint("item_id", "render_index", name="uq_renders_item_index"),
+        Index("ix_renders_job_status", "job_id", "status"),
+        Index("ix_renders_status_lease", "status", "lease_until"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(ForeignKey("job_items.id", ondelete="CASCADE"))
+    render_index: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    n: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    price_per_image_cents: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'queued'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    deliveries: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))
+
+
+class Attempt(Base):
+    """One upstream call, with the reservation that preceded it and how it settled."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("render_id", "number", name="uq_attempts_render_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20), server_default=text("'reserved'"))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class LedgerEntry(Base):
+    """Append-only: one row per money movement of one attempt, on every budget it draws on."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (Index("ix_ledger_job_kind", "job_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    render_id: Mapped[int] = mapped_column(Integer)
+    attempt_id: Mapped[int] = mapped_column(Integer, index=True)
+    # The team period budget this movement also drew on, when the team has one.
+    team_budget_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    team: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    images: Mapped[int] = mapped_column(Integer)
+    # The price this attempt was reserved at: a later price change rewrites no history.
+    price_per_image_cents: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Image(Base):
+    """A stored media file. The row exists only once its bytes are in storage."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("render_id", "image_index", name="uq_images_render_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("job_items.id", ondelete="CASCADE"))
+    render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"))
+    image_index: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(1000))
+    uri: Mapped[str] = mapped_column(String(2000))
+    content_type: Mapped[str] = mapped_column(String(100))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    revised_prompt: Mapped[str | None] = mapped_column(Text)
+    cost_cents: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ModelCaps(Base):
+    """The /models answer, cached so planning needs no network while it is fresh."""
+
+    __tablename__ = "model_caps"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    api_base: Mapped[str] = mapped_column(String(500), primary_key=True)
+    entry: Mapped[str] = mapped_column(Text)  # the raw /models entry as JSON text
+    fetched_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    budget_cents: Mapped[int | None] = mapped_column(BigInteger)
+    period: Mapped[str] = mapped_column(String(10), server_default=text("'month'"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class TeamBudget(Base):
+    """A team's budget for one period, keyed by the period's start: a new period is a new row."""
+
+    __tablename__ = "team_budgets"
+    __table_args__ = (UniqueConstraint("team", "period_start", name="uq_team_budgets_period"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    team: Mapped[str] = mapped_column(ForeignKey("teams.name", ondelete="CASCADE"))
+    period_start: Mapped[datetime] = mapped_column(DateTime)
+    period_end: Mapped[datetime | None] = mapped_column(DateTime)
+    spent_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    reserved_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    unknown_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class Schedule(Base):
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    cron: Mapped[str] = mapped_column(String(100))
+    timezone: Mapped[str] = mapped_column(String(100), server_default=text("'UTC'"))
+    team: Mapped[str] = mapped_column(String(200))
+    budget_cents: Mapped[int] = mapped_column(BigInteger)
+    job_text: Mapped[str] = mapped_column(Text)
+    source_name: Mapped[str | None] = mapped_column(String(1000))
+    # The last slot fired; claiming a slot is a conditional UPDATE on this column.
+    last_slot: Mapped[datetime | None] = mapped_column(DateTime)
+    last_job_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

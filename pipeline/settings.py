@@ -1,0 +1,120 @@
+"""The one settings object, read from IMAGEBATCH_* environment variables once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_API_BASE = "https://api.airforce/v1"
+
+
+class SettingsError(ValueError):
+    """An IMAGEBATCH_* variable holds a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_base: str = DEFAULT_API_BASE
+    # repr=False: a Settings printed into a log or a traceback never shows the key.
+    api_key: str | None = field(default=None, repr=False)
+    data_dir: Path = Path("imagebatch-data")
+    database_url: str = ""
+    broker_url: str = ""
+    storage_url: str = ""
+    concurrency: int = 64
+    max_attempts: int = 4
+    max_media_bytes: int = 64 * 1024 * 1024
+    models_ttl: int = 3600
+    render_deadline: float = 900.0
+    read_timeout: float = 120.0
+    connect_timeout: float = 30.0
+    allow_private_media: bool = False
+    # Renders queued longer than this with no worker on them are enqueued again by the sweeper.
+    requeue_after: float = 600.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    media_concurrency: int = 32
+    max_in_flight: int = 0
+    model_rates: str = ""
+    redis_url: str = ""
+    sweep_interval: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(f"IMAGEBATCH_{name}")
+            return value if value not in (None, "") else None
+
+        data_dir = Path(get("DATA_DIR") or "imagebatch-data").expanduser().resolve()
+        kwargs: dict[str, object] = {"data_dir": data_dir}
+        text = {
+            "api_base": "API_BASE", "api_key": "API_KEY", "database_url": "DATABASE_URL",
+            "broker_url": "BROKER_URL", "storage_url": "STORAGE_URL",
+            "model_rates": "MODEL_RATES", "redis_url": "REDIS_URL",
+        }
+        for attr, name in text.items():
+            if (value := get(name)) is not None:
+                kwargs[attr] = value
+        ints = {
+            "concurrency": "CONCURRENCY", "max_attempts": "MAX_ATTEMPTS",
+            "max_media_bytes": "MAX_MEDIA_BYTES", "models_ttl": "MODELS_TTL",
+            "media_concurrency": "MEDIA_CONCURRENCY", "max_in_flight": "MAX_IN_FLIGHT",
+        }
+        for attr, name in ints.items():
+            if (value := get(name)) is not None:
+                kwargs[attr] = _parse_number(name, value, int)
+        floats = {
+            "render_deadline": "RENDER_DEADLINE", "read_timeout": "READ_TIMEOUT",
+            "connect_timeout": "CONNECT_TIMEOUT", "requeue_after": "REQUEUE_AFTER",
+            "backoff_base": "BACKOFF_BASE", "backoff_cap": "BACKOFF_CAP",
+            "sweep_interval": "SWEEP_INTERVAL",
+        }
+        for attr, name in floats.items():
+            if (value := get(name)) is not None:
+                kwargs[attr] = _parse_number(name, value, float)
+        if (value := get("ALLOW_PRIVATE_MEDIA")) is not None:
+            kwargs["allow_private_media"] = value.lower() in ("1", "true", "yes", "on")
+        return cls(**kwargs).with_defaults()  # type: ignore[arg-type]
+
+    def with_defaults(self) -> Settings:
+        """Fill the embedded defaults that depend on data_dir."""
+        return replace(
+            self,
+            api_base=self.api_base.rstrip("/"),
+            database_url=self.database_url or f"sqlite:///{self.data_dir / 'imagebatch.db'}",
+            storage_url=self.storage_url or (self.data_dir / "media").as_uri(),
+            broker_url=self.broker_url or "filesystem://",
+        )
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        """Redis for limits shared by all workers: IMAGEBATCH_REDIS_URL, else a Redis broker."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
+
+
+def _parse_number(name: str, value: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise SettingsError(
+            f"IMAGEBATCH_{name}={value!r} is not a{'n integer' if kind is int else ' number'}"
+        ) from None
+    if number < 0:
+        raise SettingsError(f"IMAGEBATCH_{name}={value!r} must not be negative")
+    return number
