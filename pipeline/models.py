@@ -129,6 +129,8 @@ class Render(Base):
     price_per_image_cents: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(20), server_default=text("'queued'"))
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # Attempts made before the last `retry JOB`: the attempt limit counts from here.
+    retry_from: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime)
     deliveries: Mapped[int] = mapped_column(Integer, server_default=text("0"))

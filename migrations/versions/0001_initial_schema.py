@@ -150,6 +150,7 @@ def upgrade() -> None:
             "status", sa.String(length=20), server_default=sa.text("'queued'"), nullable=False
         ),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("retry_from", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("lease_until", sa.DateTime(), nullable=True),
         sa.Column("enqueued_at", sa.DateTime(), nullable=True),
         sa.Column("deliveries", sa.Integer(), server_default=sa.text("0"), nullable=False),

@@ -1,0 +1,708 @@
+"""The `imagebatch` command: parse, call pipeline/ and workers/, print."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.caps import Caps, load_caps
+from pipeline.db import (
+    SchemaBehind,
+    make_engine,
+    require_current_schema,
+    schema_revisions,
+    session_factory,
+    transaction,
+    upgrade_schema,
+)
+from pipeline.jobs import (
+    JobNotFound,
+    cancel_job,
+    create_job,
+    item_errors,
+    job_summary,
+    list_jobs,
+    retry_job,
+)
+from pipeline.plan import JobLine, LineError, Plan, parse_dollars, parse_lines, plan_lines
+from pipeline.settings import Settings, SettingsError
+
+EXIT_OK, EXIT_JOB_NOT_OK, EXIT_USAGE = 0, 1, 2
+FINAL_OK = "succeeded"
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class UserError(click.ClickException):
+    """A problem the user can fix: printed as one line, exit code 2, never a traceback."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        err.print(f"[bold red]error:[/] {self.message}", highlight=False)
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from pipeline.upstream import UpstreamError
+
+    from pipeline.storage import StorageError
+
+    return (SettingsError, SchemaBehind, JobNotFound, StorageError, UpstreamError, ValueError,
+            OSError)
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except _known_errors() as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv for debug).")
+@click.version_option(package_name="imagebatch")
+def main(verbose: int) -> None:
+    """Turn job files (JSONL, one request per line) or job rows in SQL into images, video and
+    audio in storage, through an OpenAI-compatible /v1/images/generations endpoint, never
+    spending more than the budget and accounting for every cent in SQL.
+
+    Configuration comes from IMAGEBATCH_* environment variables (API_BASE, API_KEY,
+    DATA_DIR, DATABASE_URL, BROKER_URL, STORAGE_URL, CONCURRENCY, ...). With none set,
+    everything is embedded: a SQLite file and a media folder in ./imagebatch-data.
+
+    Try it with no key and no servers:  imagebatch demo
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+# --- shared plumbing -----------------------------------------------------------------------
+
+
+def load_settings(**overrides: Any) -> Settings:
+    settings = Settings.from_env()
+    return replace(settings, **overrides) if overrides else settings
+
+
+@contextmanager
+def database(settings: Settings, *, upgrade: bool = True):  # type: ignore[no-untyped-def]
+    """The session factory. The embedded SQLite file is created and upgraded on the spot;
+    a server database must be upgraded explicitly (`imagebatch db upgrade`)."""
+    engine = make_engine(settings.database_url)
+    try:
+        if settings.is_sqlite and upgrade:
+            upgrade_schema(engine)
+        else:
+            require_current_schema(engine)
+        yield session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def fetch_models(settings: Settings) -> list[dict[str, Any]]:
+    from pipeline.runtime import build_upstream
+
+    async def fetch() -> list[dict[str, Any]]:
+        client = build_upstream(settings)
+        try:
+            return await client.list_models()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(fetch())
+
+
+def model_caps(settings: Settings, sessions: Any, *, refresh: bool = False) -> dict[str, Caps]:
+    return load_caps(sessions, settings.api_base, lambda: fetch_models(settings),
+                     ttl_seconds=settings.models_ttl, refresh=refresh)
+
+
+def read_job_text(path: str) -> tuple[str, str]:
+    """(text, a name for it). '-' reads standard input."""
+    if path == "-":
+        return sys.stdin.read(), "stdin"
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return file.read_text(encoding="utf-8"), file.name
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def cap_from_options(budget: str | None, cents: int | None) -> int:
+    if budget is not None and cents is not None:
+        raise UserError("give --budget or --budget-cents, not both")
+    if cents is not None:
+        return cents
+    if budget is None:
+        raise UserError("every job needs a cap: --budget DOLLARS (e.g. 5.00) or --budget-cents")
+    try:
+        return parse_dollars(budget)
+    except ValueError as exc:
+        raise UserError(f"--budget: {exc}") from None
+
+
+def money(cents: int | None) -> str:
+    return "-" if cents is None else f"${cents / 100:,.2f}"
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def exit_for(status: str) -> NoReturn:
+    sys.exit(EXIT_OK if status == FINAL_OK else EXIT_JOB_NOT_OK)
+
+
+# --- models and plan -----------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--refresh", is_flag=True, help="Fetch /models now instead of using the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
+def models(refresh: bool, as_json: bool) -> None:
+    """List the image, video and audio models the API offers, with their caps and prices.
+
+    The answer of GET /models is cached in SQL for IMAGEBATCH_MODELS_TTL seconds."""
+    settings = load_settings()
+    with database(settings) as sessions:
+        caps = model_caps(settings, sessions, refresh=refresh)
+    if as_json:
+        print_json([c.__dict__ for c in caps.values()])
+        return
+    table = Table(title=f"models at {settings.api_base}")
+    for column in ("model", "modalities", "max_n", "aspect ratios / sizes", "qualities",
+                   "max input images", "price / image"):
+        table.add_column(column)
+    for c in sorted(caps.values(), key=lambda c: c.model):
+        shapes = ", ".join((c.aspect_ratios or ()) + (c.sizes or ())) or "any"
+        table.add_row(
+            c.model, ", ".join(c.modalities), str(c.max_n or "any"), shapes,
+            ", ".join(c.qualities or ()) or "any",
+            "any" if c.max_input_images is None else str(c.max_input_images),
+            "no price" if c.price_per_image_cents is None else f"{c.price_per_image_cents}¢",
+        )
+    out.print(table)
+
+
+def plan_file(settings: Settings, sessions: Any, path: str
+              ) -> tuple[list[JobLine | LineError], Plan]:
+    text, _ = read_job_text(path)
+    entries = parse_lines(text)
+    if not entries:
+        raise UserError(f"{path}: no job lines (the file is empty)")
+    caps = model_caps(settings, sessions)
+    return entries, plan_lines(entries, caps)
+
+
+def print_plan_errors(plan: Plan, path: str) -> None:
+    for error in plan.errors:
+        cid = f" ({error.custom_id})" if error.custom_id else ""
+        err.print(f"{path}:{error.line}{cid}: {error.reason}", highlight=False, markup=False)
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    return {
+        "items": len(plan.items),
+        "images": plan.images,
+        "calls": plan.calls,
+        "max_cost_cents": plan.max_cost_cents,
+        "by_model": [m.__dict__ for m in plan.by_model.values()],
+        "errors": [{"line": e.line, "custom_id": e.custom_id, "reason": e.reason}
+                   for e in plan.errors],
+    }
+
+
+@main.command()
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+def plan(file: str, as_json: bool) -> None:
+    """Validate FILE and show what it would cost, without generating anything.
+
+    Per model: items, images, upstream calls (n split into calls of at most max_n) and the
+    maximum cost. Exits 2 when any line is invalid."""
+    settings = load_settings()
+    with database(settings) as sessions:
+        _, planned = plan_file(settings, sessions, file)
+    if as_json:
+        print_json(plan_dict(planned))
+    else:
+        table = Table(title=f"plan for {file}")
+        for column in ("model", "items", "images", "calls", "max cost"):
+            table.add_column(column, justify="right" if column != "model" else "left")
+        for m in planned.by_model.values():
+            table.add_row(m.model, str(m.items), str(m.images), str(m.calls),
+                          money(m.max_cost_cents))
+        table.add_row("total", str(len(planned.items)), str(planned.images), str(planned.calls),
+                      money(planned.max_cost_cents), style="bold")
+        out.print(table)
+        print_plan_errors(planned, file)
+    if planned.errors:
+        sys.exit(EXIT_USAGE)
+
+
+# --- submit and run ------------------------------------------------------------------------
+
+
+def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("file"),
+        click.option("--team", default="default", show_default=True,
+                     help="Team the job is charged to (its period budget applies too)."),
+        click.option("--budget", help="The job's cap in dollars, e.g. 5.00."),
+        click.option("--budget-cents", type=click.IntRange(min=0),
+                     help="The job's cap in cents."),
+        click.option("--name", help="A name for the job (default: the file's name)."),
+        click.option("--allow-invalid", is_flag=True,
+                     help="Submit even if some lines are invalid: they become failed items."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def submit_job(settings: Settings, sessions: Any, file: str, team: str, cap: int,
+               name: str | None, allow_invalid: bool) -> tuple[int, Plan]:
+    entries, planned = plan_file(settings, sessions, file)
+    if planned.errors:
+        print_plan_errors(planned, file)
+        if not allow_invalid:
+            raise UserError(
+                f"{len(planned.errors)} invalid line(s) in {file}; nothing was submitted "
+                "(fix them, or pass --allow-invalid to run the rest)"
+            )
+    with transaction(sessions) as session:
+        job_id = create_job(session, team=team, budget_cents=cap, entries=entries,
+                            name=name or Path(file).name)
+    if planned.max_cost_cents > cap:
+        err.print(f"note: the plan costs up to {money(planned.max_cost_cents)} but the cap is "
+                  f"{money(cap)}: renders that do not fit will fail with reason 'budget'")
+    return job_id, planned
+
+
+@main.command()
+@job_options
+def submit(file: str, team: str, budget: str | None, budget_cents: int | None,
+           name: str | None, allow_invalid: bool, as_json: bool) -> None:
+    """Submit FILE as a job for `imagebatch worker` processes to render, and return at once.
+
+    FILE is JSONL ('-' for stdin): one request body per line (model, prompt, n, and any
+    provider parameter, passed through), with optional custom_id and metadata; OpenAI Batch
+    lines {custom_id, method, url, body} work too."""
+    from workers.app import create_app
+    from workers.tasks import nudge_dispatcher
+
+    settings = load_settings()
+    cap = cap_from_options(budget, budget_cents)
+    with database(settings) as sessions:
+        job_id, _ = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
+        nudge_dispatcher(create_app(settings))
+        with sessions() as session:
+            summary = job_summary(session, job_id)
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(f"submitted job {job_id} ({summary['items_total']} items, cap {money(cap)}); "
+                  f"follow it with: imagebatch status {job_id}")
+
+
+
+@main.command()
+@job_options
+@click.option("--concurrency", type=click.IntRange(min=1),
+              help="Renders in flight (default IMAGEBATCH_CONCURRENCY, 64).")
+def run(file: str, team: str, budget: str | None, budget_cents: int | None, name: str | None,
+        allow_invalid: bool, as_json: bool, concurrency: int | None) -> None:
+    """Submit FILE and render it in this process until the job ends, with progress.
+
+    Exit code 0 when every item succeeded, 1 when the job ended partial, failed or
+    cancelled, 2 for usage errors and invalid input. Ctrl-C cancels the job (in-flight
+    renders finish and are settled); a second Ctrl-C leaves at once."""
+    settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
+    cap = cap_from_options(budget, budget_cents)
+    summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json)
+    if as_json:
+        print_json(summary)
+    exit_for(summary["status"])
+
+
+def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
+                 allow_invalid: bool, *, quiet: bool) -> dict[str, Any]:
+    from workers.app import create_app
+    from workers.embedded import InProcessWorker, Ticker
+    from workers.tasks import shutdown_services
+
+    with database(settings) as sessions:
+        job_id, planned = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
+        app = create_app(settings, broker_url="memory://")
+        worker = InProcessWorker(app, settings.concurrency)
+        ticker = Ticker(app, interval=1.0)
+        worker.start()
+        ticker.start()
+        try:
+            summary = follow_job(sessions, job_id, planned, quiet=quiet)
+        finally:
+            ticker.stop()
+            worker.stop()
+            shutdown_services()
+        if not quiet:
+            print_outcome(settings, sessions, summary)
+    return summary
+
+
+def follow_job(sessions: Any, job_id: int, planned: Plan, *, quiet: bool) -> dict[str, Any]:
+    progress = JobProgress(err, job_id, planned, quiet=quiet)
+    cancelled = False
+    with progress:
+        while True:
+            try:
+                with sessions() as session:
+                    summary = job_summary(session, job_id)
+                progress.update(summary)
+                if summary["finished_at"] is not None:
+                    return summary
+                time.sleep(0.25)
+            except KeyboardInterrupt:
+                if cancelled:
+                    raise
+                cancelled = True
+                err.print(f"cancelling job {job_id}: nothing new is sent, in-flight renders "
+                          "finish (Ctrl-C again to leave now)")
+                with transaction(sessions) as session:
+                    cancel_job(session, job_id)
+
+
+def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) -> None:
+    job_id = summary["id"]
+    colour = {"succeeded": "green", "partial": "yellow"}.get(summary["status"], "red")
+    out.print(
+        f"job {job_id} [bold {colour}]{summary['status']}[/]: "
+        f"{summary['items_succeeded']}/{summary['items_total']} items, "
+        f"{summary['images']} files, spent {money(summary['spent_cents'])} of "
+        f"{money(summary['budget_cents'])}"
+        + (f" ({money(summary['unknown_cents'])} unknown)" if summary["unknown_cents"] else "")
+    )
+    out.print(f"files: {settings.storage_url.rstrip('/')}/job-{job_id:06d}/", highlight=False)
+    with sessions() as session:
+        errors = item_errors(session, job_id, limit=10)
+    for e in errors:
+        cid = f" ({e['custom_id']})" if e["custom_id"] else ""
+        err.print(f"  line {e['line']}{cid}: {e['error']}", highlight=False, markup=False)
+    if errors:
+        err.print(f"export the files with: imagebatch export {job_id} --format csv")
+
+
+class JobProgress:
+    """A live bar on a terminal (items, files, spent / cap, ETA); plain lines otherwise."""
+
+    PLAIN_EVERY = 5.0
+
+    def __init__(self, console: Console, job_id: int, planned: Plan, *, quiet: bool) -> None:
+        self.console, self.job_id, self.quiet = console, job_id, quiet
+        self.live = console.is_terminal and not quiet
+        self._last_plain = 0.0
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> JobProgress:
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn(f"job {self.job_id}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("items · {task.fields[files]} files · {task.fields[money]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("render", total=None, files=0, money="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, s: dict[str, Any]) -> None:
+        done = s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
+        spent = f"{money(s['spent_cents'])} / {money(s['budget_cents'])}"
+        if self._bar is not None:
+            self._bar.update(self._task, total=s["items_total"], completed=done,
+                             files=s["images"], money=spent)
+            return
+        now = time.monotonic()
+        if not self.quiet and (now - self._last_plain >= self.PLAIN_EVERY
+                               or s["finished_at"] is not None):
+            self._last_plain = now
+            self.console.print(
+                f"job {self.job_id}: {done}/{s['items_total']} items, {s['images']} files, "
+                f"spent {spent}, {s['status']}", highlight=False)
+
+
+# --- job commands --------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("job", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(job: int | None, as_json: bool) -> None:
+    """Show one job (with its failed items), or the latest jobs."""
+    settings = load_settings()
+    with database(settings) as sessions, sessions() as session:
+        if job is not None:
+            summary = job_summary(session, job)
+            summary["errors"] = item_errors(session, job)
+            if as_json:
+                print_json(summary)
+                return
+            _print_summary(summary)
+            return
+        jobs = [job_summary(session, j.id) for j in list_jobs(session)]
+    if as_json:
+        print_json({"jobs": jobs})
+        return
+    table = Table(title="jobs")
+    for column in ("id", "name", "team", "status", "items", "files", "spent", "cap"):
+        table.add_column(column)
+    for s in jobs:
+        table.add_row(str(s["id"]), s["name"] or "", s["team"], s["status"],
+                      f"{s['items_succeeded']}/{s['items_total']}", str(s["images"]),
+                      money(s["spent_cents"]), money(s["budget_cents"]))
+    out.print(table)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    out.print(f"job {s['id']} ({s['name'] or 'unnamed'}, team {s['team']}): {s['status']}")
+    out.print(f"  items: {s['items_succeeded']} succeeded, {s['items_failed']} failed, "
+              f"{s['items_cancelled']} cancelled, {s['items_total']} in all")
+    out.print(f"  files: {s['images']}")
+    out.print(f"  money: spent {money(s['spent_cents'])} (unknown {money(s['unknown_cents'])}),"
+              f" reserved {money(s['reserved_cents'])}, cap {money(s['budget_cents'])}")
+    for e in s["errors"]:
+        out.print(f"  line {e['line']}: {e['error']}", highlight=False, markup=False)
+
+
+@main.command()
+@click.argument("job", type=int)
+def cancel(job: int) -> None:
+    """Cancel JOB: nothing new is sent; in-flight renders finish and are settled."""
+    settings = load_settings()
+    with database(settings) as sessions, transaction(sessions) as session:
+        changed = cancel_job(session, job)
+        state = job_summary(session, job)["status"]
+    out.print(f"job {job} cancelled" if changed else f"job {job} had already ended ({state})")
+
+
+@main.command()
+@click.argument("job", type=int)
+@click.option("--budget", help="Raise (or set) the job's cap in dollars first.")
+@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
+def retry(job: int, budget: str | None, budget_cents: int | None) -> None:
+    """Render JOB's failed items again (each attempt reserves anew), on the running workers.
+
+    Use `imagebatch run`'s in-process worker or an `imagebatch worker` to do the work."""
+    from workers.app import create_app
+    from workers.tasks import nudge_dispatcher
+
+    settings = load_settings()
+    cap = None if budget is None and budget_cents is None else cap_from_options(budget,
+                                                                                budget_cents)
+    with database(settings) as sessions:
+        with transaction(sessions) as session:
+            count = retry_job(session, job, cap)
+        nudge_dispatcher(create_app(settings))
+    out.print(f"job {job}: {count} failed item(s) queued again")
+
+
+@main.command()
+@click.argument("job", type=int)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write to this file instead of standard output.")
+def export(job: int, fmt: str, output: str | None) -> None:
+    """Export one row per stored file of JOB: where it is, what it is, and what it cost."""
+    from pipeline.export import export_rows, write_export
+
+    settings = load_settings()
+    with database(settings) as sessions, sessions() as session:
+        job_summary(session, job)  # a clear error for a job that does not exist
+        if output is None:
+            write_export(export_rows(session, job), sys.stdout, fmt)
+            return
+        with open(output, "w", encoding="utf-8", newline="") as file:
+            count = write_export(export_rows(session, job), file, fmt)
+    err.print(f"wrote {count} rows to {output}")
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--concurrency", type=click.IntRange(min=1),
+              help="Renders in flight in this worker (default IMAGEBATCH_CONCURRENCY).")
+@click.option("--sweep/--no-sweep", default=True, show_default=True,
+              help="Also plan pending jobs and bring back stuck renders (needed where no "
+                   "`imagebatch beat` runs; harmless beside one).")
+def worker(concurrency: int | None, sweep: bool) -> None:
+    """Render queued jobs until stopped (Ctrl-C or SIGTERM finishes what it started)."""
+    from workers.app import create_app
+    from workers.embedded import Ticker
+
+    settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
+    with database(settings):
+        pass  # refuses to start on a schema that is behind
+    app = create_app(settings)
+    ticker = Ticker(app, interval=settings.sweep_interval) if sweep else None
+    if ticker:
+        ticker.start()
+    err.print(f"worker: {settings.concurrency} renders in flight, broker "
+              f"{_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
+    app.Worker(pool="threads", concurrency=settings.concurrency, loglevel="INFO",
+               without_mingle=True, without_gossip=True, optimization="fair").start()
+    if ticker:
+        ticker.stop()
+
+
+@main.command()
+@click.option("--interval", type=float, default=2.0, show_default=True,
+              help="Seconds between two looks at pending jobs, schedules and stuck renders.")
+def beat(interval: float) -> None:
+    """Pick up jobs inserted with SQL, fire schedules, and sweep stuck renders, until stopped."""
+    from workers.app import create_app
+    from workers.embedded import Ticker
+
+    settings = load_settings()
+    with database(settings):
+        pass
+    app = create_app(settings)
+    ticker = Ticker(app, interval=interval)
+    err.print(f"beat: every {interval:g}s")
+    ticker.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ticker.stop()
+
+
+@main.command()
+def dispatch() -> None:
+    """Plan pending jobs now (those inserted with SQL included) and enqueue their renders."""
+    from workers.app import create_app
+    from workers.embedded import tick
+
+    settings = load_settings()
+    with database(settings):
+        pass
+    count = tick(create_app(settings))
+    from workers.tasks import shutdown_services
+
+    shutdown_services()
+    out.print(f"enqueued {count} render(s)")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+@main.group()
+def db() -> None:
+    """The database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Create or upgrade the schema to this version's."""
+    settings = load_settings()
+    engine = make_engine(settings.database_url)
+    upgrade_schema(engine)
+    current, _ = schema_revisions(engine)
+    out.print(f"schema at revision {current} ({_safe_url(settings.database_url)})")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Show the schema's revision and the one this version needs."""
+    settings = load_settings()
+    current, head = schema_revisions(make_engine(settings.database_url))
+    out.print(f"database: {current or 'empty'}; this imagebatch: {head}")
+
+
+# --- trying it out -------------------------------------------------------------------------
+
+
+@main.command("fake-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--latency", type=float, default=1.0, show_default=True,
+              help="Seconds each render takes (keepalives are sent meanwhile).")
+@click.option("--keepalive", type=float, default=0.2, show_default=True,
+              help="Seconds between two ': keepalive' comments.")
+@click.option("--media-bytes", type=int, default=2048, show_default=True,
+              help="Approximate size of each media file.")
+@click.option("--fail-rate", type=float, default=0.0, help="Share of calls answered 500.")
+@click.option("--cut-rate", type=float, default=0.0, help="Share of streams cut (billed).")
+@click.option("--rate-limit-rate", type=float, default=0.0, help="Share answered 429.")
+def fake_upstream(host: str, port: int, latency: float, keepalive: float, media_bytes: int,
+                  fail_rate: float, cut_rate: float, rate_limit_rate: float) -> None:
+    """Serve a fake provider (/v1/models, /v1/images/generations) for trying job files and
+    budgets without spending: set IMAGEBATCH_API_BASE=http://HOST:PORT/v1."""
+    from fake_upstream.app import FakeConfig, serve
+
+    config = FakeConfig(latency=latency, keepalive_interval=keepalive, media_bytes=media_bytes,
+                        fail_rate=fail_rate, cut_rate=cut_rate, rate_limit_rate=rate_limit_rate)
+    err.print(f"fake upstream on http://{host}:{port}/v1 (Ctrl-C stops it)")
+    serve(host, port, config)
+
+
+@main.command()
+@click.option("--latency", type=float, default=0.5, show_default=True)
+def demo(latency: float) -> None:
+    """Render the example job (examples/demo.jsonl) against a bundled fake upstream: no key,
+    no servers, no spending. Prints where the files landed and what they cost."""
+    from fake_upstream.app import FakeConfig, FakeServer
+
+    example = Path(__file__).resolve().parent / "examples" / "demo.jsonl"
+    with FakeServer(FakeConfig(latency=latency)) as fake:
+        settings = load_settings(api_base=fake.base_url, api_key=None)
+        err.print(f"demo: fake upstream at {fake.base_url}, data in {settings.data_dir}")
+        summary = run_job_here(settings, str(example), "demo", 200, "demo", False, quiet=False)
+        billed = fake.stats()["billed_cents"]
+    out.print(f"the fake upstream billed {money(billed)}; the ledger says "
+              f"{money(summary['spent_cents'])}")
+    exit_for(summary["status"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""A job's stored files as rows (JSONL or CSV): one row per file, read from SQL only."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import IO, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline.models import Image, JobItem, Render
+
+EXPORT_FIELDS = (
+    "job_id", "custom_id", "line", "render", "index", "uri", "content_type", "bytes", "sha256",
+    "width", "height", "seed", "revised_prompt", "cost_cents", "model", "metadata",
+)
+
+
+def export_rows(session: Session, job_id: int) -> Iterator[dict[str, Any]]:
+    query = (
+        select(Image, JobItem, Render)
+        .join(JobItem, JobItem.id == Image.item_id)
+        .join(Render, Render.id == Image.render_id)
+        .where(Image.job_id == job_id)
+        .order_by(JobItem.line, Render.render_index, Image.image_index)
+    )
+    for image, item, render in session.execute(query).yield_per(1000):
+        yield {
+            "job_id": job_id,
+            "custom_id": item.custom_id,
+            "line": item.line,
+            "render": render.render_index,
+            "index": image.image_index,
+            "uri": image.uri,
+            "content_type": image.content_type,
+            "bytes": image.bytes,
+            "sha256": image.sha256,
+            "width": image.width,
+            "height": image.height,
+            "seed": image.seed,
+            "revised_prompt": image.revised_prompt,
+            "cost_cents": image.cost_cents,
+            "model": render.model,
+            "metadata": json.loads(item.meta) if item.meta else None,
+        }
+
+
+def write_export(rows: Iterator[dict[str, Any]], out: IO[str], fmt: str) -> int:
+    count = 0
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(_flat(row))
+            count += 1
+        return count
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    flat = dict(row)
+    if flat["metadata"] is not None:
+        flat["metadata"] = json.dumps(flat["metadata"], ensure_ascii=False)
+    return {k: ("" if v is None else v) for k, v in flat.items()}
+
+
+def export_text(session: Session, job_id: int, fmt: str) -> str:
+    buffer = io.StringIO()
+    write_export(export_rows(session, job_id), buffer, fmt)
+    return buffer.getvalue()

@@ -1,0 +1,371 @@
+"""One render, start to end: reserve, call the upstream, store the media, settle.
+
+A render runs as a loop of attempts in the thread that received its task. Each attempt is
+two transactions: `begin_attempt` (lease + reservation) and `finish_attempt` (settlement,
+image rows, render, item and job state). Between them the thread holds no transaction while
+the call runs on the shared event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline import ledger
+from pipeline.db import transaction
+from pipeline.jobs import after_render_terminal
+from pipeline.media import MediaInfo, NotMedia, sniff
+from pipeline.models import (
+    Attempt,
+    AttemptOutcome,
+    Image,
+    Job,
+    JobItem,
+    JobStatus,
+    Render,
+    RenderStatus,
+    utcnow,
+)
+from pipeline.plan import RenderSpec, render_request
+from pipeline.runtime import Services
+from pipeline.storage import StorageError, media_key
+from pipeline.upstream import Delivered, MediaRefused, Refused, Unknown, decode_b64
+
+log = logging.getLogger("imagebatch.render")
+
+LEASE_GRACE = timedelta(seconds=120)
+MAX_RETRY_WAIT = 600.0
+
+
+@dataclass(frozen=True)
+class Begun:
+    """An attempt that holds its lease and its reservation: it may call the upstream."""
+
+    render_id: int
+    job_id: int
+    line: int
+    custom_id: str | None
+    render_index: int
+    n: int
+    seed: int | None
+    attempt_id: int
+    number: int
+    amount_cents: int
+    price_per_image_cents: int
+    request: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoredMedia:
+    index: int
+    key: str
+    uri: str
+    info: MediaInfo
+    revised_prompt: str | None
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What became of a delivered result: the files stored and why any others were not."""
+
+    stored: tuple[StoredMedia, ...]
+    problems: tuple[str, ...]
+
+
+def run_render(svc: Services, render_id: int) -> str:
+    """Do what is left of one render; safe to call again for the same render at any time."""
+    holder: int | None = None
+    while True:
+        step = begin_attempt(svc, render_id, holder)
+        if not isinstance(step, Begun):
+            return step
+        holder = step.number
+        outcome = call_upstream(svc, step)
+        collected = collect_media(svc, step, outcome) if isinstance(outcome, Delivered) else None
+        delay = finish_attempt(svc, step, outcome, collected)
+        if delay is None:
+            return "finished"
+        time.sleep(delay)
+
+
+# --- first transaction: lease and reservation ------------------------------------------------
+
+
+def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | str:
+    """Take the render's lease and reserve its price, or say why there is nothing to do.
+
+    `holder` is the attempt number this thread already holds (a retry in the same task);
+    a task delivered again while another copy holds a live lease does nothing.
+    """
+    settings = svc.settings
+    with transaction(svc.sessions) as session:
+        render = session.get(Render, render_id, with_for_update=True)
+        if render is None:
+            return "missing"
+        if render.status in (RenderStatus.SUCCEEDED, RenderStatus.FAILED, RenderStatus.CANCELLED):
+            return "terminal"
+        now = utcnow()
+        lease_live = render.lease_until is not None and render.lease_until > now
+        if render.status == RenderStatus.RUNNING and lease_live and holder != render.attempts:
+            return "busy"
+        settle_abandoned_attempt(session, render)
+        job = session.get_one(Job, render.job_id)
+        if holder is None:
+            render.deliveries += 1
+        reason = _cannot_start(render, job, settings.max_attempts)
+        if reason is None:
+            reservation = ledger.reserve(session, render, job.team, now)
+            if reservation is None:
+                session.refresh(job)
+                reason = _no_reservation_reason(render, job)
+        if reason is not None:
+            status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
+            end_render(session, render, status, None if reason == "cancelled" else reason)
+            return reason.split(":")[0]
+        render.attempts = reservation.number
+        render.status = RenderStatus.RUNNING
+        render.lease_until = now + timedelta(seconds=2 * settings.render_deadline) + LEASE_GRACE
+        render.updated_at = now
+        item = session.get_one(JobItem, render.item_id)
+        spec = RenderSpec(render.render_index, render.n, render.seed)
+        return Begun(
+            render_id=render.id,
+            job_id=render.job_id,
+            line=item.line,
+            custom_id=item.custom_id,
+            render_index=render.render_index,
+            n=render.n,
+            seed=render.seed,
+            attempt_id=reservation.attempt_id,
+            number=reservation.number,
+            amount_cents=reservation.amount_cents,
+            price_per_image_cents=render.price_per_image_cents,
+            request=render_request(json.loads(item.body), spec),
+        )
+
+
+def settle_abandoned_attempt(session: Session, render: Render) -> None:
+    """An attempt still 'reserved' whose lease has run out lost its worker: charge it unknown."""
+    last = session.scalars(
+        select(Attempt).where(Attempt.render_id == render.id).order_by(Attempt.number.desc())
+    ).first()
+    if last is not None and last.outcome == AttemptOutcome.RESERVED:
+        ledger.settle(
+            session, last.id, AttemptOutcome.UNKNOWN,
+            error="the worker was lost during the call; the provider may have billed it",
+        )
+
+
+def _cannot_start(render: Render, job: Job, max_attempts: int) -> str | None:
+    if job.status == JobStatus.CANCELLED:
+        return "cancelled"
+    if render.attempts - render.retry_from >= max_attempts:
+        last = render.error or "no result"
+        return f"attempts: gave up after {max_attempts} attempts ({last})"
+    if render.deliveries > 3 * max_attempts + 3:
+        return f"redelivered: the task was delivered {render.deliveries} times"
+    return None
+
+
+def _no_reservation_reason(render: Render, job: Job) -> str:
+    if job.status == JobStatus.CANCELLED:
+        return "cancelled"
+    if job.status != JobStatus.RUNNING:
+        return f"job: the job is {job.status}"
+    price = ledger.render_price(render)
+    left = job.budget_cents - job.spent_cents - job.reserved_cents
+    if left < price:
+        return f"budget: this render costs {price}¢ and the job has {max(left, 0)}¢ left"
+    return f"budget: this render costs {price}¢ and its team's period budget has too little left"
+
+
+def end_render(session: Session, render: Render, status: RenderStatus, error: str | None) -> None:
+    render.status = status
+    render.error = error
+    render.lease_until = None
+    render.updated_at = utcnow()
+    session.flush()
+    after_render_terminal(session, render)
+
+
+# --- the call and the media, outside any transaction ----------------------------------------
+
+
+def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+    return svc.io.run(_call(svc, begun))
+
+
+async def _call(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+    limiter = svc.limiter
+    if limiter is None:
+        return await svc.upstream.generate(begun.request)
+    async with limiter.slot(str(begun.request.get("model", ""))):
+        outcome = await svc.upstream.generate(begun.request)
+    if isinstance(outcome, Refused) and outcome.status == 429:
+        await limiter.slow_down(str(begun.request.get("model", "")), outcome.retry_after)
+    return outcome
+
+
+def collect_media(svc: Services, begun: Begun, delivered: Delivered) -> Collected:
+    """Fetch or decode every result, check it is media, and store it under its fixed key."""
+    with svc.media_slots:
+        payloads = svc.io.run(_fetch_all(svc, delivered.data))
+        stored: list[StoredMedia] = []
+        problems: list[str] = []
+        for index, (entry, payload) in enumerate(zip(delivered.data, payloads, strict=True)):
+            if isinstance(payload, str):
+                problems.append(f"result {index}: {payload}")
+                continue
+            try:
+                stored.append(_store_one(svc, begun, index, entry, payload))
+            except NotMedia as exc:
+                problems.append(f"result {index} is not media: {exc}")
+            except StorageError as exc:
+                problems.append(f"result {index} could not be stored: {exc}")
+    if len(delivered.data) < begun.n:
+        problems.append(f"the upstream returned {len(delivered.data)} of {begun.n} results")
+    return Collected(tuple(stored), tuple(problems))
+
+
+async def _fetch_all(svc: Services, data: list[dict[str, Any]]) -> list[bytes | str]:
+    return list(await asyncio.gather(*(_fetch_one(svc, entry) for entry in data)))
+
+
+async def _fetch_one(svc: Services, entry: Any) -> bytes | str:
+    try:
+        if isinstance(entry, dict) and isinstance(entry.get("b64_json"), str):
+            return decode_b64(entry["b64_json"], svc.settings.max_media_bytes)
+        if isinstance(entry, dict) and isinstance(entry.get("url"), str):
+            return await svc.upstream.fetch_media(entry["url"])
+    except MediaRefused as exc:
+        return str(exc)
+    return "neither url nor b64_json in the result"
+
+
+def _store_one(svc: Services, begun: Begun, index: int, entry: dict[str, Any], data: bytes
+               ) -> StoredMedia:
+    info = sniff(data)
+    key = media_key(begun.job_id, begun.line, begun.custom_id, begun.render_index, index,
+                    info.extension)
+    uri = _put_with_retries(svc, key, data, info.content_type)
+    revised = entry.get("revised_prompt")
+    return StoredMedia(index, key, uri, info, revised if isinstance(revised, str) else None)
+
+
+def _put_with_retries(svc: Services, key: str, data: bytes, content_type: str) -> str:
+    """Storage that refuses for a while must not lose a result we have paid for: keep trying
+    (backing off) until the render deadline, then give up with the last error."""
+    give_up_at = time.monotonic() + svc.settings.render_deadline
+    attempt = 0
+    while True:
+        try:
+            return svc.store.put(key, data, content_type)
+        except StorageError:
+            attempt += 1
+            delay = backoff_delay(attempt, None, svc.settings.backoff_base, 30.0)
+            if time.monotonic() + delay > give_up_at:
+                raise
+            log.warning("storing %s failed (try %d); retrying in %.1fs", key, attempt, delay)
+            time.sleep(delay)
+
+
+# --- second transaction: settle and record --------------------------------------------------
+
+
+def finish_attempt(
+    svc: Services,
+    begun: Begun,
+    outcome: Delivered | Refused | Unknown,
+    collected: Collected | None,
+) -> float | None:
+    """Settle the attempt and move the render on. Returns seconds to wait before a retry."""
+    with transaction(svc.sessions) as session:
+        render = session.get_one(Render, begun.render_id, with_for_update=True)
+        if isinstance(outcome, Delivered):
+            assert collected is not None
+            _record_delivery(session, render, begun, collected)
+            return None
+        settled_as = (
+            AttemptOutcome.RELEASED if isinstance(outcome, Refused) else AttemptOutcome.UNKNOWN
+        )
+        status = outcome.status if isinstance(outcome, Refused) else None
+        if not ledger.settle(session, begun.attempt_id, settled_as, http_status=status,
+                             error=outcome.message):
+            return None  # the sweeper settled it first; it owns the render now
+        render.error = _describe(outcome)
+        if not _should_retry(session, render, outcome, svc.settings.max_attempts):
+            end_render(session, render, RenderStatus.FAILED, render.error)
+            return None
+        retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
+        delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
+                              svc.settings.backoff_cap)
+        render.lease_until = utcnow() + timedelta(seconds=delay) + LEASE_GRACE
+        render.updated_at = utcnow()
+        return delay
+
+
+def _record_delivery(session: Session, render: Render, begun: Begun, collected: Collected
+                     ) -> None:
+    # Charged even if we reject what came back: the provider did the work.
+    if not ledger.settle(session, begun.attempt_id, AttemptOutcome.CHARGED):
+        return
+    cost = begun.price_per_image_cents
+    for media in collected.stored:
+        _upsert_image(session, render, begun, media, cost)
+    error = "; ".join(collected.problems) or None
+    end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error)
+
+
+def _upsert_image(session: Session, render: Render, begun: Begun, media: StoredMedia, cost: int
+                  ) -> None:
+    image = session.scalars(
+        select(Image).where(Image.render_id == render.id, Image.image_index == media.index)
+    ).first() or Image(render_id=render.id, image_index=media.index)
+    info = media.info
+    image.job_id = render.job_id
+    image.item_id = render.item_id
+    image.key, image.uri = media.key, media.uri
+    image.content_type, image.bytes, image.sha256 = info.content_type, info.size, info.sha256
+    image.width, image.height = info.width, info.height
+    image.seed = None if begun.seed is None else begun.seed + media.index
+    image.revised_prompt = media.revised_prompt
+    image.cost_cents = cost
+    session.add(image)
+
+
+def _should_retry(session: Session, render: Render, outcome: Refused | Unknown,
+                  max_attempts: int) -> bool:
+    if isinstance(outcome, Refused) and not outcome.retryable:
+        return False
+    if render.attempts - render.retry_from >= max_attempts:
+        return False
+    job = session.get_one(Job, render.job_id)
+    return job.status == JobStatus.RUNNING
+
+
+def _describe(outcome: Refused | Unknown) -> str:
+    if isinstance(outcome, Refused):
+        code = f"HTTP {outcome.status}: " if outcome.status else ""
+        return f"upstream refused: {code}{outcome.message}"
+    return f"outcome unknown: {outcome.message}"
+
+
+def backoff_delay(attempt: int, retry_after: float | None, base: float, cap: float,
+                  rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with full jitter, never shorter than the upstream's
+    Retry-After (itself capped, so one bad header cannot park a render for hours)."""
+    rng = rng or random.Random()
+    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    delay = rng.uniform(ceiling / 2, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, MAX_RETRY_WAIT))
+    return delay

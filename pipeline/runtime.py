@@ -1,0 +1,99 @@
+"""A worker process's shared services: the DB, the media store, and one asyncio loop for I/O.
+
+Task threads do their SQL themselves and hand every upstream call to the one event loop
+(`IOLoop.run`), so hundreds of renders share one aiohttp connection pool instead of a thread
+and a pool each (shared/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.db import make_engine, session_factory
+from pipeline.settings import Settings
+from pipeline.storage import MediaStore, open_store
+from pipeline.upstream import UpstreamClient
+
+T = TypeVar("T")
+
+
+class IOLoop:
+    """An asyncio loop on a daemon thread; `run` blocks the calling thread until done."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="imagebatch-io", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: MediaStore
+    io: IOLoop
+    upstream: UpstreamClient
+    # Bounds renders holding media bytes at once, so memory does not grow with calls in flight.
+    media_slots: threading.BoundedSemaphore = field(init=False)
+    limiter: Any = None
+
+    def __post_init__(self) -> None:
+        self.media_slots = threading.BoundedSemaphore(max(1, self.settings.media_concurrency))
+
+    def close(self) -> None:
+        try:
+            self.io.run(self.upstream.aclose())
+        finally:
+            self.io.stop()
+            self.engine.dispose()
+
+
+def build_upstream(settings: Settings) -> UpstreamClient:
+    return UpstreamClient(
+        settings.api_base,
+        settings.api_key,
+        concurrency=max(settings.concurrency, 16),
+        read_timeout=settings.read_timeout,
+        connect_timeout=settings.connect_timeout,
+        deadline=settings.render_deadline,
+        max_media_bytes=settings.max_media_bytes,
+        allow_private_media=settings.allow_private_media,
+    )
+
+
+def start_services(settings: Settings) -> Services:
+    engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 40))
+    io = IOLoop()
+    # The client's aiohttp session must be created on the loop that will use it.
+    upstream = io.run(_on_loop(build_upstream, settings))
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=session_factory(engine),
+        store=open_store(settings.storage_url),
+        io=io,
+        upstream=upstream,
+    )
+
+
+async def _on_loop(factory: Any, *args: Any) -> Any:
+    return factory(*args)

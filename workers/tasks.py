@@ -1,0 +1,70 @@
+"""The tasks: ids in, one pipeline call each. SQL holds the truth; these only carry ids."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+from celery import Celery
+
+from pipeline.dispatch import dispatch_pending
+from pipeline.render import run_render
+from pipeline.runtime import Services, start_services
+from pipeline.sweep import sweep as sweep_renders
+
+log = logging.getLogger("imagebatch.worker")
+
+_services: Services | None = None
+_services_lock = threading.Lock()
+
+
+def services(app: Celery) -> Services:
+    """This process's services, started on first use (one loop, one pool, one S3 client)."""
+    global _services
+    with _services_lock:
+        if _services is None:
+            _services = start_services(app.conf.imagebatch_settings)
+        return _services
+
+
+def shutdown_services() -> None:
+    global _services
+    with _services_lock:
+        if _services is not None:
+            _services.close()
+            _services = None
+
+
+def register(app: Celery) -> None:
+    @app.task(name="imagebatch.render", ignore_result=True, acks_late=True)
+    def render(render_id: int) -> str:
+        return run_render(services(app), render_id)
+
+    @app.task(name="imagebatch.dispatch", ignore_result=True)
+    def dispatch() -> int:
+        render_ids = dispatch_pending(services(app))
+        enqueue_renders(app, render_ids)
+        return len(render_ids)
+
+    @app.task(name="imagebatch.sweep", ignore_result=True)
+    def sweep() -> int:
+        svc = services(app)
+        render_ids = sweep_renders(svc.sessions, svc.settings)
+        enqueue_renders(app, render_ids)
+        return len(render_ids)
+
+
+def enqueue_renders(app: Celery, render_ids: Iterable[int]) -> int:
+    """One message per render, all through one producer connection."""
+    task = app.tasks["imagebatch.render"]
+    count = 0
+    with app.producer_or_acquire() as producer:
+        for render_id in render_ids:
+            task.apply_async((render_id,), producer=producer)
+            count += 1
+    return count
+
+
+def nudge_dispatcher(app: Celery) -> None:
+    app.tasks["imagebatch.dispatch"].apply_async()
