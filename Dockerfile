@@ -1,4 +1,4 @@
-# The imagebatch image: every service in compose.yaml runs it with a different command.
+# The imagebatch image: every app service in compose.yaml runs it with its own command.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -8,12 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     IMAGEBATCH_DATA_DIR=/var/lib/imagebatch
 
 RUN useradd --system --create-home --uid 10001 imagebatch \
-    && mkdir -p /var/lib/imagebatch \
-    && chown imagebatch:imagebatch /var/lib/imagebatch
+    && install -d -o imagebatch -g imagebatch /var/lib/imagebatch
 
-WORKDIR /src
-COPY . .
-RUN pip install . && rm -rf /src/build
+COPY . /src
+RUN pip install /src && rm -rf /src
 
 USER imagebatch
 WORKDIR /var/lib/imagebatch

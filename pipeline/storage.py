@@ -294,6 +294,15 @@ def s3_client() -> Any:
         return client
 
 
+def _forget_clients_after_fork() -> None:
+    global _clients_lock
+    _clients_lock = threading.Lock()  # the parent may have held it mid-fork
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
 def _new_s3_client() -> Any:
     import boto3
     from botocore.config import Config
