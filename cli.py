@@ -560,6 +560,231 @@ def export(job: int, fmt: str, output: str | None) -> None:
     err.print(f"wrote {count} rows to {output}")
 
 
+# --- teams, reports and schedules ----------------------------------------------------------
+
+
+@main.group()
+def team() -> None:
+    """Team period budgets: every render reserves on its job's cap and its team's period."""
+
+
+@team.command("set")
+@click.argument("name")
+@click.option("--budget", help="The period's limit in dollars (e.g. 500.00).")
+@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
+@click.option("--period", type=click.Choice(["day", "week", "month", "none"]), default="month",
+              show_default=True, help="UTC periods; 'none' is one budget for all time.")
+@click.option("--no-budget", is_flag=True, help="Remove the limit (jobs run on their cap).")
+def team_set(name: str, budget: str | None, budget_cents: int | None, period: str,
+             no_budget: bool) -> None:
+    """Create or change team NAME's budget. Lowering it below what is spent and reserved
+    stops new reservations at once; renders in flight finish."""
+    from pipeline.teams import set_team, team_state
+
+    cap = None if no_budget else cap_from_options(budget, budget_cents)
+    settings = load_settings()
+    with database(settings) as sessions, transaction(sessions) as session:
+        set_team(session, name, cap, period)
+        session.flush()
+        state = team_state(session, name)
+    out.print(f"team {name}: {money(state.limit_cents) if cap is not None else 'no limit'} "
+              f"per {period}")
+
+
+@team.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def team_list(as_json: bool) -> None:
+    """Every team with its current period's limit, spent, reserved and left."""
+    from pipeline.teams import list_teams
+
+    settings = load_settings()
+    with database(settings) as sessions, sessions() as session:
+        states = list_teams(session)
+    if as_json:
+        print_json([s.as_dict() for s in states])
+        return
+    table = Table(title="teams")
+    for column in ("team", "period", "limit", "spent", "unknown", "reserved", "left"):
+        table.add_column(column)
+    for s in states:
+        table.add_row(s.team, s.period, money(s.limit_cents), money(s.spent_cents),
+                      money(s.unknown_cents), money(s.reserved_cents), money(s.left_cents))
+    out.print(table)
+
+
+@team.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def team_show(name: str, as_json: bool) -> None:
+    """Team NAME's current period: limit, spent, reserved, unknown, left, start and end."""
+    from pipeline.teams import team_state
+
+    settings = load_settings()
+    with database(settings) as sessions, sessions() as session:
+        try:
+            state = team_state(session, name)
+        except LookupError as exc:
+            raise UserError(str(exc.args[0])) from None
+    if as_json:
+        print_json(state.as_dict())
+        return
+    d = state.as_dict()
+    out.print(f"team {name} ({state.period}): limit {money(state.limit_cents)}, "
+              f"spent {money(state.spent_cents)} (unknown {money(state.unknown_cents)}), "
+              f"reserved {money(state.reserved_cents)}, left {money(state.left_cents)}")
+    out.print(f"period: {d['period_start'] or 'all time'} to {d['period_end'] or 'forever'}")
+
+
+def _parse_day(value: str | None, option: str) -> Any:
+    from datetime import datetime
+
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value.removesuffix("Z")).replace(tzinfo=None)
+    except ValueError:
+        raise UserError(f"{option} {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+@main.command()
+@click.option("--team", help="Only this team.")
+@click.option("--job", type=int, help="Only this job.")
+@click.option("--model", help="Only this model.")
+@click.option("--since", help="From this UTC date or time (inclusive), e.g. 2026-11-01.")
+@click.option("--until", help="Up to this UTC date or time (exclusive).")
+@click.option("--by", type=click.Choice(["team", "model", "job", "day", "month"]),
+              help="One row per team, model, job, day or month.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
+def report(team: str | None, job: int | None, model: str | None, since: str | None,
+           until: str | None, by: str | None, fmt: str, as_json: bool) -> None:
+    """Costs from the ledger: upstream calls, images, charged, unknown, released, and the
+    average cost per image (spent / images). Totals equal the ledger rows they cover."""
+    from pipeline.report import ReportFilter, ledger_report, total_of
+
+    settings = load_settings()
+    filters = ReportFilter(team=team, job=job, model=model,
+                           since=_parse_day(since, "--since"), until=_parse_day(until, "--until"))
+    with database(settings) as sessions, sessions() as session:
+        rows = ledger_report(session, filters, by)
+    total = total_of(rows)
+    fmt = "json" if as_json else fmt
+    if fmt == "json":
+        print_json({"by": by, "rows": [r.as_dict() for r in rows], "total": total.as_dict()})
+        return
+    if fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        fields = list(total.as_dict())
+        writer.writerow(fields)
+        for row in [*rows, total]:
+            writer.writerow([row.as_dict()[f] for f in fields])
+        return
+    table = Table(title="costs from the ledger")
+    for column in (by or "", "calls", "images", "charged", "unknown", "released", "per image"):
+        table.add_column(column, justify="left" if column == (by or "") else "right")
+    for row in [*rows, total]:
+        per = "-" if row.avg_cents_per_image is None else f"{row.avg_cents_per_image:.2f}¢"
+        table.add_row(row.group, str(row.calls), str(row.images), money(row.charged_cents),
+                      money(row.unknown_cents), money(row.released_cents), per,
+                      style="bold" if row is total else None)
+    out.print(table)
+
+
+@main.group()
+def schedule() -> None:
+    """Scheduled renders, fired by `imagebatch beat`."""
+
+
+@schedule.command("add")
+@click.argument("name")
+@click.argument("file")
+@click.option("--cron", required=True, help="When to fire, e.g. '0 3 * * *'.")
+@click.option("--team", default="default", show_default=True)
+@click.option("--budget", help="Each job's cap in dollars.")
+@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
+@click.option("--timezone", default="UTC", show_default=True,
+              help="The zone the cron expression is read in, e.g. Europe/Berlin.")
+def schedule_add(name: str, file: str, cron: str, team: str, budget: str | None,
+                 budget_cents: int | None, timezone: str) -> None:
+    """Fire FILE as a job on the cron schedule. The file's content is stored with the
+    schedule, so moving or editing the file later changes nothing."""
+    from pipeline.schedules import ScheduleError, add_schedule, next_slot
+
+    cap = cap_from_options(budget, budget_cents)
+    text, source = read_job_text(file)
+    settings = load_settings()
+    with database(settings) as sessions, transaction(sessions) as session:
+        try:
+            add_schedule(session, name=name, cron=cron, job_text=text, team=team,
+                         budget_cents=cap, timezone=timezone, source_name=source)
+        except ScheduleError as exc:
+            raise UserError(str(exc)) from None
+    from pipeline.models import utcnow
+
+    upcoming = next_slot(cron, timezone, utcnow())
+    out.print(f"schedule {name}: next firing {upcoming:%Y-%m-%d %H:%M} UTC "
+              "(it fires while `imagebatch beat` runs)")
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def schedule_list(as_json: bool) -> None:
+    """Every schedule with its next firing and its last job."""
+    from pipeline.schedules import list_schedules
+
+    settings = load_settings()
+    with database(settings) as sessions, sessions() as session:
+        views = list_schedules(session)
+    if as_json:
+        print_json([v.__dict__ for v in views])
+        return
+    table = Table(title="schedules")
+    for column in ("name", "cron", "zone", "team", "cap", "next (UTC)", "last job", "status"):
+        table.add_column(column)
+    for v in views:
+        table.add_row(v.name, v.cron, v.timezone, v.team, money(v.budget_cents),
+                      f"{v.next_firing:%Y-%m-%d %H:%M}", str(v.last_job_id or "-"),
+                      v.last_job_status or "-")
+    out.print(table)
+
+
+@schedule.command("remove")
+@click.argument("name")
+def schedule_remove(name: str) -> None:
+    """Delete schedule NAME (its jobs stay)."""
+    from pipeline.schedules import ScheduleError, remove_schedule
+
+    settings = load_settings()
+    with database(settings) as sessions, transaction(sessions) as session:
+        try:
+            remove_schedule(session, name)
+        except ScheduleError as exc:
+            raise UserError(str(exc)) from None
+    out.print(f"schedule {name} removed")
+
+
+@schedule.command("run")
+@click.argument("name")
+def schedule_run(name: str) -> None:
+    """Create schedule NAME's job now (the workers render it)."""
+    from pipeline.schedules import ScheduleError, run_now
+    from workers.app import create_app
+    from workers.tasks import nudge_dispatcher
+
+    settings = load_settings()
+    with database(settings) as sessions:
+        with transaction(sessions) as session:
+            try:
+                job_id = run_now(session, name)
+            except ScheduleError as exc:
+                raise UserError(str(exc)) from None
+        nudge_dispatcher(create_app(settings))
+    out.print(f"schedule {name}: job {job_id} submitted")
+
+
 # --- processes -----------------------------------------------------------------------------
 
 

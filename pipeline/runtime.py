@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import make_engine, session_factory
+from pipeline.limits import LocalLimits, RedisLimits, parse_rates
 from pipeline.settings import Settings
 from pipeline.storage import MediaStore, open_store
 from pipeline.upstream import UpstreamClient
@@ -62,6 +63,8 @@ class Services:
     def close(self) -> None:
         try:
             self.io.run(self.upstream.aclose())
+            if self.limiter is not None:
+                self.io.run(self.limiter.aclose())
         finally:
             self.io.stop()
             self.engine.dispose()
@@ -80,11 +83,21 @@ def build_upstream(settings: Settings) -> UpstreamClient:
     )
 
 
+def build_limits(settings: Settings) -> RedisLimits | LocalLimits:
+    rates = parse_rates(settings.model_rates)
+    redis_url = settings.shared_redis_url
+    if redis_url:
+        return RedisLimits(redis_url, max_in_flight=settings.max_in_flight, rates=rates,
+                           slot_ttl=settings.render_deadline + 120)
+    return LocalLimits(max_in_flight=settings.max_in_flight, rates=rates)
+
+
 def start_services(settings: Settings) -> Services:
     engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 40))
     io = IOLoop()
     # The client's aiohttp session must be created on the loop that will use it.
     upstream = io.run(_on_loop(build_upstream, settings))
+    limiter = io.run(_on_loop(build_limits, settings))
     return Services(
         settings=settings,
         engine=engine,
@@ -92,6 +105,7 @@ def start_services(settings: Settings) -> Services:
         store=open_store(settings.storage_url),
         io=io,
         upstream=upstream,
+        limiter=limiter,
     )
 
 

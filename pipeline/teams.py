@@ -1,12 +1,126 @@
-"""Team period budgets: which period a moment falls in, and that period's budget row."""
+"""Team period budgets: which period a moment falls in, and that period's budget row.
+
+A period's row is keyed by (team, period start): a new period starts from zero simply by
+being a new key, so there is no reset job that could be missed or run twice.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+
+from pipeline.models import Team, TeamBudget, utcnow
+
+PERIODS = ("day", "week", "month", "none")
+EPOCH = datetime(1970, 1, 1)
+
+
+def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None]:
+    """[start, end) of the UTC period holding `now` (naive UTC datetimes)."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day, day + timedelta(days=1)
+    if period == "week":
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    if period == "month":
+        start = day.replace(day=1)
+        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else \
+            start.replace(month=start.month + 1)
+        return start, end
+    if period == "none":
+        return EPOCH, None
+    raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
 
 
 def current_team_budget(session: Session, team: str, now: datetime) -> int | None:
     """The id of the team's budget row for the period holding `now`, or None (no budget)."""
-    return None
+    row = session.get(Team, team)
+    if row is None or row.budget_cents is None:
+        return None
+    start, end = period_bounds(row.period, now)
+    return _period_row(session, team, start, end)
+
+
+def _period_row(session: Session, team: str, start: datetime, end: datetime | None) -> int:
+    query = select(TeamBudget.id).where(TeamBudget.team == team, TeamBudget.period_start == start)
+    found = session.scalars(query).first()
+    if found is not None:
+        return found
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    # Two workers opening the same new period at once: one insert wins, both read its id.
+    session.execute(
+        insert(TeamBudget)
+        .values(team=team, period_start=start, period_end=end)
+        .on_conflict_do_nothing(index_elements=["team", "period_start"])
+    )
+    return session.scalars(query).one()
+
+
+def set_team(session: Session, team: str, budget_cents: int | None, period: str) -> Team:
+    period_bounds(period, utcnow())  # validates the period's name
+    row = session.get(Team, team) or Team(name=team)
+    row.budget_cents = budget_cents
+    row.period = period
+    row.updated_at = utcnow()
+    session.add(row)
+    return row
+
+
+@dataclass(frozen=True)
+class TeamState:
+    team: str
+    period: str
+    limit_cents: int | None
+    spent_cents: int
+    reserved_cents: int
+    unknown_cents: int
+    period_start: datetime | None
+    period_end: datetime | None
+
+    @property
+    def left_cents(self) -> int | None:
+        if self.limit_cents is None:
+            return None
+        return max(self.limit_cents - self.spent_cents - self.reserved_cents, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return None if value is None else value.isoformat() + "Z"
+
+        return {
+            "team": self.team, "period": self.period, "limit_cents": self.limit_cents,
+            "spent_cents": self.spent_cents, "reserved_cents": self.reserved_cents,
+            "unknown_cents": self.unknown_cents, "left_cents": self.left_cents,
+            "period_start": iso(self.period_start), "period_end": iso(self.period_end),
+        }
+
+
+def team_state(session: Session, team: str, now: datetime | None = None) -> TeamState:
+    row = session.get(Team, team)
+    if row is None:
+        raise LookupError(f"no team {team!r} (create it with: imagebatch team set {team} ...)")
+    start, end = period_bounds(row.period, now or utcnow())
+    budget = session.scalars(
+        select(TeamBudget).where(TeamBudget.team == team, TeamBudget.period_start == start)
+    ).first()
+    return TeamState(
+        team=team, period=row.period, limit_cents=row.budget_cents,
+        spent_cents=budget.spent_cents if budget else 0,
+        reserved_cents=budget.reserved_cents if budget else 0,
+        unknown_cents=budget.unknown_cents if budget else 0,
+        period_start=None if row.period == "none" else start, period_end=end,
+    )
+
+
+def list_teams(session: Session) -> list[TeamState]:
+    names = session.scalars(select(Team.name).order_by(Team.name)).all()
+    return [team_state(session, name) for name in names]

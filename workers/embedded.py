@@ -10,6 +10,7 @@ import time
 from celery import Celery
 
 from pipeline.dispatch import dispatch_pending
+from pipeline.schedules import fire_due
 from pipeline.sweep import sweep
 from workers.tasks import enqueue_renders, services
 
@@ -41,8 +42,10 @@ class InProcessWorker:
 
 
 def tick(app: Celery) -> int:
-    """Plan pending jobs and bring back stuck renders; returns how many renders it enqueued."""
+    """Fire due schedules, plan pending jobs, bring back stuck renders; returns how many
+    renders it enqueued."""
     svc = services(app)
+    fire_due(svc.sessions)
     render_ids = dispatch_pending(svc)
     render_ids += sweep(svc.sessions, svc.settings)
     return enqueue_renders(app, render_ids)

@@ -1,0 +1,78 @@
+"""The fake's configuration and its mutable state: stats, billing, the request log."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from fake_upstream.catalog import catalogue
+
+REQUEST_LOG_SIZE = 1000
+
+
+@dataclass
+class FakeConfig:
+    latency: float = 1.0  # seconds from request to result
+    keepalive_interval: float = 0.2  # seconds between `: keepalive` comments
+    media_bytes: int = 2048  # approximate size of each media file
+    fail_rate: float = 0.0  # fraction answered 500 before the stream (not billed)
+    cut_rate: float = 0.0  # fraction whose stream is cut after keepalives (billed)
+    rate_limit_rate: float = 0.0  # fraction answered 429 with Retry-After: 1 (not billed)
+    seed: int | None = None  # seeds the random rates and seedless images
+    # Replaces the built-in model list (tests that need other caps or prices).
+    models: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+
+class FakeState:
+    """Everything the handlers change. Lives on the server's event loop: no locks needed."""
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.config = config
+        self.models = catalogue(config.models)
+        self.closing = False  # set at shutdown so stalled streams end
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.rng = random.Random(self.config.seed)
+        self.calls = self.billed_calls = self.billed_images = self.billed_cents = 0
+        self.media_requests = 0
+        self.by_outcome: Counter[str] = Counter()
+        self.max_in_flight = self.in_flight
+        self.fail_counts: Counter[str] = Counter()
+        self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
+
+    def begin(self, body: object, authorization: bool) -> None:
+        self.calls += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        # Whether a key came, never the key itself.
+        self.requests.append({"body": body, "authorization": authorization})
+
+    def end(self) -> None:
+        self.in_flight -= 1
+
+    def count(self, outcome: str) -> None:
+        self.by_outcome[outcome] += 1
+
+    def bill(self, outcome: str, price_cents: int | None, n: int) -> None:
+        """The provider did the work: the call costs price x n (0 for an unpriced model)."""
+        self.count(outcome)
+        self.billed_calls += 1
+        self.billed_images += n
+        self.billed_cents += (price_cents or 0) * n
+
+    def fails_first(self, key: str, times: int) -> bool:
+        """True for the first `times` calls carrying `key`."""
+        self.fail_counts[key] += 1
+        return self.fail_counts[key] <= times
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls, "billed_calls": self.billed_calls,
+            "billed_images": self.billed_images, "billed_cents": self.billed_cents,
+            "by_outcome": dict(self.by_outcome), "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight, "media_requests": self.media_requests,
+        }

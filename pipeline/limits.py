@@ -1,0 +1,171 @@
+"""Limits that hold across all workers: renders in flight, per-model request rates, and the
+pause every worker takes after a 429. Kept in Redis when there is one, in-process otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from pipeline.settings import SettingsError
+
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+DEFAULT_429_PAUSE = 2.0
+POLL = 0.05
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`count` requests per `seconds`, spread evenly (GCRA: one every seconds/count)."""
+
+    count: int
+    seconds: float
+
+    @property
+    def interval(self) -> float:
+        return self.seconds / self.count
+
+
+def parse_rates(text: str) -> dict[str, Rate]:
+    """`flux-2-dev=120/m,nano-banana-pro=30/m` -> {model: Rate}."""
+    rates: dict[str, Rate] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"([^=\s]+)\s*=\s*(\d+)\s*/\s*(\d*)\s*([smh])", part)
+        if not match or int(match[2]) == 0:
+            raise SettingsError(
+                f"IMAGEBATCH_MODEL_RATES: {part!r} is not MODEL=COUNT/UNIT (e.g. flux-2-dev=120/m)"
+            )
+        per = float(match[3] or 1) * UNITS[match[4]]
+        rates[match[1]] = Rate(int(match[2]), per)
+    return rates
+
+
+# GCRA in one script: the key holds the theoretical arrival time (TAT) in microseconds of
+# Redis' own clock, so workers on machines with skewed clocks still share one schedule.
+_RATE_SCRIPT = """
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local wait = tat - now
+if wait > 0 then return wait end
+redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil((interval * 2) / 1000) + 1000)
+return 0
+"""
+
+# Renders in flight across workers: a sorted set of slot tokens scored by expiry, so the
+# slots of a killed worker come back on their own.
+_SLOT_SCRIPT = """
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+class RedisLimits:
+    """Shared limits for every worker that uses the same Redis."""
+
+    def __init__(self, url: str, *, max_in_flight: int, rates: dict[str, Rate],
+                 slot_ttl: float, prefix: str = "imagebatch") -> None:
+        import redis.asyncio as redis
+
+        self.redis = redis.from_url(url, max_connections=None)
+        self.max_in_flight = max_in_flight
+        self.rates = rates
+        self.slot_ttl = slot_ttl
+        self.prefix = prefix
+        self._rate = self.redis.register_script(_RATE_SCRIPT)
+        self._slot = self.redis.register_script(_SLOT_SCRIPT)
+
+    @asynccontextmanager
+    async def slot(self, model: str) -> AsyncIterator[None]:
+        await self._wait_out_pause(model)
+        await self._take_rate(model)
+        token = await self._take_slot()
+        try:
+            yield
+        finally:
+            if token is not None:
+                await self.redis.zrem(f"{self.prefix}:inflight", token)
+
+    async def slow_down(self, model: str, retry_after: float | None) -> None:
+        pause = retry_after if retry_after and retry_after > 0 else DEFAULT_429_PAUSE
+        await self.redis.set(f"{self.prefix}:pause:{model}", "1", px=int(pause * 1000))
+
+    async def in_flight(self) -> int:
+        await self.redis.zremrangebyscore(f"{self.prefix}:inflight", "-inf", time.time())
+        return int(await self.redis.zcard(f"{self.prefix}:inflight"))
+
+    async def _wait_out_pause(self, model: str) -> None:
+        key = f"{self.prefix}:pause:{model}"
+        while (left := await self.redis.pttl(key)) > 0:
+            await asyncio.sleep(left / 1000)
+
+    async def _take_rate(self, model: str) -> None:
+        rate = self.rates.get(model)
+        if rate is None:
+            return
+        interval_us = int(rate.interval * 1_000_000)
+        while (wait_us := int(await self._rate(keys=[f"{self.prefix}:rate:{model}"],
+                                               args=[interval_us]))) > 0:
+            await asyncio.sleep(wait_us / 1_000_000)
+
+    async def _take_slot(self) -> str | None:
+        if not self.max_in_flight:
+            return None
+        token = uuid.uuid4().hex
+        while not await self._slot(keys=[f"{self.prefix}:inflight"],
+                                   args=[self.max_in_flight, self.slot_ttl, token]):
+            await asyncio.sleep(POLL)
+        return token
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+class LocalLimits:
+    """The same limits for one process, when there is no Redis to share them through."""
+
+    def __init__(self, *, max_in_flight: int, rates: dict[str, Rate]) -> None:
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self.rates = rates
+        self._tat: dict[str, float] = {}
+        self._paused_until: dict[str, float] = {}
+
+    @asynccontextmanager
+    async def slot(self, model: str) -> AsyncIterator[None]:
+        while (left := self._paused_until.get(model, 0.0) - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        await self._take_rate(model)
+        if self._slots is None:
+            yield
+            return
+        async with self._slots:
+            yield
+
+    async def _take_rate(self, model: str) -> None:
+        rate = self.rates.get(model)
+        if rate is None:
+            return
+        now = time.monotonic()
+        start = max(self._tat.get(model, now), now)
+        self._tat[model] = start + rate.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    async def slow_down(self, model: str, retry_after: float | None) -> None:
+        pause = retry_after if retry_after and retry_after > 0 else DEFAULT_429_PAUSE
+        self._paused_until[model] = time.monotonic() + pause
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,151 @@
+"""Scheduled renders: cron schedules kept in SQL with their job file's text, fired by beat.
+
+Each firing claims its slot with one conditional UPDATE of `last_slot` and creates the job in
+the same transaction, so two beats never fire one slot twice. After downtime only the latest
+missed slot fires, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.db import transaction
+from pipeline.jobs import create_job
+from pipeline.models import Job, Schedule, utcnow
+from pipeline.plan import LineError, parse_lines
+
+
+class ScheduleError(ValueError):
+    pass
+
+
+def check_schedule(cron: str, timezone: str, job_text: str) -> None:
+    if not croniter.is_valid(cron):
+        raise ScheduleError(f"--cron {cron!r} is not a cron expression (e.g. '0 3 * * *')")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ScheduleError(f"--timezone {timezone!r} is not a known time zone") from None
+    entries = parse_lines(job_text)
+    errors = [e for e in entries if isinstance(e, LineError)]
+    if errors:
+        raise ScheduleError("; ".join(str(e) for e in errors[:5]))
+    if not entries:
+        raise ScheduleError("the job file has no lines")
+
+
+def add_schedule(session: Session, *, name: str, cron: str, job_text: str, team: str,
+                 budget_cents: int, timezone: str = "UTC", source_name: str | None = None
+                 ) -> Schedule:
+    check_schedule(cron, timezone, job_text)
+    if session.get(Schedule, name) is not None:
+        raise ScheduleError(f"a schedule named {name!r} exists (remove it first)")
+    schedule = Schedule(name=name, cron=cron, timezone=timezone, team=team,
+                        budget_cents=budget_cents, job_text=job_text, source_name=source_name,
+                        created_at=utcnow())
+    session.add(schedule)
+    return schedule
+
+
+def latest_slot(cron: str, timezone: str, now: datetime) -> datetime:
+    """The latest firing time <= now, as naive UTC (cron is read in the schedule's zone)."""
+    zone = ZoneInfo(timezone)
+    local_now = now.replace(tzinfo=UTC).astimezone(zone)
+    # croniter steps back from just after now, so a slot exactly at `now` counts.
+    slot = croniter(cron, local_now).get_prev(datetime)
+    if croniter.match(cron, local_now.replace(second=0, microsecond=0)):
+        slot = max(slot, local_now.replace(second=0, microsecond=0))
+    return slot.astimezone(UTC).replace(tzinfo=None)
+
+
+def next_slot(cron: str, timezone: str, now: datetime) -> datetime:
+    zone = ZoneInfo(timezone)
+    local_now = now.replace(tzinfo=UTC).astimezone(zone)
+    return croniter(cron, local_now).get_next(datetime).astimezone(UTC).replace(tzinfo=None)
+
+
+def fire_due(sessions: sessionmaker[Session], now: datetime | None = None) -> list[int]:
+    """Create a job for every schedule with a slot due; returns the new job ids."""
+    now = now or utcnow()
+    with sessions() as session:
+        schedules = session.scalars(select(Schedule)).all()
+    fired = []
+    for schedule in schedules:
+        slot = latest_slot(schedule.cron, schedule.timezone, now)
+        if slot < schedule.created_at.replace(second=0, microsecond=0):
+            continue  # nothing is due from before the schedule existed
+        if schedule.last_slot is not None and slot <= schedule.last_slot:
+            continue
+        job_id = _fire(sessions, schedule.name, slot)
+        if job_id is not None:
+            fired.append(job_id)
+    return fired
+
+
+def _fire(sessions: sessionmaker[Session], name: str, slot: datetime) -> int | None:
+    with transaction(sessions) as session:
+        claimed = session.execute(
+            update(Schedule)
+            .where(Schedule.name == name,
+                   or_(Schedule.last_slot.is_(None), Schedule.last_slot < slot))
+            .values(last_slot=slot)
+        )
+        if claimed.rowcount != 1:
+            return None  # another beat fired this slot
+        schedule = session.get_one(Schedule, name)
+        job_id = _create_from(session, schedule, f"{name} @ {slot:%Y-%m-%d %H:%M}Z")
+        schedule.last_job_id = job_id
+        return job_id
+
+
+def run_now(session: Session, name: str) -> int:
+    schedule = session.get(Schedule, name)
+    if schedule is None:
+        raise ScheduleError(f"no schedule named {name!r}")
+    job_id = _create_from(session, schedule, f"{name} (run now)")
+    schedule.last_job_id = job_id
+    return job_id
+
+
+def _create_from(session: Session, schedule: Schedule, job_name: str) -> int:
+    return create_job(session, team=schedule.team, budget_cents=schedule.budget_cents,
+                      entries=parse_lines(schedule.job_text), name=job_name)
+
+
+def remove_schedule(session: Session, name: str) -> None:
+    schedule = session.get(Schedule, name)
+    if schedule is None:
+        raise ScheduleError(f"no schedule named {name!r}")
+    session.delete(schedule)
+
+
+@dataclass(frozen=True)
+class ScheduleView:
+    name: str
+    cron: str
+    timezone: str
+    team: str
+    budget_cents: int
+    next_firing: datetime
+    last_slot: datetime | None
+    last_job_id: int | None
+    last_job_status: str | None
+
+
+def list_schedules(session: Session, now: datetime | None = None) -> list[ScheduleView]:
+    now = now or utcnow()
+    views = []
+    for s in session.scalars(select(Schedule).order_by(Schedule.name)):
+        job = session.get(Job, s.last_job_id) if s.last_job_id else None
+        views.append(ScheduleView(
+            s.name, s.cron, s.timezone, s.team, s.budget_cents,
+            next_slot(s.cron, s.timezone, now), s.last_slot, s.last_job_id,
+            job.status if job else None,
+        ))
+    return views

@@ -1,0 +1,177 @@
+"""The `imagebatch` command in a subprocess, as a user runs it (embedded default: SQLite,
+a media folder, an in-process worker or the embedded broker), against the fake upstream."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "sk-air-TESTSECRET-0123456789abcdef"
+
+
+@pytest.fixture
+def env(tmp_path: Path, fake) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
+    environ.update(IMAGEBATCH_DATA_DIR=str(tmp_path / "data"), IMAGEBATCH_API_BASE=fake.base_url,
+                   IMAGEBATCH_API_KEY=SECRET, IMAGEBATCH_CONCURRENCY="16")
+    return environ
+
+
+def imagebatch(env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 120
+               ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write(tmp_path: Path, *lines: object) -> str:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return str(path)
+
+
+FLUX = {"model": "flux-2-dev", "prompt": "an otter"}
+
+
+def test_run_renders_a_job_and_prints_one_json_object(env, tmp_path, fake):
+    jobs = write(tmp_path, {**FLUX, "n": 5, "custom_id": "a", "metadata": {"split": "train"}},
+                 "", {"model": "suno-v5", "prompt": "song", "style": "EDM", "custom_id": "s"})
+    result = imagebatch(env, "run", jobs, "--budget", "5.00", "--team", "data", "--json")
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["status"] == "succeeded" and job["team"] == "data"
+    assert (job["budget_cents"], job["spent_cents"], job["reserved_cents"]) == (500, 20, 0)
+    assert (job["items_total"], job["items_succeeded"], job["items_failed"]) == (2, 2, 0)
+    assert job["images"] == 6 and job["unknown_cents"] == 0
+    assert fake.stats()["billed_cents"] == 20
+
+    exported = imagebatch(env, "export", str(job["id"]), "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert len(rows) == 6
+    assert {r["content_type"] for r in rows} == {"image/png", "audio/mpeg"}
+    song = next(r for r in rows if r["custom_id"] == "s")
+    assert song["uri"].endswith(".mp3") and song["cost_cents"] == "5"
+    for row in rows:
+        assert Path(row["uri"].removeprefix("file://")).stat().st_size == int(row["bytes"])
+    first = json.loads(imagebatch(env, "export", str(job["id"])).stdout.splitlines()[0])
+    assert first["metadata"] == {"split": "train"} and first["line"] == 1
+
+
+def test_invalid_lines_are_reported_with_their_line_and_nothing_is_created(env, tmp_path):
+    jobs = write(tmp_path, FLUX, {**FLUX, "aspect_ratio": "5:4"}, "{oops",
+                 {"model": "nope", "prompt": "x"}, {"model": "flux-2-dev"})
+    result = imagebatch(env, "run", jobs, "--budget", "1")
+    assert result.returncode == 2
+    for line, reason in [(2, "aspect_ratio '5:4'"), (3, "not valid JSON"),
+                         (4, "unknown model 'nope'"), (5, "missing prompt")]:
+        assert f"jobs.jsonl:{line}: " in result.stderr and reason in result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(imagebatch(env, "status", "--json").stdout) == {"jobs": []}
+
+
+def test_allow_invalid_runs_the_rest_and_exits_1(env, tmp_path, fake):
+    jobs = write(tmp_path, FLUX, "{oops", {**FLUX, "aspect_ratio": "5:4"})
+    result = imagebatch(env, "run", jobs, "--budget-cents", "100", "--allow-invalid", "--json")
+    assert result.returncode == 1
+    job = json.loads(result.stdout)
+    assert (job["status"], job["items_succeeded"], job["items_failed"]) == ("partial", 1, 2)
+    status = json.loads(imagebatch(env, "status", str(job["id"]), "--json").stdout)
+    assert {e["line"] for e in status["errors"]} == {2, 3}
+
+
+def test_plan_shows_calls_and_the_maximum_cost_without_generating(env, tmp_path, fake):
+    jobs = write(tmp_path, {**FLUX, "n": 9}, {"model": "nano-banana-pro", "prompt": "b", "n": 3})
+    result = imagebatch(env, "plan", jobs, "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["items"], plan["images"], plan["calls"]) == (2, 12, 5)
+    assert plan["max_cost_cents"] == 9 * 3 + 3 * 12
+    assert fake.stats()["calls"] == 0
+
+
+def test_stdin_and_usage_errors(env, tmp_path):
+    result = imagebatch(env, "plan", "-", stdin=json.dumps(FLUX) + "\n")
+    assert result.returncode == 0 and "flux-2-dev" in result.stdout
+    no_budget = imagebatch(env, "run", write(tmp_path, FLUX))
+    assert no_budget.returncode == 2 and "--budget" in no_budget.stderr
+    missing = imagebatch(env, "run", str(tmp_path / "nope.jsonl"), "--budget", "1")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    unpriced = imagebatch(env, "plan", write(tmp_path, {"model": "preview-model", "prompt": "p"}))
+    assert unpriced.returncode == 2 and "no known price" in unpriced.stderr
+    bad_env = imagebatch({**env, "IMAGEBATCH_CONCURRENCY": "lots"}, "status")
+    assert bad_env.returncode == 2 and "IMAGEBATCH_CONCURRENCY" in bad_env.stderr
+
+
+def test_models_table_and_json(env):
+    table = imagebatch(env, "models", "--refresh")
+    assert table.returncode == 0
+    for name in ("flux-2-dev", "suno-v5", "wan-2.2", "no price"):
+        assert name in table.stdout
+    listed = json.loads(imagebatch(env, "models", "--json").stdout)
+    flux = next(m for m in listed if m["model"] == "flux-2-dev")
+    assert flux["max_n"] == 4 and flux["price_per_image_cents"] == 3
+
+
+def test_submit_and_a_separate_worker_need_no_server(env, tmp_path, fake):
+    submitted = imagebatch(env, "submit", write(tmp_path, *[FLUX] * 6), "--budget", "1", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["id"]
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = json.loads(imagebatch(env, "status", str(job_id), "--json").stdout)
+            if job["status"] == "succeeded":
+                break
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", job
+        assert job["spent_cents"] == 18 == fake.stats()["billed_cents"]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    assert SECRET not in stderr
+
+
+def test_the_api_key_reaches_no_output_sql_or_export(env, tmp_path, fake):
+    jobs = write(tmp_path, FLUX, {**FLUX, "fake": {"status": 401}})
+    result = imagebatch(env, "-vv", "run", jobs, "--budget", "1", "--json")
+    job = json.loads(result.stdout)
+    assert fake.requests()[0]["authorization"] is True
+    exported = imagebatch(env, "export", str(job["id"]))
+    status = imagebatch(env, "status", str(job["id"]), "--json")
+    for text in (result.stdout, result.stderr, exported.stdout, status.stdout):
+        assert SECRET not in text
+    for file in (tmp_path / "data").rglob("*"):
+        if file.is_file():
+            assert SECRET.encode() not in file.read_bytes(), file
+
+
+def test_cancel_and_retry_commands(env, tmp_path, fake):
+    jobs = write(tmp_path, FLUX, {**FLUX, "fake": {"status": 400, "fail_first": 1, "key": "c"}})
+    job = json.loads(imagebatch(env, "run", jobs, "--budget", "1", "--json").stdout)
+    assert job["status"] == "partial"
+    retried = imagebatch(env, "retry", str(job["id"]))
+    assert retried.returncode == 0 and "1 failed item" in retried.stdout
+    assert imagebatch(env, "cancel", str(job["id"])).returncode == 0
+    after = json.loads(imagebatch(env, "status", str(job["id"]), "--json").stdout)
+    assert after["status"] == "cancelled" and after["reserved_cents"] == 0
+    assert imagebatch(env, "cancel", "999").returncode == 2
+
+
+def test_demo_runs_with_no_key_and_no_servers(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
+    environ["IMAGEBATCH_DATA_DIR"] = str(tmp_path / "data")
+    result = imagebatch(environ, "demo", "--latency", "0.05")
+    assert result.returncode == 0, result.stderr
+    assert "succeeded" in result.stdout and "billed" in result.stdout
+    assert any((tmp_path / "data" / "media").rglob("*.mp4"))

@@ -1,0 +1,463 @@
+"""UpstreamClient over real HTTP against the fake upstream: outcomes, timeouts, media guards."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+from fake_upstream.app import FakeConfig, FakeServer
+
+from pipeline.upstream import (
+    Delivered,
+    MediaRefused,
+    Outcome,
+    Refused,
+    Unknown,
+    UpstreamClient,
+    UpstreamError,
+    address_problem,
+    decode_b64,
+    parse_retry_after,
+)
+
+KEY = "sk-air-TESTKEY-must-never-show-0123456789"
+PNG = b"\x89PNG\r\n\x1a\n"
+T = TypeVar("T")
+
+
+def make_client(api_base: str, **overrides: Any) -> UpstreamClient:
+    options: dict[str, Any] = {
+        "concurrency": 16, "read_timeout": 5.0, "connect_timeout": 2.0, "deadline": 10.0,
+        "max_media_bytes": 1 << 20, "allow_private_media": False,
+    }
+    options.update(overrides)
+    api_key = options.pop("api_key", KEY)
+    return UpstreamClient(api_base, api_key, **options)
+
+
+def with_client(api_base: str, action: Callable[[UpstreamClient], Awaitable[T]],
+                **overrides: Any) -> T:
+    async def go() -> T:
+        client = make_client(api_base, **overrides)
+        try:
+            return await action(client)
+        finally:
+            await client.aclose()
+    return asyncio.run(go())
+
+
+def generate(api_base: str, body: dict[str, Any], **overrides: Any) -> Outcome:
+    return with_client(api_base, lambda client: client.generate(body), **overrides)
+
+
+def body(fake: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {"model": "flux-2-klein-4b", "prompt": "a lighthouse", "n": 1}
+    request.update(fields)
+    if fake is not None:
+        request["fake"] = fake
+    return request
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_request(fake: FakeServer, marker: str) -> dict[str, Any]:
+    for entry in fake.requests():
+        if entry["body"].get("marker") == marker:
+            return entry
+    raise AssertionError(f"no request with marker {marker!r} reached the fake")
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def test_decode_b64_plain_and_data_url() -> None:
+    raw = PNG + bytes(range(256))
+    encoded = base64.b64encode(raw).decode()
+    assert decode_b64(encoded, 1024) == raw
+    assert decode_b64("data:image/png;base64," + encoded, 1024) == raw
+
+
+@pytest.mark.parametrize("value", ["not base64!", "QUJD\nREVG", "QUJ", "", "data:image/png,QUJD"])
+def test_decode_b64_strict(value: str) -> None:
+    with pytest.raises(MediaRefused):
+        decode_b64(value, 1024)
+
+
+def test_decode_b64_cap_checked_before_decoding() -> None:
+    # Invalid characters: were it decoded first, the error would be about validity.
+    with pytest.raises(MediaRefused, match="cap"):
+        decode_b64("!" * 4000, 1000)
+    ok = base64.b64encode(b"x" * 1000).decode()
+    assert len(decode_b64(ok, 1000)) == 1000
+    with pytest.raises(MediaRefused, match="cap"):
+        decode_b64(ok, 999)
+
+
+@pytest.mark.parametrize(("address", "private_ok", "refused"), [
+    ("169.254.169.254", True, "metadata"),
+    ("fd00:ec2::254", True, "metadata"),
+    ("100.100.100.200", True, "metadata"),
+    ("169.254.1.1", True, "link-local"),
+    ("fe80::1", True, "link-local"),
+    ("::ffff:169.254.169.254", True, "metadata"),
+    ("64:ff9b::a9fe:a9fe", True, "metadata"),
+    ("224.0.0.1", True, "multicast"),
+    ("ff02::1", True, "multicast"),
+    ("0.0.0.0", True, "unspecified"),
+    ("::", True, "unspecified"),
+    ("127.0.0.1", False, "private"),
+    ("10.1.2.3", False, "private"),
+    ("192.168.0.1", False, "private"),
+    ("::1", False, "private"),
+    ("fd12::1", False, "private"),
+    ("::ffff:127.0.0.1", False, "private"),
+    ("127.0.0.1", True, None),
+    ("10.1.2.3", True, None),
+    ("fd12::1", True, None),
+    ("8.8.8.8", False, None),
+    ("2606:4700::1111", False, None),
+])
+def test_address_rules(address: str, private_ok: bool, refused: str | None) -> None:
+    problem = address_problem(ipaddress.ip_address(address), private_ok=private_ok)
+    if refused is None:
+        assert problem is None
+    else:
+        assert problem is not None and refused in problem
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("1.5") == 1.5
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-4") == 0.0
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    assert 100 < (parse_retry_after(later) or 0) <= 121
+    earlier = format_datetime(datetime.now(UTC) - timedelta(seconds=120), usegmt=True)
+    assert parse_retry_after(earlier) == 0.0
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+
+
+def test_delivered_url_then_fetch_media(fake: FakeServer) -> None:
+    async def action(client: UpstreamClient) -> tuple[Outcome, bytes]:
+        outcome = await client.generate(body(n=2))
+        assert isinstance(outcome, Delivered), outcome
+        return outcome, await client.fetch_media(outcome.data[0]["url"])
+
+    outcome, media = with_client(fake.base_url, action)
+    assert isinstance(outcome, Delivered) and len(outcome.data) == 2
+    assert isinstance(outcome.created, int)
+    assert media.startswith(PNG)
+
+
+def test_delivered_b64(fake: FakeServer) -> None:
+    outcome = generate(fake.base_url, body({"media": "jpeg"}, response_format="b64_json"))
+    assert isinstance(outcome, Delivered), outcome
+    assert decode_b64(outcome.data[0]["b64_json"], 1 << 20).startswith(b"\xff\xd8\xff")
+
+
+def test_unknown_keys_pass_through_and_caller_dict_untouched(fake: FakeServer) -> None:
+    request = body({"revised_prompt": "kept"}, marker="passthrough",
+                   custom_param={"nested": [1, "two", None]}, image_urls=[], style="EDM, Bass")
+    snapshot = {key: value for key, value in request.items()}
+    outcome = generate(fake.base_url, request)
+    assert isinstance(outcome, Delivered), outcome
+    assert request == snapshot and "sse" not in request
+    seen = find_request(fake, "passthrough")
+    assert seen["body"] == {**snapshot, "sse": True}
+    assert seen["authorization"] is True
+
+
+def test_no_authorization_without_key(fake: FakeServer) -> None:
+    outcome = generate(fake.base_url, body(marker="nokey"), api_key=None)
+    assert isinstance(outcome, Delivered), outcome
+    assert find_request(fake, "nokey")["authorization"] is False
+
+
+@pytest.mark.parametrize("fake_knobs", [
+    {"line_end": "cr"},
+    {"line_end": "crlf"},
+    {"line_end": "crlf", "chunk": 7},
+    {"line_end": "cr", "chunk": 1},
+    {"event_lines": True, "empty_events": 5, "chunk": 3},
+    {"empty_events": 50, "line_end": "crlf"},
+])
+def test_stream_shapes_keep_raw_separators(fake: FakeServer, fake_knobs: dict[str, Any]) -> None:
+    revised = "a line\u2028still the same line\u2029and a \u0085 too"
+    outcome = generate(fake.base_url, body({**fake_knobs, "revised_prompt": revised}))
+    assert isinstance(outcome, Delivered), outcome
+    assert outcome.data[0]["revised_prompt"] == revised
+
+
+@pytest.mark.parametrize(("status", "retryable"), [
+    (400, False), (401, False), (402, False), (404, False), (422, False),
+    (408, True), (429, True), (500, True), (503, True),
+])
+def test_error_status_is_refused(fake: FakeServer, status: int, retryable: bool) -> None:
+    outcome = generate(fake.base_url, body({"status": status}))
+    assert isinstance(outcome, Refused), outcome
+    assert outcome.status == status and outcome.retryable is retryable
+    assert outcome.message and len(outcome.message) <= 501
+
+
+def test_retry_after_is_read(fake: FakeServer) -> None:
+    outcome = generate(fake.base_url, body({"status": 429, "retry_after": 3}))
+    assert isinstance(outcome, Refused), outcome
+    assert outcome.retryable and outcome.retry_after == 3.0
+
+
+def test_validation_error_carries_upstream_message(fake: FakeServer) -> None:
+    outcome = generate(fake.base_url, body(n=99))
+    assert isinstance(outcome, Refused), outcome
+    assert outcome.status == 400 and not outcome.retryable
+    assert "n" in outcome.message and "{" not in outcome.message
+
+
+def test_error_event_is_refused(fake: FakeServer) -> None:
+    outcome = generate(fake.base_url, body({"error_event": True}))
+    assert isinstance(outcome, Refused), outcome
+    assert outcome.status is None and outcome.message
+
+
+def test_cut_stream_is_unknown(fake: FakeServer) -> None:
+    outcome = generate(fake.base_url, body({"cut": True}))
+    assert isinstance(outcome, Unknown), outcome
+
+
+def test_stall_ends_at_the_deadline(fake: FakeServer) -> None:
+    # Keepalives every 20 ms reset the 5 s read timeout forever: only the deadline ends it.
+    start = time.monotonic()
+    outcome = generate(fake.base_url, body({"stall": True}), read_timeout=5.0, deadline=1.0)
+    elapsed = time.monotonic() - start
+    assert isinstance(outcome, Unknown), outcome
+    assert "deadline" in outcome.message
+    assert 0.9 <= elapsed < 2.5, elapsed
+
+
+def test_read_timeout_per_chunk_fires() -> None:
+    # No keepalive for 30 s: the 0.5 s read timeout ends the attempt long before the deadline.
+    with FakeServer(FakeConfig(latency=3.0, keepalive_interval=30.0)) as quiet:
+        start = time.monotonic()
+        outcome = generate(quiet.base_url, body(), read_timeout=0.5, deadline=20.0)
+        elapsed = time.monotonic() - start
+    assert isinstance(outcome, Unknown), outcome
+    assert "read timeout" in outcome.message
+    assert elapsed < 2.0, elapsed
+
+
+def test_connection_refused_is_retryable_refusal() -> None:
+    outcome = generate(f"http://127.0.0.1:{closed_port()}/v1", body())
+    assert isinstance(outcome, Refused), outcome
+    assert outcome.status is None and outcome.retryable
+
+
+def test_dns_failure_is_retryable_refusal() -> None:
+    outcome = generate("http://no-such-host.invalid/v1", body())
+    assert isinstance(outcome, Refused), outcome
+    assert outcome.status is None and outcome.retryable
+
+
+def test_key_never_in_messages(fake: FakeServer) -> None:
+    cases = [{"status": 401}, {"status": 500}, {"error_event": True}, {"cut": True}]
+    messages = [generate(fake.base_url, body(knobs)) for knobs in cases]
+    messages.append(generate(fake.base_url, body({"stall": True}), deadline=0.3))
+    messages.append(generate(f"http://127.0.0.1:{closed_port()}/v1", body()))
+    for outcome in messages:
+        assert not isinstance(outcome, Delivered)
+        assert KEY not in outcome.message and "TESTKEY" not in outcome.message
+
+
+def test_many_in_flight_beyond_default_pool(fake: FakeServer) -> None:
+    """150 concurrent renders on one client: none waits on a 100-connection pool."""
+    async def action(client: UpstreamClient) -> list[Outcome]:
+        slow = body({"latency": 0.5})
+        return list(await asyncio.gather(*(client.generate(slow) for _ in range(150))))
+
+    start = time.monotonic()
+    outcomes = with_client(fake.base_url, action, concurrency=200)
+    elapsed = time.monotonic() - start
+    assert all(isinstance(outcome, Delivered) for outcome in outcomes)
+    assert fake.stats()["max_in_flight"] >= 150
+    assert elapsed < 5.0, elapsed
+
+
+def test_pool_limits_reach_aiohttp(fake: FakeServer) -> None:
+    async def action(client: UpstreamClient) -> int:
+        await client.list_models()
+        return client._api._transport.client.connector.limit  # type: ignore[attr-defined]
+
+    assert with_client(fake.base_url, action, concurrency=300) == 300
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def test_list_models(fake: FakeServer) -> None:
+    models = with_client(fake.base_url, lambda client: client.list_models())
+    by_id = {model["id"]: model for model in models}
+    assert by_id["flux-2-dev"]["image_caps"]["max_n"] == 4
+    assert "image_caps" not in by_id["gpt-4o-mini"]
+
+
+def test_list_models_errors(fake: FakeServer) -> None:
+    with pytest.raises(UpstreamError, match="HTTP 404"):
+        with_client(fake.base_url + "/nothing-here", lambda client: client.list_models())
+    with pytest.raises(UpstreamError) as caught:
+        with_client(f"http://127.0.0.1:{closed_port()}/v1", lambda c: c.list_models())
+    assert KEY not in str(caught.value)
+
+
+# --- media ------------------------------------------------------------------------------------
+
+
+def _media_url(fake: FakeServer, knobs: dict[str, Any], **fields: Any) -> str:
+    outcome = generate(fake.base_url, body(knobs, **fields))
+    assert isinstance(outcome, Delivered), outcome
+    return str(outcome.data[0]["url"])
+
+
+def fetch(api_base: str, url: str, **overrides: Any) -> bytes:
+    return with_client(api_base, lambda client: client.fetch_media(url), **overrides)
+
+
+def test_redirect_to_metadata_refused(fake: FakeServer) -> None:
+    url = _media_url(fake, {"redirect": "http://169.254.169.254/latest/meta-data/iam"})
+    with pytest.raises(MediaRefused) as caught:
+        fetch(fake.base_url, url, allow_private_media=True)
+    assert "169.254.169.254" in caught.value.reason
+    token = url.rsplit("/", 1)[-1]
+    assert token not in caught.value.reason and "meta-data" not in caught.value.reason
+
+
+def test_redirect_to_other_scheme_refused(fake: FakeServer) -> None:
+    url = _media_url(fake, {"redirect": "file:///etc/passwd"})
+    with pytest.raises(MediaRefused, match="scheme"):
+        fetch(fake.base_url, url)
+
+
+def test_redirect_to_allowed_host_followed(fake: FakeServer) -> None:
+    target = _media_url(fake, {"media": "gif"})
+    url = _media_url(fake, {"redirect": target})
+    assert fetch(fake.base_url, url).startswith(b"GIF8")
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[fd00:ec2::254]/",
+    "http://100.100.100.200/",
+    "http://[fe80::1]/",
+    "http://224.0.0.1/",
+    "http://0.0.0.0/",
+    "file:///etc/passwd",
+    "ftp://example.com/x.png",
+    "not a url",
+])
+def test_forbidden_targets_refused_even_with_private_allowed(url: str) -> None:
+    with pytest.raises(MediaRefused):
+        fetch("http://127.0.0.1:9/v1", url, allow_private_media=True)
+
+
+def test_private_media_refused_when_upstream_is_public(fake: FakeServer) -> None:
+    url = _media_url(fake, {})
+    # The api_base of this client does not resolve to a private address: no loopback media.
+    with pytest.raises(MediaRefused, match="private"):
+        fetch("http://upstream.invalid/v1", url)
+    assert fetch("http://upstream.invalid/v1", url, allow_private_media=True).startswith(PNG)
+
+
+def test_media_size_cap(fake: FakeServer) -> None:
+    url = _media_url(fake, {"media_bytes": 200_000})
+    with pytest.raises(MediaRefused, match="cap"):
+        fetch(fake.base_url, url, max_media_bytes=50_000)
+    assert len(fetch(fake.base_url, url, max_media_bytes=400_000)) >= 100_000
+
+
+def test_b64_cap(fake: FakeServer) -> None:
+    outcome = generate(fake.base_url, body({"media_bytes": 200_000}, response_format="b64_json"))
+    assert isinstance(outcome, Delivered), outcome
+    value = outcome.data[0]["b64_json"]
+    with pytest.raises(MediaRefused, match="cap"):
+        decode_b64(value, 50_000)
+    assert decode_b64(value, 400_000).startswith(PNG)
+
+
+# --- what the fake cannot send: a tiny real server for the edge cases -------------------------
+
+
+async def _serve(routes: list[web.RouteDef]) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def test_edge_cases_over_http() -> None:
+    async def echo_key(request: web.Request) -> web.Response:
+        leak = request.headers.get("Authorization", "")
+        return web.json_response({"error": {"message": f"bad key {leak} " + "x" * 2000}},
+                                 status=401)
+
+    async def json_result(request: web.Request) -> web.Response:
+        return web.json_response({"created": 1, "data": [{"url": "http://cdn.invalid/a.png"}]})
+
+    async def gzip_media(request: web.Request) -> web.Response:
+        return web.Response(body=b"\x1f\x8b" + b"\0" * 20, headers={"Content-Encoding": "gzip"})
+
+    async def loop_redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"/loop?hop={int(request.query.get('hop', 0)) + 1}&sig=SECRET")
+
+    async def done_only(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b": keepalive\n\ndata: [DONE]\n\n")
+        return response
+
+    async def scenario() -> None:
+        routes = [web.post("/leak/images/generations", echo_key),
+                  web.post("/json/images/generations", json_result),
+                  web.post("/done/images/generations", done_only),
+                  web.get("/gzip", gzip_media), web.get("/loop", loop_redirect)]
+        runner, base = await _serve(routes)
+        client = make_client(f"{base}/leak")
+        try:
+            leaked = await client.generate(body())
+            assert isinstance(leaked, Refused) and leaked.status == 401
+            assert KEY not in leaked.message and len(leaked.message) <= 501
+            json_client = make_client(f"{base}/json")
+            done_client = make_client(f"{base}/done")
+            try:
+                result = await json_client.generate(body())
+                assert isinstance(result, Delivered) and result.created == 1
+                assert isinstance(await done_client.generate(body()), Unknown)
+            finally:
+                await json_client.aclose()
+                await done_client.aclose()
+            with pytest.raises(MediaRefused, match="Content-Encoding"):
+                await client.fetch_media(f"{base}/gzip")
+            with pytest.raises(MediaRefused, match="redirects") as caught:
+                await client.fetch_media(f"{base}/loop?sig=SECRET")
+            assert "SECRET" not in caught.value.reason
+        finally:
+            await client.aclose()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
