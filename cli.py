@@ -56,9 +56,8 @@ class UserError(click.ClickException):
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    from pipeline.upstream import UpstreamError
-
     from pipeline.storage import StorageError
+    from pipeline.upstream import UpstreamError
 
     return (SettingsError, SchemaBehind, JobNotFound, StorageError, UpstreamError, ValueError,
             OSError)

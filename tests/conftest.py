@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fake_upstream.app import FakeConfig, FakeServer
 
+from fake_upstream.app import FakeConfig, FakeServer
 from pipeline.db import make_engine, upgrade_schema
 from pipeline.runtime import Services, start_services
 from pipeline.settings import Settings

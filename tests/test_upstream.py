@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from fake_upstream.app import FakeConfig, FakeServer
 
+from fake_upstream.app import FakeConfig, FakeServer
 from pipeline.upstream import (
     Delivered,
     MediaRefused,
