@@ -123,7 +123,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
             render.deliveries += 1
         reason = _cannot_start(render, job, settings.max_attempts)
         if reason is None:
-            reservation = ledger.reserve(session, render, job.team, now)
+            reservation = ledger.reserve(session, render, job.team, svc.clock())
             if reservation is None:
                 session.refresh(job)
                 reason = _no_reservation_reason(render, job)

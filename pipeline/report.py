@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, case, func, literal, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import LedgerEntry, LedgerKind
@@ -48,7 +48,7 @@ class ReportRow:
 
 def _group_key(session: Session, by: str | None) -> ColumnElement[Any]:
     if by is None:
-        return func.coalesce(None, "all")
+        return literal("all")
     if by in ("team", "model"):
         return getattr(LedgerEntry, by)
     if by == "job":

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import make_engine, session_factory
 from pipeline.limits import LocalLimits, RedisLimits, parse_rates
+from pipeline.models import utcnow
 from pipeline.settings import Settings
 from pipeline.storage import MediaStore, open_store
 from pipeline.upstream import UpstreamClient
@@ -56,6 +58,8 @@ class Services:
     # Bounds renders holding media bytes at once, so memory does not grow with calls in flight.
     media_slots: threading.BoundedSemaphore = field(init=False)
     limiter: Any = None
+    # What "now" is for reservations (which team period a render draws on); tests set it.
+    clock: Callable[[], datetime] = utcnow
 
     def __post_init__(self) -> None:
         self.media_slots = threading.BoundedSemaphore(max(1, self.settings.media_concurrency))
