@@ -46,6 +46,8 @@ class EventStream:
                 await self.response.write(data[start:start + step])
             except ConnectionError as exc:
                 raise ClientGone(str(exc)) from exc
+            if self.knobs.chunk:
+                await asyncio.sleep(0)  # let each piece leave on its own before the next
 
     async def comment(self) -> None:
         await self.write(b": keepalive" + self.eol + self.eol)
@@ -54,16 +56,17 @@ class EventStream:
         if count:
             await self.write(self.eol * count)
 
-    def event_bytes(self, payload: bytes) -> bytes:
-        """One event carrying `payload` on a single data line."""
+    def event_bytes(self, *payload: bytes) -> bytes:
+        """One event whose single data line is the payload pieces, joined in one copy."""
+        eol = self.eol
         if not self.knobs.event_lines:
-            return b"data: " + payload + self.eol + self.eol
+            return b"".join([b"data: ", *payload, eol, eol])
         event_id, self._next_id = self._next_id, self._next_id + 1
-        return (b"event: message" + self.eol + b"data: " + payload + self.eol
-                + b"id: %d" % event_id + self.eol + self.eol)
+        return b"".join([b"event: message", eol, b"data: ", *payload, eol,
+                         b"id: %d" % event_id, eol, eol])
 
-    async def event(self, payload: bytes) -> None:
-        await self.write(self.event_bytes(payload))
+    async def event(self, *payload: bytes) -> None:
+        await self.write(self.event_bytes(*payload))
 
     async def keepalives(self, seconds: float, interval: float) -> None:
         """Comments for `seconds` (inf: until the client leaves), one straight away so the

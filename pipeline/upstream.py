@@ -369,6 +369,8 @@ class UpstreamClient:
         return _clip(text)
 
     def _detail(self, exc: BaseException) -> str:
+        if any(isinstance(cause, _RefusedAddress) for cause in _chain(exc)):
+            return "the host resolved only to refused addresses at connect time"
         for cause in _chain(exc):
             if isinstance(cause, aiohttp.ClientConnectorDNSError):
                 return "the host name did not resolve"
@@ -387,6 +389,10 @@ class UpstreamClient:
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _RefusedAddress(OSError):
+    """Raised by the media resolver: every address of the host is forbidden."""
+
+
 class _GuardedResolver(AbstractResolver):
     def __init__(self, problem: Callable[[IPAddress], str | None]) -> None:
         self._inner = aiohttp.DefaultResolver()
@@ -398,7 +404,7 @@ class _GuardedResolver(AbstractResolver):
         allowed = [r for r in results if self._problem(ipaddress.ip_address(r["host"])) is None]
         if not allowed:
             # aiohttp turns an OSError from the resolver into a connection failure.
-            raise OSError(f"{host} resolves only to refused addresses")
+            raise _RefusedAddress(f"{host} resolves only to refused addresses")
         return allowed
 
     async def close(self) -> None:
@@ -417,7 +423,9 @@ def decode_b64(value: str, max_bytes: int) -> bytes:
         if comma < 0 or not value[:comma].endswith(";base64"):
             raise MediaRefused("b64_json is a data: URL that is not base64")
         value = value[comma + 1:]
-    if len(value) * 3 // 4 > max_bytes:
+    # Exact size of valid base64 (padding excluded), known without decoding anything.
+    padding = min(2, len(value) - len(value.rstrip("=")))
+    if len(value) * 3 // 4 - padding > max_bytes:
         raise MediaRefused(f"b64_json decodes to more than the {max_bytes} byte cap")
     if not value:
         raise MediaRefused("b64_json is empty")

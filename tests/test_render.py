@@ -35,7 +35,8 @@ def test_delivered_results_are_stored_and_charged(svc, fake):
     assert_books_balance(svc, s["id"])
     with svc.sessions() as session:
         keys = [i.key for i in session.scalars(select(Image).order_by(Image.key))]
-    assert all(".." not in k and k.startswith(f"job-{s['id']:06d}/") for k in keys)
+    assert all(k.startswith(f"job-{s['id']:06d}/") for k in keys)
+    assert all(part not in ("", ".", "..") for k in keys for part in k.split("/"))
     assert all(k.endswith(".png") for k in keys)
 
 

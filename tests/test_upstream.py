@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -249,6 +251,27 @@ def test_stall_ends_at_the_deadline(fake: FakeServer) -> None:
     assert 0.9 <= elapsed < 2.5, elapsed
 
 
+def test_client_reusable_after_deadline(fake: FakeServer) -> None:
+    async def action(client: UpstreamClient) -> tuple[Outcome, Outcome]:
+        stalled = await client.generate(body({"stall": True}))
+        return stalled, await client.generate(body())
+
+    stalled, after = with_client(fake.base_url, action, deadline=0.5, concurrency=1)
+    assert isinstance(stalled, Unknown) and isinstance(after, Delivered), (stalled, after)
+
+
+def test_large_b64_result_in_small_chunks(fake: FakeServer) -> None:
+    """One ~8 MB data line written in 16 KB chunks parses in linear time."""
+    knobs = {"media_bytes": 6_000_000, "chunk": 16384}
+    start = time.monotonic()
+    outcome = generate(fake.base_url, body(knobs, response_format="b64_json"),
+                       max_media_bytes=8_000_000)
+    elapsed = time.monotonic() - start
+    assert isinstance(outcome, Delivered), outcome
+    assert len(decode_b64(outcome.data[0]["b64_json"], 8_000_000)) >= 5_000_000
+    assert elapsed < 5.0, elapsed
+
+
 def test_read_timeout_per_chunk_fires() -> None:
     # No keepalive for 30 s: the 0.5 s read timeout ends the attempt long before the deadline.
     with FakeServer(FakeConfig(latency=3.0, keepalive_interval=30.0)) as quiet:
@@ -380,6 +403,18 @@ def test_private_media_refused_when_upstream_is_public(fake: FakeServer) -> None
     assert fetch("http://upstream.invalid/v1", url, allow_private_media=True).startswith(PNG)
 
 
+def test_connect_time_resolver_refuses_rebound_host(fake: FakeServer) -> None:
+    """Defence in depth: were a host to resolve differently after the per-hop check (DNS
+    rebinding), the media session's own resolver still refuses the forbidden address."""
+    url = httpx.URL(_media_url(fake, {})).copy_with(host="localhost")
+
+    async def action(client: UpstreamClient) -> bytes:
+        return await client._fetch_once(url)  # skips _check_host on purpose
+
+    with pytest.raises(MediaRefused, match="refused addresses at connect time"):
+        with_client("http://upstream.invalid/v1", action)
+
+
 def test_media_size_cap(fake: FakeServer) -> None:
     url = _media_url(fake, {"media_bytes": 200_000})
     with pytest.raises(MediaRefused, match="cap"):
@@ -399,65 +434,128 @@ def test_b64_cap(fake: FakeServer) -> None:
 # --- what the fake cannot send: a tiny real server for the edge cases -------------------------
 
 
-async def _serve(routes: list[web.RouteDef]) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.add_routes(routes)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+async def _echo_key(request: web.Request) -> web.Response:
+    leak = request.headers.get("Authorization", "")
+    return web.json_response({"error": {"message": f"bad key {leak} " + "x" * 2000}}, status=401)
 
 
-def test_edge_cases_over_http() -> None:
-    async def echo_key(request: web.Request) -> web.Response:
-        leak = request.headers.get("Authorization", "")
-        return web.json_response({"error": {"message": f"bad key {leak} " + "x" * 2000}},
-                                 status=401)
+async def _json_result(request: web.Request) -> web.Response:
+    return web.json_response({"created": 1, "data": [{"url": "http://cdn.invalid/a.png"}]})
 
-    async def json_result(request: web.Request) -> web.Response:
-        return web.json_response({"created": 1, "data": [{"url": "http://cdn.invalid/a.png"}]})
 
-    async def gzip_media(request: web.Request) -> web.Response:
-        return web.Response(body=b"\x1f\x8b" + b"\0" * 20, headers={"Content-Encoding": "gzip"})
+async def _gzip_media(request: web.Request) -> web.Response:
+    return web.Response(body=b"\x1f\x8b" + b"\0" * 20, headers={"Content-Encoding": "gzip"})
 
-    async def loop_redirect(request: web.Request) -> web.Response:
-        raise web.HTTPFound(f"/loop?hop={int(request.query.get('hop', 0)) + 1}&sig=SECRET")
 
-    async def done_only(request: web.Request) -> web.StreamResponse:
+async def _loop_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound(f"/loop?hop={int(request.query.get('hop', 0)) + 1}&sig=SECRET")
+
+
+def _sse(*events: bytes) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(b": keepalive\n\ndata: [DONE]\n\n")
+        await response.write(b": keepalive\n\n" + b"".join(b"data: %s\n\n" % e for e in events))
         return response
+    return handler
 
-    async def scenario() -> None:
-        routes = [web.post("/leak/images/generations", echo_key),
-                  web.post("/json/images/generations", json_result),
-                  web.post("/done/images/generations", done_only),
-                  web.get("/gzip", gzip_media), web.get("/loop", loop_redirect)]
-        runner, base = await _serve(routes)
-        client = make_client(f"{base}/leak")
+
+_ROUTES = [
+    web.post("/leak/images/generations", _echo_key),
+    web.post("/json/images/generations", _json_result),
+    web.post("/done/images/generations", _sse(b"[DONE]")),
+    web.post("/progress/images/generations", _sse(b'{"progress": 0.5}', b"not json",
+                                                  b'{"created": 2, "data": []}')),
+    web.post("/ratelimit/images/generations",
+             _sse(b'{"error": {"message": "slow down", "type": "rate_limit_error"}}')),
+    web.post("/policy/images/generations",
+             _sse(b'{"error": {"message": "no", "type": "invalid_request_error",'
+                  b' "code": "content_policy_violation"}}')),
+    web.get("/gzip", _gzip_media),
+    web.get("/loop", _loop_redirect),
+]
+
+
+def with_edge_server(action: Callable[[str], Awaitable[T]]) -> T:
+    async def go() -> T:
+        app = web.Application()
+        app.add_routes(_ROUTES)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
-            leaked = await client.generate(body())
-            assert isinstance(leaked, Refused) and leaked.status == 401
-            assert KEY not in leaked.message and len(leaked.message) <= 501
-            json_client = make_client(f"{base}/json")
-            done_client = make_client(f"{base}/done")
-            try:
-                result = await json_client.generate(body())
-                assert isinstance(result, Delivered) and result.created == 1
-                assert isinstance(await done_client.generate(body()), Unknown)
-            finally:
-                await json_client.aclose()
-                await done_client.aclose()
-            with pytest.raises(MediaRefused, match="Content-Encoding"):
-                await client.fetch_media(f"{base}/gzip")
-            with pytest.raises(MediaRefused, match="redirects") as caught:
-                await client.fetch_media(f"{base}/loop?sig=SECRET")
-            assert "SECRET" not in caught.value.reason
+            return await action(f"http://127.0.0.1:{port}")
+        finally:
+            await runner.cleanup()
+    return asyncio.run(go())
+
+
+async def _generate_at(base: str, **overrides: Any) -> Outcome:
+    client = make_client(base, **overrides)
+    try:
+        return await client.generate(body())
+    finally:
+        await client.aclose()
+
+
+def test_echoed_key_scrubbed_and_message_clipped() -> None:
+    outcome = with_edge_server(lambda base: _generate_at(f"{base}/leak"))
+    assert isinstance(outcome, Refused) and outcome.status == 401, outcome
+    assert KEY not in outcome.message and "[redacted]" in outcome.message
+    assert len(outcome.message) <= 501
+
+
+def test_plain_json_body_is_a_result() -> None:
+    outcome = with_edge_server(lambda base: _generate_at(f"{base}/json"))
+    assert isinstance(outcome, Delivered) and outcome.created == 1, outcome
+
+
+def test_done_without_result_is_unknown() -> None:
+    outcome = with_edge_server(lambda base: _generate_at(f"{base}/done"))
+    assert isinstance(outcome, Unknown), outcome
+
+
+def test_progress_events_skipped_until_result() -> None:
+    outcome = with_edge_server(lambda base: _generate_at(f"{base}/progress"))
+    assert isinstance(outcome, Delivered) and outcome.created == 2, outcome
+
+
+def test_error_event_retryable_only_for_rate_limit_or_server_error() -> None:
+    limited = with_edge_server(lambda base: _generate_at(f"{base}/ratelimit"))
+    assert isinstance(limited, Refused) and limited.retryable, limited
+    policy = with_edge_server(lambda base: _generate_at(f"{base}/policy"))
+    assert isinstance(policy, Refused) and not policy.retryable, policy
+    assert "content_policy_violation" in policy.message
+
+
+def test_content_encoding_refused() -> None:
+    async def action(base: str) -> bytes:
+        client = make_client(base)
+        try:
+            return await client.fetch_media(f"{base}/gzip")
         finally:
             await client.aclose()
-            await runner.cleanup()
 
-    asyncio.run(scenario())
+    with pytest.raises(MediaRefused, match="Content-Encoding"):
+        with_edge_server(action)
+
+
+def test_redirect_loop_stops_and_urls_stay_out_of_logs(caplog: pytest.LogCaptureFixture) -> None:
+    async def action(base: str) -> None:
+        client = make_client(base)
+        try:
+            await client.fetch_media(f"{base}/loop?sig=SECRET")
+        finally:
+            await client.aclose()
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(MediaRefused, match="redirects") as caught:
+        with_edge_server(action)
+    assert "SECRET" not in caught.value.reason
+    # The client's own log lines (httpx logs every request URL at INFO); the test server's
+    # access log is the server's business.
+    client_lines = [record.getMessage() for record in caplog.records
+                    if not record.name.startswith("aiohttp.access")]
+    assert any("HTTP Request" in line for line in client_lines)
+    assert not any("SECRET" in line or "/loop" in line for line in client_lines)
