@@ -42,8 +42,9 @@ from pipeline.settings import Settings, SettingsError
 EXIT_OK, EXIT_JOB_NOT_OK, EXIT_USAGE = 0, 1, 2
 FINAL_OK = "succeeded"
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Piped output is read by scripts and people alike: wide enough that tables never wrap ids.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 
 class UserError(click.ClickException):
@@ -352,7 +353,7 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
 
     with database(settings) as sessions:
         job_id, planned = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
-        app = create_app(settings, broker_url="memory://")
+        app = create_app(settings, broker_url="memory://localhost//")
         worker = InProcessWorker(app, settings.concurrency)
         ticker = Ticker(app, interval=1.0)
         worker.start()

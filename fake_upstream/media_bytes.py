@@ -89,16 +89,34 @@ def _tail_key(spec: MediaSpec) -> tuple[str, int, int, int]:
     return spec.kind, max(spec.size, 0), width, height
 
 
-@lru_cache(maxsize=32)
+# Files above this are rare (size-cap tests) and would pin a lot of memory in the caches.
+_CACHE_MAX_BYTES = 8 * 1024 * 1024
+
+
 def _tail(kind: str, size: int, width: int, height: int) -> bytes:
+    if size > _CACHE_MAX_BYTES:
+        return _build_tail(kind, size, width, height)
+    return _cached_tail(kind, size, width, height)
+
+
+def _build_tail(kind: str, size: int, width: int, height: int) -> bytes:
     head_of, tail_of = _BUILDERS[kind]
     # Head lengths do not depend on the variant or the tail, so variant 0 measures them.
     head_len = len(head_of(MediaSpec(kind, size, width, height, 0), 0))
     return tail_of(max(size - head_len, 0), width, height)
 
 
-@lru_cache(maxsize=32)
+_cached_tail = lru_cache(maxsize=32)(_build_tail)
+
+
 def _tail_b64(key: tuple[str, int, int, int], cut: int) -> bytes:
+    if key[1] > _CACHE_MAX_BYTES:
+        return base64.b64encode(_tail(*key)[cut:])
+    return _cached_tail_b64(key, cut)
+
+
+@lru_cache(maxsize=32)
+def _cached_tail_b64(key: tuple[str, int, int, int], cut: int) -> bytes:
     return base64.b64encode(_tail(*key)[cut:])
 
 

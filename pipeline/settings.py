@@ -87,7 +87,7 @@ class Settings:
             api_base=self.api_base.rstrip("/"),
             database_url=self.database_url or f"sqlite:///{self.data_dir / 'imagebatch.db'}",
             storage_url=self.storage_url or (self.data_dir / "media").as_uri(),
-            broker_url=self.broker_url or "filesystem://",
+            broker_url=self.broker_url or "filesystem://localhost//",
         )
 
     @property
