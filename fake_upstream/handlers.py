@@ -123,7 +123,9 @@ def _error_response(exc: FakeError) -> web.Response:
 
 
 def _error_event_body() -> bytes:
-    error = error_object(500, "the render failed", "fake_error_event")
+    # A content-policy refusal mid-stream: the common real case, and a definite (unbilled) one.
+    error = error_object(422, "the output was refused by the content policy",
+                         "content_policy_violation")
     return _dumps({"error": error}).encode()
 
 
