@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
+
+log = logging.getLogger("imagebatch.db")
+T = TypeVar("T")
 
 
 class SchemaBehind(RuntimeError):
@@ -110,3 +117,21 @@ def require_current_schema(engine: Engine) -> None:
             f"the database schema is at revision {current or 'none'} but this imagebatch needs "
             f"{head}: run `imagebatch db upgrade`"
         )
+
+
+def retry_on_disconnect(work: Callable[[], T], *, tries: int = 6, delay: float = 0.25) -> T:
+    """Run `work` (which opens its own transaction) again when the database connection was
+    lost or refused: a dropped PostgreSQL connection must not strand a paid-for result."""
+    for attempt in range(tries):
+        try:
+            return work()
+        except OperationalError as exc:
+            if attempt == tries - 1:
+                raise
+            log.warning("database unavailable (%s); retrying", exc.orig.__class__.__name__)
+            time.sleep(delay * 2**attempt)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == tries - 1:
+                raise
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")

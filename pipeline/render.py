@@ -15,13 +15,14 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
-from pipeline.db import transaction
+from pipeline.db import retry_on_disconnect, transaction
 from pipeline.jobs import after_render_terminal
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
@@ -42,7 +43,6 @@ from pipeline.upstream import Delivered, MediaRefused, Refused, Unknown, decode_
 
 log = logging.getLogger("imagebatch.render")
 
-LEASE_GRACE = timedelta(seconds=120)
 MAX_RETRY_WAIT = 600.0
 
 
@@ -84,17 +84,19 @@ class Collected:
 def run_render(svc: Services, render_id: int) -> str:
     """Do what is left of one render; safe to call again for the same render at any time."""
     holder: int | None = None
-    while True:
-        step = begin_attempt(svc, render_id, holder)
-        if not isinstance(step, Begun):
-            return step
-        holder = step.number
-        outcome = call_upstream(svc, step)
-        collected = collect_media(svc, step, outcome) if isinstance(outcome, Delivered) else None
-        delay = finish_attempt(svc, step, outcome, collected)
-        if delay is None:
-            return "finished"
-        time.sleep(delay)
+    with svc.leases.hold(render_id):
+        while True:
+            step = retry_on_disconnect(partial(begin_attempt, svc, render_id, holder))
+            if not isinstance(step, Begun):
+                return step
+            holder = step.number
+            outcome = call_upstream(svc, step)
+            collected = (collect_media(svc, step, outcome)
+                         if isinstance(outcome, Delivered) else None)
+            delay = retry_on_disconnect(partial(finish_attempt, svc, step, outcome, collected))
+            if delay is None:
+                return "finished"
+            time.sleep(delay)
 
 
 # --- first transaction: lease and reservation ------------------------------------------------
@@ -133,7 +135,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
             return reason.split(":")[0]
         render.attempts = reservation.number
         render.status = RenderStatus.RUNNING
-        render.lease_until = now + timedelta(seconds=2 * settings.render_deadline) + LEASE_GRACE
+        render.lease_until = now + timedelta(seconds=settings.lease_seconds)
         render.updated_at = now
         item = session.get_one(JobItem, render.item_id)
         spec = RenderSpec(render.render_index, render.n, render.seed)
@@ -308,7 +310,7 @@ def finish_attempt(
         retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
         delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
                               svc.settings.backoff_cap)
-        render.lease_until = utcnow() + timedelta(seconds=delay) + LEASE_GRACE
+        render.lease_until = utcnow() + timedelta(seconds=svc.settings.lease_seconds)
         render.updated_at = utcnow()
         return delay
 

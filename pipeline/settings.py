@@ -40,6 +40,11 @@ class Settings:
     model_rates: str = ""
     redis_url: str = ""
     sweep_interval: float = 30.0
+    # A worker renews the leases of the renders it holds every lease_seconds / 3; a render
+    # whose lease ran out lost its worker and is swept.
+    lease_seconds: float = 60.0
+    # Redis broker only: 0 = derived from the render deadline (it must outlast a render).
+    visibility_timeout: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,7 +76,8 @@ class Settings:
             "render_deadline": "RENDER_DEADLINE", "read_timeout": "READ_TIMEOUT",
             "connect_timeout": "CONNECT_TIMEOUT", "requeue_after": "REQUEUE_AFTER",
             "backoff_base": "BACKOFF_BASE", "backoff_cap": "BACKOFF_CAP",
-            "sweep_interval": "SWEEP_INTERVAL",
+            "sweep_interval": "SWEEP_INTERVAL", "lease_seconds": "LEASE_SECONDS",
+            "visibility_timeout": "VISIBILITY_TIMEOUT",
         }
         for attr, name in floats.items():
             if (value := get(name)) is not None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from fake_upstream.app import FakeConfig, FakeServer
 from pipeline.db import make_engine, upgrade_schema
 from pipeline.runtime import Services, start_services
 from pipeline.settings import Settings
+from tests.servers import start_moto, start_postgres, start_redis
 
 
 @pytest.fixture(autouse=True)
@@ -50,14 +53,72 @@ def make_settings(data_dir: Path, api_base: str, **overrides: object) -> Setting
     return replace(base, **overrides).with_defaults()  # type: ignore[arg-type]
 
 
+# --- real servers, once per session --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url, stop = start_redis()
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server with a migrated template database that tests clone."""
+    url, stop = start_postgres()
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    engine.dispose()
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    endpoint, stop = start_moto()
+    yield endpoint
+    stop()
+
+
+_databases = itertools.count(1)
+
+
+def fresh_postgres_database(template_url: str) -> tuple[str, sa.Engine]:
+    """A new database cloned from the migrated one (much faster than migrating again)."""
+    url = sa.engine.make_url(template_url)
+    name = f"test_{os.getpid()}_{next(_databases)}"
+    admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": url.database})
+        connection.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{url.database}"'))
+    return url.set(database=name).render_as_string(hide_password=False), admin
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'imagebatch.db'}"
+        upgrade_schema(make_engine(url))
+        yield url
+        return
+    url, admin = fresh_postgres_database(request.getfixturevalue("postgres_url"))
+    yield url
+    name = sa.engine.make_url(url).database
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 @pytest.fixture
-def settings(tmp_path: Path, fake: FakeServer) -> Settings:
-    return make_settings(tmp_path / "data", fake.base_url)
+def settings(tmp_path: Path, fake: FakeServer, database_url: str) -> Settings:
+    return make_settings(tmp_path / "data", fake.base_url, database_url=database_url)
 
 
 @pytest.fixture
 def svc(settings: Settings) -> Iterator[Services]:
-    upgrade_schema(make_engine(settings.database_url))
     services = start_services(settings)
     yield services
     services.close()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from datetime import timedelta
 
+import sqlalchemy as sa
 from sqlalchemy import select, update
 
 from pipeline.db import transaction
@@ -22,18 +22,18 @@ ONE = {"model": "flux-2-klein-4b", "prompt": "p"}  # 1 cent an image
 def test_200_renders_under_a_cap_that_fits_50_never_overspend(svc, fake):
     job_id = submit(svc, [{**ONE, "fake": {"latency": 0.05}}] * 200, budget_cents=50)
     render_ids = dispatch_pending(svc)
-    db_path = svc.settings.database_url.removeprefix("sqlite:///")
     samples: list[tuple[int, int, int]] = []
     done = threading.Event()
+    watcher_engine = sa.create_engine(svc.settings.database_url, poolclass=sa.pool.NullPool)
 
     def sample() -> None:
         # A second connection, as any other program watching the database would have.
-        connection = sqlite3.connect(db_path, timeout=30)
-        while not done.is_set():
-            samples.append(connection.execute(
-                "SELECT spent_cents, reserved_cents, budget_cents FROM jobs WHERE id = ?",
-                (job_id,)).fetchone())
-        connection.close()
+        with watcher_engine.connect() as connection:
+            while not done.is_set():
+                samples.append(tuple(connection.execute(sa.text(
+                    "SELECT spent_cents, reserved_cents, budget_cents FROM jobs WHERE id = :j"),
+                    {"j": job_id}).one()))
+                connection.rollback()  # a fresh snapshot for the next sample
 
     watcher = threading.Thread(target=sample)
     watcher.start()

@@ -44,7 +44,8 @@ def _transport_options(settings: Settings, broker: str) -> dict[str, object]:
     if broker.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacked task after visibility_timeout even while it still runs;
         # it must outlast the longest render (deadline, media, retries) or we pay twice.
-        return {"visibility_timeout": int(settings.render_deadline * 2 + 600)}
+        timeout = settings.visibility_timeout or settings.render_deadline * 2 + 600
+        return {"visibility_timeout": int(timeout)}
     if broker.startswith("filesystem://"):
         queue = settings.broker_dir / "queue"
         control = settings.broker_dir / "control"

@@ -1,0 +1,74 @@
+"""Render leases kept alive: while a worker holds a render, it renews its lease in SQL.
+
+Leases are short (IMAGEBATCH_LEASE_SECONDS) so a killed worker's renders come back within
+a minute, however long the render deadline; a live worker renews all of its renders with
+one UPDATE per beat, so long calls and retry waits keep their lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.db import transaction
+from pipeline.models import Render, RenderStatus, utcnow
+
+log = logging.getLogger("imagebatch.leases")
+
+
+class LeaseKeeper:
+    def __init__(self, sessions: sessionmaker[Session], lease_seconds: float) -> None:
+        self.sessions = sessions
+        self.lease_seconds = lease_seconds
+        self._held: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="imagebatch-leases", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def hold(self, render_id: int) -> Iterator[None]:
+        with self._lock:
+            self._held[render_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[render_id] -= 1
+                if self._held[render_id] <= 0:
+                    del self._held[render_id]
+
+    def renew(self) -> int:
+        with self._lock:
+            held = list(self._held)
+        if not held:
+            return 0
+        until = utcnow() + timedelta(seconds=self.lease_seconds)
+        renewed = 0
+        for start in range(0, len(held), 500):
+            with transaction(self.sessions) as session:
+                result = session.execute(
+                    update(Render)
+                    .where(Render.id.in_(held[start:start + 500]),
+                           Render.status == RenderStatus.RUNNING)
+                    .values(lease_until=until)
+                )
+                renewed += result.rowcount
+        return renewed
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                self.renew()
+            except Exception as exc:  # the database may be briefly away; try again next beat
+                log.warning("renewing render leases failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
