@@ -175,3 +175,38 @@ def test_demo_runs_with_no_key_and_no_servers(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "succeeded" in result.stdout and "billed" in result.stdout
     assert any((tmp_path / "data" / "media").rglob("*.mp4"))
+
+
+def test_team_budget_report_and_schedule_commands(env, tmp_path, fake):
+    assert imagebatch(env, "team", "set", "data", "--budget", "0.05", "--period", "day"
+                      ).returncode == 0
+    jobs = write(tmp_path, *[FLUX] * 3)
+    job = json.loads(imagebatch(env, "run", jobs, "--team", "data", "--budget", "1",
+                                "--json").stdout)
+    assert (job["spent_cents"], job["items_succeeded"], job["status"]) == (3, 1, "partial")
+    team = json.loads(imagebatch(env, "team", "show", "data", "--json").stdout)
+    assert (team["limit_cents"], team["spent_cents"], team["left_cents"]) == (5, 3, 2)
+    assert team["period_start"].endswith("T00:00:00Z")
+    assert "data" in imagebatch(env, "team", "list").stdout
+    assert imagebatch(env, "team", "show", "nobody").returncode == 2
+
+    report = json.loads(imagebatch(env, "report", "--team", "data", "--by", "model",
+                                   "--json").stdout)
+    assert report["total"]["charged_cents"] == 3 and report["total"]["images"] == 1
+    assert report["rows"][0]["group"] == "flux-2-dev"
+    csv_report = imagebatch(env, "report", "--by", "day", "--format", "csv").stdout
+    assert csv_report.splitlines()[0].startswith("group,calls,images")
+    assert imagebatch(env, "report", "--since", "yesterday").returncode == 2
+
+    added = imagebatch(env, "schedule", "add", "nightly", jobs, "--cron", "0 3 * * *",
+                       "--team", "data", "--budget", "0.10", "--timezone", "Europe/Berlin")
+    assert added.returncode == 0, added.stderr
+    Path(jobs).unlink()  # the schedule keeps the file's content
+    listed = json.loads(imagebatch(env, "schedule", "list", "--json").stdout)
+    assert listed[0]["name"] == "nightly" and listed[0]["last_job_id"] is None
+    ran = imagebatch(env, "schedule", "run", "nightly")
+    assert ran.returncode == 0 and "submitted" in ran.stdout
+    assert imagebatch(env, "schedule", "add", "bad", str(tmp_path / "x"), "--cron", "* * *",
+                      "--budget", "1").returncode == 2
+    assert imagebatch(env, "schedule", "remove", "nightly").returncode == 0
+    assert imagebatch(env, "schedule", "remove", "nightly").returncode == 2
