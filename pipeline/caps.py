@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
@@ -108,14 +109,20 @@ def _store_entries(
     sessions: sessionmaker[Session], api_base: str, entries: list[dict[str, Any]]
 ) -> None:
     now = utcnow()
-    with transaction(sessions) as session:
-        session.execute(delete(ModelCaps).where(ModelCaps.api_base == api_base))
-        seen: set[str] = set()
-        for entry in entries:
-            if not isinstance(entry, Mapping) or "id" not in entry or entry["id"] in seen:
-                continue
-            seen.add(str(entry["id"]))
-            session.add(
-                ModelCaps(id=str(entry["id"]), api_base=api_base, entry=json.dumps(entry),
-                          fetched_at=now)
-            )
+    try:
+        with transaction(sessions) as session:
+            session.execute(delete(ModelCaps).where(ModelCaps.api_base == api_base))
+            seen: set[str] = set()
+            for entry in entries:
+                if not isinstance(entry, Mapping) or "id" not in entry or entry["id"] in seen:
+                    continue
+                seen.add(str(entry["id"]))
+                session.add(
+                    ModelCaps(id=str(entry["id"]), api_base=api_base, entry=json.dumps(entry),
+                              fetched_at=now)
+                )
+    except IntegrityError:
+        # Another process (a second dispatcher, a worker's ticker) cached the same /models
+        # answer in the same moment (PostgreSQL: our DELETE did not see its uncommitted rows).
+        # Its rows are as fresh as ours; the caller uses the entries it fetched either way.
+        return

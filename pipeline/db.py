@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,9 +15,11 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
 
 log = logging.getLogger("imagebatch.db")
+WRITE_OPTION = "imagebatch_write"
+_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 T = TypeVar("T")
 
 
@@ -42,10 +46,15 @@ def _sqlite_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    # Connections are kept open: closing the last one checkpoints the WAL (milliseconds each),
+    # and every new one repeats the PRAGMAs below.
     engine = create_engine(
         database_url,
         hide_parameters=True,
-        poolclass=NullPool,
+        poolclass=QueuePool,
+        pool_size=8,
+        max_overflow=64,
+        pool_timeout=120,
         connect_args={"timeout": 60, "check_same_thread": False},
     )
 
@@ -64,8 +73,14 @@ def _sqlite_engine(database_url: str) -> Engine:
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
         # A transaction that reads then writes must hold the write lock from its start,
         # or a concurrent writer gets "database is locked" at once instead of waiting.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only sessions begin deferred: in WAL mode they never wait for a writer.
+        write = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
+    # SQLite has one writer at a time. Threads of this process queue on a lock instead of in
+    # SQLite's busy handler, which sleeps and polls: with hundreds of render threads that
+    # polling, not the work, was the cost. Other processes still wait in busy_timeout.
+    _write_locks[engine] = threading.Lock()
     return engine
 
 
@@ -75,8 +90,11 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
-    """One transaction: committed on success, rolled back on any error."""
-    with sessions() as session, session.begin():
+    """One read-write transaction: committed on success, rolled back on any error."""
+    engine = sessions.kw["bind"]
+    lock = _write_locks.get(engine)
+    with lock or nullcontext(), sessions() as session, session.begin():
+        session.connection(execution_options={WRITE_OPTION: True})
         yield session
 
 
@@ -128,7 +146,7 @@ def retry_on_disconnect(work: Callable[[], T], *, tries: int = 6, delay: float =
         except OperationalError as exc:
             if attempt == tries - 1:
                 raise
-            log.warning("database unavailable (%s); retrying", exc.orig.__class__.__name__)
+            log.warning("database unavailable (%s); retrying", exc.orig)
             time.sleep(delay * 2**attempt)
         except DBAPIError as exc:
             if not exc.connection_invalidated or attempt == tries - 1:

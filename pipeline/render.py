@@ -210,11 +210,47 @@ async def _call(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
     limiter = svc.limiter
     if limiter is None:
         return await svc.upstream.generate(begun.request)
-    async with limiter.slot(str(begun.request.get("model", ""))):
+    model = str(begun.request.get("model", ""))
+    try:
+        slot = await _enter_slot(limiter, model, svc.settings.render_deadline)
+    except Exception as exc:
+        # The shared limits (Redis) stayed away: nothing was sent, so this is a definite
+        # refusal (released), not an unknown outcome charged by the sweeper later.
+        return Refused(f"the shared limits are unavailable: {exc.__class__.__name__}", None,
+                       retryable=True)
+    try:
         outcome = await svc.upstream.generate(begun.request)
+    finally:
+        try:
+            await slot.__aexit__(None, None, None)
+        except Exception as exc:  # the outcome is known; a lost slot expires on its own
+            log.warning("releasing a limiter slot failed: %s", exc.__class__.__name__)
     if isinstance(outcome, Refused) and outcome.status == 429:
-        await limiter.slow_down(str(begun.request.get("model", "")), outcome.retry_after)
+        try:
+            await limiter.slow_down(model, outcome.retry_after)
+        except Exception as exc:
+            log.warning("sharing a 429 pause failed: %s", exc.__class__.__name__)
     return outcome
+
+
+async def _enter_slot(limiter: Any, model: str, patience: float) -> Any:
+    """Enter the limiter's slot for `model`, waiting out a limiter that is briefly away (Redis
+    restarting) for up to `patience` seconds; the render's lease is renewed meanwhile."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + patience
+    delay = 0.1
+    while True:
+        slot = limiter.slot(model)
+        try:
+            await slot.__aenter__()
+            return slot
+        except Exception as exc:
+            if loop.time() + delay > give_up_at:
+                raise
+            log.warning("the shared limits are unavailable (%s); waiting %.1fs",
+                        exc.__class__.__name__, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def collect_media(svc: Services, begun: Begun, delivered: Delivered) -> Collected:

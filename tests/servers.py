@@ -45,11 +45,14 @@ def free_port() -> int:
 # --- Redis -----------------------------------------------------------------------------------
 
 
-def start_redis() -> tuple[str, Stop]:
-    """redis-server on a free port, no persistence, `noeviction`; returns (redis://..., stop)."""
+def start_redis(port: int | None = None) -> tuple[str, Stop]:
+    """redis-server on `port` (default: a free one), no persistence, `noeviction`; returns
+    (redis://..., stop). A fixed port lets a test start a new server where one was killed."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServerError("redis-server is not on PATH: apt-get install -y redis-server")
+    if port is not None:
+        return _start_redis_once(binary, port)
     return _with_port_retries(lambda port: _start_redis_once(binary, port))
 
 
