@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.models import (
@@ -63,11 +63,15 @@ def reserve(session: Session, render: Render, team: str, now: datetime | None = 
         )
         return None
     number = render.attempts + 1
-    attempt = Attempt(render_id=render.id, number=number, amount_cents=amount, started_at=now)
-    session.add(attempt)
-    session.flush()
-    _append(session, render, team, attempt.id, team_budget_id, LedgerKind.RESERVE, amount)
-    return Reservation(attempt.id, number, amount, team_budget_id)
+    attempt_id = session.execute(
+        insert(Attempt)
+        .values(render_id=render.id, number=number, amount_cents=amount, started_at=now,
+                team=team, team_budget_id=team_budget_id,
+                price_per_image_cents=render.price_per_image_cents)
+        .returning(Attempt.id)
+    ).scalar_one()
+    _append(session, render, team, attempt_id, team_budget_id, LedgerKind.RESERVE, amount)
+    return Reservation(attempt_id, number, amount, team_budget_id)
 
 
 def _hold_job(session: Session, job_id: int, amount: int) -> bool:
@@ -126,22 +130,17 @@ def settle(
     The guard `outcome = 'reserved'` makes this exactly-once: a redelivered task, the sweeper
     and the worker itself can all try, and only the first moves money.
     """
-    now = utcnow()
     claimed = session.execute(
         update(Attempt)
         .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.RESERVED)
-        .values(outcome=outcome, settled_at=now, http_status=http_status, error=error)
-    )
-    if claimed.rowcount != 1:
+        .values(outcome=outcome, settled_at=utcnow(), http_status=http_status, error=error)
+        .returning(Attempt.render_id, Attempt.amount_cents, Attempt.team,
+                   Attempt.team_budget_id, Attempt.price_per_image_cents)
+    ).one_or_none()
+    if claimed is None:
         return False
-    attempt = session.get_one(Attempt, attempt_id)
-    render = session.get_one(Render, attempt.render_id)
-    reserve_row = session.scalars(
-        select(LedgerEntry).where(
-            LedgerEntry.attempt_id == attempt_id, LedgerEntry.kind == LedgerKind.RESERVE
-        )
-    ).one()
-    amount = attempt.amount_cents
+    render_id, amount, team, team_budget_id, price = claimed
+    render = session.get_one(Render, render_id)  # the caller's, from the identity map
     spent = 0 if outcome == AttemptOutcome.RELEASED else amount
     unknown = amount if outcome == AttemptOutcome.UNKNOWN else 0
     session.execute(
@@ -153,11 +152,10 @@ def settle(
             unknown_cents=Job.unknown_cents + unknown,
         )
     )
-    if reserve_row.team_budget_id is not None:
-        _move_team(session, reserve_row.team_budget_id, reserved=-amount, spent=spent,
-                   unknown=unknown)
-    _append(session, render, reserve_row.team, attempt_id, reserve_row.team_budget_id,
-            SETTLE_KIND[outcome], amount, price=reserve_row.price_per_image_cents)
+    if team_budget_id is not None:
+        _move_team(session, team_budget_id, reserved=-amount, spent=spent, unknown=unknown)
+    _append(session, render, team, attempt_id, team_budget_id, SETTLE_KIND[outcome], amount,
+            price=price)
     return True
 
 
@@ -172,8 +170,8 @@ def _append(
     *,
     price: int | None = None,
 ) -> None:
-    session.add(
-        LedgerEntry(
+    session.execute(
+        insert(LedgerEntry).values(
             job_id=render.job_id,
             render_id=render.id,
             attempt_id=attempt_id,
@@ -184,6 +182,7 @@ def _append(
             amount_cents=amount,
             images=render.n,
             price_per_image_cents=render.price_per_image_cents if price is None else price,
+            created_at=utcnow(),
         )
     )
 

@@ -149,6 +149,10 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(20), server_default=text("'reserved'"))
     amount_cents: Mapped[int] = mapped_column(BigInteger)
+    # What the reservation drew on and at what price, so settling needs no other lookup.
+    team: Mapped[str] = mapped_column(String(200))
+    team_budget_id: Mapped[int | None] = mapped_column(Integer)
+    price_per_image_cents: Mapped[int] = mapped_column(BigInteger)
     http_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))

@@ -18,7 +18,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
@@ -119,7 +119,8 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
         lease_live = render.lease_until is not None and render.lease_until > now
         if render.status == RenderStatus.RUNNING and lease_live and holder != render.attempts:
             return "busy"
-        settle_abandoned_attempt(session, render)
+        if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
+            settle_abandoned_attempt(session, render)
         job = session.get_one(Job, render.job_id)
         if holder is None:
             render.deliveries += 1
@@ -356,28 +357,27 @@ def _record_delivery(session: Session, render: Render, begun: Begun, collected: 
     # Charged even if we reject what came back: the provider did the work.
     if not ledger.settle(session, begun.attempt_id, AttemptOutcome.CHARGED):
         return
-    cost = begun.price_per_image_cents
-    for media in collected.stored:
-        _upsert_image(session, render, begun, media, cost)
+    if begun.number > 1:
+        # An earlier attempt of this render (before `retry JOB`) may have stored some files.
+        session.execute(delete(Image).where(Image.render_id == render.id))
+    if collected.stored:
+        session.execute(insert(Image), [_image_row(render, begun, m) for m in collected.stored])
     error = "; ".join(collected.problems) or None
     end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error)
 
 
-def _upsert_image(session: Session, render: Render, begun: Begun, media: StoredMedia, cost: int
-                  ) -> None:
-    image = session.scalars(
-        select(Image).where(Image.render_id == render.id, Image.image_index == media.index)
-    ).first() or Image(render_id=render.id, image_index=media.index)
+def _image_row(render: Render, begun: Begun, media: StoredMedia) -> dict[str, Any]:
     info = media.info
-    image.job_id = render.job_id
-    image.item_id = render.item_id
-    image.key, image.uri = media.key, media.uri
-    image.content_type, image.bytes, image.sha256 = info.content_type, info.size, info.sha256
-    image.width, image.height = info.width, info.height
-    image.seed = None if begun.seed is None else begun.seed + media.index
-    image.revised_prompt = media.revised_prompt
-    image.cost_cents = cost
-    session.add(image)
+    return {
+        "job_id": render.job_id, "item_id": render.item_id, "render_id": render.id,
+        "image_index": media.index, "key": media.key, "uri": media.uri,
+        "content_type": info.content_type, "bytes": info.size, "sha256": info.sha256,
+        "width": info.width, "height": info.height,
+        # Upstreams make image i of a call seeded s with s + i (see plan.split_into_renders).
+        "seed": None if begun.seed is None else begun.seed + media.index,
+        "revised_prompt": media.revised_prompt,
+        "cost_cents": begun.price_per_image_cents, "created_at": utcnow(),
+    }
 
 
 def _should_retry(session: Session, render: Render, outcome: Refused | Unknown,

@@ -179,6 +179,9 @@ def upgrade() -> None:
             "outcome", sa.String(length=20), server_default=sa.text("'reserved'"), nullable=False
         ),
         sa.Column("amount_cents", sa.BigInteger(), nullable=False),
+        sa.Column("team", sa.String(length=200), nullable=False),
+        sa.Column("team_budget_id", sa.Integer(), nullable=True),
+        sa.Column("price_per_image_cents", sa.BigInteger(), nullable=False),
         sa.Column("http_status", sa.Integer(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column(
