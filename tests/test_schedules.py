@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from pipeline.db import make_engine, session_factory, transaction, upgrade_schema
+from pipeline.db import make_engine, session_factory, transaction
 from pipeline.models import Job, Schedule
 from pipeline.schedules import ScheduleError, add_schedule, fire_due, latest_slot, run_now
 
@@ -17,10 +17,11 @@ TEXT = json.dumps({"model": "flux-2-dev", "prompt": "nightly"}) + "\n"
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    upgrade_schema(engine)
-    return session_factory(engine)
+def sessions(database_url):
+    """SQLite and PostgreSQL (the `database_url` fixture runs each test on both)."""
+    engine = make_engine(database_url)
+    yield session_factory(engine)
+    engine.dispose()
 
 
 def add(sessions, name="nightly", cron="0 3 * * *", created=datetime(2026, 11, 1)):
