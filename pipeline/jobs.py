@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.caps import Caps
@@ -137,15 +137,22 @@ def _line_of(item: JobItem) -> JobLine | LineError:
 # --- closing -------------------------------------------------------------------------------
 
 
-def after_render_terminal(session: Session, render: Render) -> None:
+_renders, _items = Render.__table__, JobItem.__table__
+ITEM_RENDER_STATUSES = select(_renders.c.status).where(_renders.c.item_id == bindparam("item"))
+SET_ITEM_STATUS = update(_items).where(_items.c.id == bindparam("item")).values(
+    status=bindparam("new_status"))
+ANY_OPEN_RENDER = select(_renders.c.id).where(
+    _renders.c.job_id == bindparam("job"), _renders.c.status.in_([s.value for s in OPEN_RENDER])
+).limit(1)
+
+
+def after_render_terminal(session: Session, job_id: int, item_id: int) -> None:
     """A render ended: settle its item's status, and close the job if it was the last."""
-    statuses = list(session.scalars(select(Render.status).where(Render.item_id == render.item_id)))
+    statuses = list(session.execute(ITEM_RENDER_STATUSES, {"item": item_id}).scalars())
     if not any(s in OPEN_RENDER for s in statuses):
-        session.execute(
-            update(JobItem).where(JobItem.id == render.item_id)
-            .values(status=item_status(statuses))
-        )
-    close_job_if_done(session, render.job_id)
+        session.execute(SET_ITEM_STATUS, {"item": item_id,
+                                          "new_status": item_status(statuses).value})
+    close_job_if_done(session, job_id)
 
 
 def item_status(render_statuses: Sequence[str]) -> ItemStatus:
@@ -159,10 +166,7 @@ def item_status(render_statuses: Sequence[str]) -> ItemStatus:
 def close_job_if_done(session: Session, job_id: int) -> bool:
     """Close the job when no render is open. Callers hold the job's row lock (their
     settlement updated it), so the last two renders to finish cannot both miss this."""
-    still_open = session.scalars(
-        select(Render.id).where(Render.job_id == job_id, Render.status.in_(OPEN_RENDER)).limit(1)
-    ).first()
-    if still_open is not None:
+    if session.execute(ANY_OPEN_RENDER, {"job": job_id}).first() is not None:
         return False
     job = session.get_one(Job, job_id)
     if job.finished_at is not None or job.status == JobStatus.PENDING:

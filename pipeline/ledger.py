@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.models import (
@@ -40,7 +41,78 @@ def render_price(render: Render) -> int:
     return render.n * render.price_per_image_cents
 
 
-def reserve(session: Session, render: Render, team: str, now: datetime | None = None
+# Statements built once: on the hot path (two transactions per render) building and
+# compiling them each time cost more than running them. Core tables, not ORM entities, so
+# they skip the ORM's bulk-update machinery too.
+_jobs, _teams, _budgets = Job.__table__, Team.__table__, TeamBudget.__table__
+_attempts, _ledger = Attempt.__table__, LedgerEntry.__table__
+
+HOLD_JOB = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == bindparam("job"),
+        _jobs.c.status == JobStatus.RUNNING.value,
+        _jobs.c.spent_cents + _jobs.c.reserved_cents + bindparam("amount") <= _jobs.c.budget_cents,
+    )
+    .values(reserved_cents=_jobs.c.reserved_cents + bindparam("amount"))
+)
+# The team's limit is read inside the statement, so lowering it takes effect at once.
+HOLD_TEAM = (
+    update(_budgets)
+    .where(
+        _budgets.c.id == bindparam("budget"),
+        _budgets.c.spent_cents + _budgets.c.reserved_cents + bindparam("amount")
+        <= select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
+        .scalar_subquery(),
+    )
+    .values(reserved_cents=_budgets.c.reserved_cents + bindparam("amount"))
+)
+MOVE_JOB = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job"))
+    .values(
+        reserved_cents=_jobs.c.reserved_cents + bindparam("d_reserved"),
+        spent_cents=_jobs.c.spent_cents + bindparam("d_spent"),
+        unknown_cents=_jobs.c.unknown_cents + bindparam("d_unknown"),
+    )
+)
+MOVE_TEAM = (
+    update(_budgets)
+    .where(_budgets.c.id == bindparam("budget"))
+    .values(
+        reserved_cents=_budgets.c.reserved_cents + bindparam("d_reserved"),
+        spent_cents=_budgets.c.spent_cents + bindparam("d_spent"),
+        unknown_cents=_budgets.c.unknown_cents + bindparam("d_unknown"),
+    )
+)
+INSERT_ATTEMPT = insert(_attempts).returning(_attempts.c.id)
+# The guard `outcome = 'reserved'` makes settling exactly-once.
+SETTLE_ATTEMPT = (
+    update(_attempts)
+    .where(_attempts.c.id == bindparam("attempt"),
+           _attempts.c.outcome == AttemptOutcome.RESERVED.value)
+    .values(outcome=bindparam("new_outcome"), settled_at=bindparam("now"),
+            http_status=bindparam("status"), error=bindparam("message"))
+    .returning(_attempts.c.render_id, _attempts.c.amount_cents, _attempts.c.team,
+               _attempts.c.team_budget_id, _attempts.c.price_per_image_cents)
+)
+INSERT_LEDGER = insert(_ledger)
+RENDER_FACTS = select(Render.__table__.c.job_id, Render.__table__.c.model,
+                      Render.__table__.c.n).where(Render.__table__.c.id == bindparam("render"))
+
+
+class RenderLike(Protocol):
+    """What the ledger needs of a render: an ORM Render or a row of the renders table."""
+
+    id: int
+    job_id: int
+    model: str
+    n: int
+    price_per_image_cents: int
+    attempts: int
+
+
+def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None
             ) -> Reservation | None:
     """Hold the render's full price on its job and on its team's period, or on neither.
 
@@ -49,65 +121,27 @@ def reserve(session: Session, render: Render, team: str, now: datetime | None = 
     SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step.
     """
     now = now or utcnow()
-    amount = render_price(render)
+    amount = render.n * render.price_per_image_cents
     # Always the job row first, then the team row (as settle does): one lock order, no deadlock.
-    if not _hold_job(session, render.job_id, amount):
+    if session.execute(HOLD_JOB, {"job": render.job_id, "amount": amount}).rowcount != 1:
         return None
     team_budget_id = current_team_budget(session, team, now)
-    if team_budget_id is not None and not _hold_team(session, team_budget_id, team, amount):
+    if team_budget_id is not None and session.execute(
+        HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
+    ).rowcount != 1:
         # Still inside the caller's transaction: nobody has seen the job hold; take it back.
-        session.execute(
-            update(Job)
-            .where(Job.id == render.job_id)
-            .values(reserved_cents=Job.reserved_cents - amount)
-        )
+        session.execute(MOVE_JOB, {"job": render.job_id, "d_reserved": -amount, "d_spent": 0,
+                                   "d_unknown": 0})
         return None
     number = render.attempts + 1
-    attempt_id = session.execute(
-        insert(Attempt)
-        .values(render_id=render.id, number=number, amount_cents=amount, started_at=now,
-                team=team, team_budget_id=team_budget_id,
-                price_per_image_cents=render.price_per_image_cents)
-        .returning(Attempt.id)
-    ).scalar_one()
-    _append(session, render, team, attempt_id, team_budget_id, LedgerKind.RESERVE, amount)
+    attempt_id = session.execute(INSERT_ATTEMPT, {
+        "render_id": render.id, "number": number, "amount_cents": amount, "started_at": now,
+        "team": team, "team_budget_id": team_budget_id,
+        "price_per_image_cents": render.price_per_image_cents,
+    }).scalar_one()
+    _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
+            team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
     return Reservation(attempt_id, number, amount, team_budget_id)
-
-
-def _hold_job(session: Session, job_id: int, amount: int) -> bool:
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == JobStatus.RUNNING,
-            Job.spent_cents + Job.reserved_cents + amount <= Job.budget_cents,
-        )
-        .values(reserved_cents=Job.reserved_cents + amount)
-    )
-    return result.rowcount == 1
-
-
-def _hold_team(session: Session, team_budget_id: int, team: str, amount: int) -> bool:
-    # The limit is read inside the statement, so lowering it takes effect at once.
-    limit = select(Team.budget_cents).where(Team.name == team).scalar_subquery()
-    result = session.execute(
-        update(TeamBudget)
-        .where(
-            TeamBudget.id == team_budget_id,
-            TeamBudget.spent_cents + TeamBudget.reserved_cents + amount <= limit,
-        )
-        .values(reserved_cents=TeamBudget.reserved_cents + amount)
-    )
-    return result.rowcount == 1
-
-
-def _move_team(session: Session, team_budget_id: int, **deltas: int) -> None:
-    values = {name: getattr(TeamBudget, f"{name}_cents") + d for name, d in deltas.items()}
-    session.execute(
-        update(TeamBudget)
-        .where(TeamBudget.id == team_budget_id)
-        .values({f"{k}_cents": v for k, v in values.items()})
-    )
 
 
 SETTLE_KIND = {
@@ -130,61 +164,34 @@ def settle(
     The guard `outcome = 'reserved'` makes this exactly-once: a redelivered task, the sweeper
     and the worker itself can all try, and only the first moves money.
     """
-    claimed = session.execute(
-        update(Attempt)
-        .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.RESERVED)
-        .values(outcome=outcome, settled_at=utcnow(), http_status=http_status, error=error)
-        .returning(Attempt.render_id, Attempt.amount_cents, Attempt.team,
-                   Attempt.team_budget_id, Attempt.price_per_image_cents)
-    ).one_or_none()
+    claimed = session.execute(SETTLE_ATTEMPT, {
+        "attempt": attempt_id, "new_outcome": outcome.value, "now": utcnow(),
+        "status": http_status, "message": error,
+    }).one_or_none()
     if claimed is None:
         return False
     render_id, amount, team, team_budget_id, price = claimed
-    render = session.get_one(Render, render_id)  # the caller's, from the identity map
+    job_id, model, n = session.execute(RENDER_FACTS, {"render": render_id}).one()
     spent = 0 if outcome == AttemptOutcome.RELEASED else amount
     unknown = amount if outcome == AttemptOutcome.UNKNOWN else 0
-    session.execute(
-        update(Job)
-        .where(Job.id == render.job_id)
-        .values(
-            reserved_cents=Job.reserved_cents - amount,
-            spent_cents=Job.spent_cents + spent,
-            unknown_cents=Job.unknown_cents + unknown,
-        )
-    )
+    deltas = {"d_reserved": -amount, "d_spent": spent, "d_unknown": unknown}
+    session.execute(MOVE_JOB, {"job": job_id, **deltas})
     if team_budget_id is not None:
-        _move_team(session, team_budget_id, reserved=-amount, spent=spent, unknown=unknown)
-    _append(session, render, team, attempt_id, team_budget_id, SETTLE_KIND[outcome], amount,
-            price=price)
+        session.execute(MOVE_TEAM, {"budget": team_budget_id, **deltas})
+    _append(session, job_id, render_id, model, n, team, attempt_id, team_budget_id,
+            SETTLE_KIND[outcome], amount, price)
     return True
 
 
-def _append(
-    session: Session,
-    render: Render,
-    team: str,
-    attempt_id: int,
-    team_budget_id: int | None,
-    kind: LedgerKind,
-    amount: int,
-    *,
-    price: int | None = None,
-) -> None:
-    session.execute(
-        insert(LedgerEntry).values(
-            job_id=render.job_id,
-            render_id=render.id,
-            attempt_id=attempt_id,
-            team_budget_id=team_budget_id,
-            team=team,
-            model=render.model,
-            kind=kind,
-            amount_cents=amount,
-            images=render.n,
-            price_per_image_cents=render.price_per_image_cents if price is None else price,
-            created_at=utcnow(),
-        )
-    )
+def _append(session: Session, job_id: int, render_id: int, model: str, images: int, team: str,
+            attempt_id: int, team_budget_id: int | None, kind: LedgerKind, amount: int,
+            price: int) -> None:
+    session.execute(INSERT_LEDGER, {
+        "job_id": job_id, "render_id": render_id, "attempt_id": attempt_id,
+        "team_budget_id": team_budget_id, "team": team, "model": model, "kind": kind.value,
+        "amount_cents": amount, "images": images, "price_per_image_cents": price,
+        "created_at": utcnow(),
+    })
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
@@ -26,6 +26,7 @@ from pipeline.db import retry_on_disconnect, transaction
 from pipeline.jobs import after_render_terminal
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
+    TERMINAL_RENDER,
     Attempt,
     AttemptOutcome,
     Image,
@@ -102,6 +103,27 @@ def run_render(svc: Services, render_id: int) -> str:
 # --- first transaction: lease and reservation ------------------------------------------------
 
 
+_renders, _jobs, _items = Render.__table__, Job.__table__, JobItem.__table__
+# Statements built once (see ledger.py). FOR UPDATE locks the row on PostgreSQL; SQLite's
+# BEGIN IMMEDIATE already holds the database's one write lock.
+LOCK_RENDER = select(_renders).where(_renders.c.id == bindparam("render")).with_for_update()
+JOB_STATE = select(_jobs.c.status, _jobs.c.team, _jobs.c.budget_cents, _jobs.c.spent_cents,
+                   _jobs.c.reserved_cents).where(_jobs.c.id == bindparam("job"))
+ITEM_REQUEST = select(_items.c.line, _items.c.custom_id, _items.c.body).where(
+    _items.c.id == bindparam("item"))
+START_ATTEMPT = update(_renders).where(_renders.c.id == bindparam("render")).values(
+    attempts=bindparam("number"), status=RenderStatus.RUNNING.value,
+    lease_until=bindparam("lease"), deliveries=bindparam("delivered"),
+    updated_at=bindparam("now"))
+COUNT_DELIVERY = update(_renders).where(_renders.c.id == bindparam("render")).values(
+    deliveries=bindparam("delivered"))
+END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values(
+    status=bindparam("new_status"), error=bindparam("message"), lease_until=None,
+    updated_at=bindparam("now"))
+WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
+    error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"))
+
+
 def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | str:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
 
@@ -110,10 +132,10 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
     """
     settings = svc.settings
     with transaction(svc.sessions) as session:
-        render = session.get(Render, render_id, with_for_update=True)
+        render = session.execute(LOCK_RENDER, {"render": render_id}).one_or_none()
         if render is None:
             return "missing"
-        if render.status in (RenderStatus.SUCCEEDED, RenderStatus.FAILED, RenderStatus.CANCELLED):
+        if render.status in TERMINAL_RENDER:
             return "terminal"
         now = utcnow()
         lease_live = render.lease_until is not None and render.lease_until > now
@@ -121,24 +143,24 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
             return "busy"
         if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
             settle_abandoned_attempt(session, render)
-        job = session.get_one(Job, render.job_id)
-        if holder is None:
-            render.deliveries += 1
-        reason = _cannot_start(render, job, settings.max_attempts)
+        job = session.execute(JOB_STATE, {"job": render.job_id}).one()
+        delivered = render.deliveries + (1 if holder is None else 0)
+        reason = _cannot_start(render, job, delivered, settings.max_attempts)
         if reason is None:
             reservation = ledger.reserve(session, render, job.team, svc.clock())
             if reservation is None:
-                session.refresh(job)
+                job = session.execute(JOB_STATE, {"job": render.job_id}).one()
                 reason = _no_reservation_reason(render, job)
         if reason is not None:
+            session.execute(COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
             status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
             end_render(session, render, status, None if reason == "cancelled" else reason)
             return reason.split(":")[0]
-        render.attempts = reservation.number
-        render.status = RenderStatus.RUNNING
-        render.lease_until = now + timedelta(seconds=settings.lease_seconds)
-        render.updated_at = now
-        item = session.get_one(JobItem, render.item_id)
+        session.execute(START_ATTEMPT, {
+            "render": render_id, "number": reservation.number, "delivered": delivered,
+            "lease": now + timedelta(seconds=settings.lease_seconds), "now": now,
+        })
+        item = session.execute(ITEM_REQUEST, {"item": render.item_id}).one()
         spec = RenderSpec(render.render_index, render.n, render.seed)
         return Begun(
             render_id=render.id,
@@ -156,7 +178,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
         )
 
 
-def settle_abandoned_attempt(session: Session, render: Render) -> None:
+def settle_abandoned_attempt(session: Session, render: Any) -> None:
     """An attempt still 'reserved' whose lease has run out lost its worker: charge it unknown."""
     last = session.scalars(
         select(Attempt).where(Attempt.render_id == render.id).order_by(Attempt.number.desc())
@@ -168,36 +190,35 @@ def settle_abandoned_attempt(session: Session, render: Render) -> None:
         )
 
 
-def _cannot_start(render: Render, job: Job, max_attempts: int) -> str | None:
+def _cannot_start(render: Any, job: Any, delivered: int, max_attempts: int) -> str | None:
     if job.status == JobStatus.CANCELLED:
         return "cancelled"
     if render.attempts - render.retry_from >= max_attempts:
         last = render.error or "no result"
         return f"attempts: gave up after {max_attempts} attempts ({last})"
-    if render.deliveries > 3 * max_attempts + 3:
-        return f"redelivered: the task was delivered {render.deliveries} times"
+    if delivered > 3 * max_attempts + 3:
+        return f"redelivered: the task was delivered {delivered} times"
     return None
 
 
-def _no_reservation_reason(render: Render, job: Job) -> str:
+def _no_reservation_reason(render: Any, job: Any) -> str:
     if job.status == JobStatus.CANCELLED:
         return "cancelled"
     if job.status != JobStatus.RUNNING:
         return f"job: the job is {job.status}"
-    price = ledger.render_price(render)
+    price = render.n * render.price_per_image_cents
     left = job.budget_cents - job.spent_cents - job.reserved_cents
     if left < price:
         return f"budget: this render costs {price}¢ and the job has {max(left, 0)}¢ left"
     return f"budget: this render costs {price}¢ and its team's period budget has too little left"
 
 
-def end_render(session: Session, render: Render, status: RenderStatus, error: str | None) -> None:
-    render.status = status
-    render.error = error
-    render.lease_until = None
-    render.updated_at = utcnow()
-    session.flush()
-    after_render_terminal(session, render)
+def end_render(session: Session, render: Any, status: RenderStatus, error: str | None) -> None:
+    """Move a render (an ORM Render or a renders row) to a terminal status, then its item and
+    maybe its job."""
+    session.execute(END_RENDER, {"render": render.id, "new_status": status.value,
+                                 "message": error, "now": utcnow()})
+    after_render_terminal(session, render.job_id, render.item_id)
 
 
 # --- the call and the media, outside any transaction ----------------------------------------
@@ -328,7 +349,7 @@ def finish_attempt(
 ) -> float | None:
     """Settle the attempt and move the render on. Returns seconds to wait before a retry."""
     with transaction(svc.sessions) as session:
-        render = session.get_one(Render, begun.render_id, with_for_update=True)
+        render = session.execute(LOCK_RENDER, {"render": begun.render_id}).one()
         if isinstance(outcome, Delivered):
             assert collected is not None
             _record_delivery(session, render, begun, collected)
@@ -340,19 +361,21 @@ def finish_attempt(
         if not ledger.settle(session, begun.attempt_id, settled_as, http_status=status,
                              error=outcome.message):
             return None  # the sweeper settled it first; it owns the render now
-        render.error = _describe(outcome)
+        error = _describe(outcome)
         if not _should_retry(session, render, outcome, svc.settings.max_attempts):
-            end_render(session, render, RenderStatus.FAILED, render.error)
+            end_render(session, render, RenderStatus.FAILED, error)
             return None
         retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
         delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
                               svc.settings.backoff_cap)
-        render.lease_until = utcnow() + timedelta(seconds=svc.settings.lease_seconds)
-        render.updated_at = utcnow()
+        now = utcnow()
+        session.execute(WAIT_FOR_RETRY, {
+            "render": render.id, "message": error, "now": now,
+            "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
         return delay
 
 
-def _record_delivery(session: Session, render: Render, begun: Begun, collected: Collected
+def _record_delivery(session: Session, render: Any, begun: Begun, collected: Collected
                      ) -> None:
     # Charged even if we reject what came back: the provider did the work.
     if not ledger.settle(session, begun.attempt_id, AttemptOutcome.CHARGED):
@@ -366,7 +389,7 @@ def _record_delivery(session: Session, render: Render, begun: Begun, collected: 
     end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error)
 
 
-def _image_row(render: Render, begun: Begun, media: StoredMedia) -> dict[str, Any]:
+def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
     info = media.info
     return {
         "job_id": render.job_id, "item_id": render.item_id, "render_id": render.id,
@@ -380,13 +403,13 @@ def _image_row(render: Render, begun: Begun, media: StoredMedia) -> dict[str, An
     }
 
 
-def _should_retry(session: Session, render: Render, outcome: Refused | Unknown,
+def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
                   max_attempts: int) -> bool:
     if isinstance(outcome, Refused) and not outcome.retryable:
         return False
     if render.attempts - render.retry_from >= max_attempts:
         return False
-    job = session.get_one(Job, render.job_id)
+    job = session.execute(JOB_STATE, {"job": render.job_id}).one()
     return job.status == JobStatus.RUNNING
 
 

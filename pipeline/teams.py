@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Team, TeamBudget, utcnow
@@ -37,9 +37,16 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None
     raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
 
 
+_teams, _budgets = Team.__table__, TeamBudget.__table__
+TEAM_LIMIT = select(_teams.c.budget_cents, _teams.c.period).where(
+    _teams.c.name == bindparam("team"))
+PERIOD_ROW = select(_budgets.c.id).where(
+    _budgets.c.team == bindparam("team"), _budgets.c.period_start == bindparam("start"))
+
+
 def current_team_budget(session: Session, team: str, now: datetime) -> int | None:
     """The id of the team's budget row for the period holding `now`, or None (no budget)."""
-    row = session.get(Team, team)
+    row = session.execute(TEAM_LIMIT, {"team": team}).first()
     if row is None or row.budget_cents is None:
         return None
     start, end = period_bounds(row.period, now)
@@ -47,8 +54,7 @@ def current_team_budget(session: Session, team: str, now: datetime) -> int | Non
 
 
 def _period_row(session: Session, team: str, start: datetime, end: datetime | None) -> int:
-    query = select(TeamBudget.id).where(TeamBudget.team == team, TeamBudget.period_start == start)
-    found = session.scalars(query).first()
+    found = session.execute(PERIOD_ROW, {"team": team, "start": start}).scalar()
     if found is not None:
         return found
     dialect = session.get_bind().dialect.name
@@ -62,7 +68,7 @@ def _period_row(session: Session, team: str, start: datetime, end: datetime | No
         .values(team=team, period_start=start, period_end=end)
         .on_conflict_do_nothing(index_elements=["team", "period_start"])
     )
-    return session.scalars(query).one()
+    return session.execute(PERIOD_ROW, {"team": team, "start": start}).scalar_one()
 
 
 def set_team(session: Session, team: str, budget_cents: int | None, period: str) -> Team:
