@@ -148,9 +148,9 @@ ANY_OPEN_RENDER = select(_renders.c.id).where(
 
 def after_render_terminal(session: Session, job_id: int, item_id: int) -> None:
     """A render ended: settle its item's status, and close the job if it was the last."""
-    statuses = list(session.execute(ITEM_RENDER_STATUSES, {"item": item_id}).scalars())
+    statuses = list(session.connection().execute(ITEM_RENDER_STATUSES, {"item": item_id}).scalars())
     if not any(s in OPEN_RENDER for s in statuses):
-        session.execute(SET_ITEM_STATUS, {"item": item_id,
+        session.connection().execute(SET_ITEM_STATUS, {"item": item_id,
                                           "new_status": item_status(statuses).value})
     close_job_if_done(session, job_id)
 
@@ -166,7 +166,7 @@ def item_status(render_statuses: Sequence[str]) -> ItemStatus:
 def close_job_if_done(session: Session, job_id: int) -> bool:
     """Close the job when no render is open. Callers hold the job's row lock (their
     settlement updated it), so the last two renders to finish cannot both miss this."""
-    if session.execute(ANY_OPEN_RENDER, {"job": job_id}).first() is not None:
+    if session.connection().execute(ANY_OPEN_RENDER, {"job": job_id}).first() is not None:
         return False
     job = session.get_one(Job, job_id)
     if job.finished_at is not None or job.status == JobStatus.PENDING:

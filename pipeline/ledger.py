@@ -122,19 +122,21 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
+    db = session.connection()  # Core statements go straight to the connection
     # Always the job row first, then the team row (as settle does): one lock order, no deadlock.
-    if session.execute(HOLD_JOB, {"job": render.job_id, "amount": amount}).rowcount != 1:
+    if db.execute(HOLD_JOB, {"job": render.job_id, "amount": amount}).rowcount != 1:
         return None
     team_budget_id = current_team_budget(session, team, now)
-    if team_budget_id is not None and session.execute(
+    held = team_budget_id is None or db.execute(
         HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
-    ).rowcount != 1:
+    ).rowcount == 1
+    if not held:
         # Still inside the caller's transaction: nobody has seen the job hold; take it back.
-        session.execute(MOVE_JOB, {"job": render.job_id, "d_reserved": -amount, "d_spent": 0,
-                                   "d_unknown": 0})
+        db.execute(MOVE_JOB, {"job": render.job_id, "d_reserved": -amount, "d_spent": 0,
+                              "d_unknown": 0})
         return None
     number = render.attempts + 1
-    attempt_id = session.execute(INSERT_ATTEMPT, {
+    attempt_id = session.connection().execute(INSERT_ATTEMPT, {
         "render_id": render.id, "number": number, "amount_cents": amount, "started_at": now,
         "team": team, "team_budget_id": team_budget_id,
         "price_per_image_cents": render.price_per_image_cents,
@@ -164,20 +166,20 @@ def settle(
     The guard `outcome = 'reserved'` makes this exactly-once: a redelivered task, the sweeper
     and the worker itself can all try, and only the first moves money.
     """
-    claimed = session.execute(SETTLE_ATTEMPT, {
+    claimed = session.connection().execute(SETTLE_ATTEMPT, {
         "attempt": attempt_id, "new_outcome": outcome.value, "now": utcnow(),
         "status": http_status, "message": error,
     }).one_or_none()
     if claimed is None:
         return False
     render_id, amount, team, team_budget_id, price = claimed
-    job_id, model, n = session.execute(RENDER_FACTS, {"render": render_id}).one()
+    job_id, model, n = session.connection().execute(RENDER_FACTS, {"render": render_id}).one()
     spent = 0 if outcome == AttemptOutcome.RELEASED else amount
     unknown = amount if outcome == AttemptOutcome.UNKNOWN else 0
     deltas = {"d_reserved": -amount, "d_spent": spent, "d_unknown": unknown}
-    session.execute(MOVE_JOB, {"job": job_id, **deltas})
+    session.connection().execute(MOVE_JOB, {"job": job_id, **deltas})
     if team_budget_id is not None:
-        session.execute(MOVE_TEAM, {"budget": team_budget_id, **deltas})
+        session.connection().execute(MOVE_TEAM, {"budget": team_budget_id, **deltas})
     _append(session, job_id, render_id, model, n, team, attempt_id, team_budget_id,
             SETTLE_KIND[outcome], amount, price)
     return True
@@ -186,7 +188,7 @@ def settle(
 def _append(session: Session, job_id: int, render_id: int, model: str, images: int, team: str,
             attempt_id: int, team_budget_id: int | None, kind: LedgerKind, amount: int,
             price: int) -> None:
-    session.execute(INSERT_LEDGER, {
+    session.connection().execute(INSERT_LEDGER, {
         "job_id": job_id, "render_id": render_id, "attempt_id": attempt_id,
         "team_budget_id": team_budget_id, "team": team, "model": model, "kind": kind.value,
         "amount_cents": amount, "images": images, "price_per_image_cents": price,

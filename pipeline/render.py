@@ -132,7 +132,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
     """
     settings = svc.settings
     with transaction(svc.sessions) as session:
-        render = session.execute(LOCK_RENDER, {"render": render_id}).one_or_none()
+        render = session.connection().execute(LOCK_RENDER, {"render": render_id}).one_or_none()
         if render is None:
             return "missing"
         if render.status in TERMINAL_RENDER:
@@ -143,24 +143,29 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
             return "busy"
         if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
             settle_abandoned_attempt(session, render)
-        job = session.execute(JOB_STATE, {"job": render.job_id}).one()
+        job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
         delivered = render.deliveries + (1 if holder is None else 0)
         reason = _cannot_start(render, job, delivered, settings.max_attempts)
         if reason is None:
             reservation = ledger.reserve(session, render, job.team, svc.clock())
             if reservation is None:
-                job = session.execute(JOB_STATE, {"job": render.job_id}).one()
+                job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
                 reason = _no_reservation_reason(render, job)
         if reason is not None:
-            session.execute(COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
+            session.connection().execute(COUNT_DELIVERY,
+                                         {"render": render_id, "delivered": delivered})
             status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
             end_render(session, render, status, None if reason == "cancelled" else reason)
             return reason.split(":")[0]
-        session.execute(START_ATTEMPT, {
+        # The lease runs from now, not from before the reservation: that may have queued for
+        # seconds on the job's budget row, and a lease already spent by then gets a live
+        # worker's call swept as lost (charged unknown, its paid result thrown away).
+        started = utcnow()
+        session.connection().execute(START_ATTEMPT, {
             "render": render_id, "number": reservation.number, "delivered": delivered,
-            "lease": now + timedelta(seconds=settings.lease_seconds), "now": now,
+            "lease": started + timedelta(seconds=settings.lease_seconds), "now": started,
         })
-        item = session.execute(ITEM_REQUEST, {"item": render.item_id}).one()
+        item = session.connection().execute(ITEM_REQUEST, {"item": render.item_id}).one()
         spec = RenderSpec(render.render_index, render.n, render.seed)
         return Begun(
             render_id=render.id,
@@ -216,7 +221,7 @@ def _no_reservation_reason(render: Any, job: Any) -> str:
 def end_render(session: Session, render: Any, status: RenderStatus, error: str | None) -> None:
     """Move a render (an ORM Render or a renders row) to a terminal status, then its item and
     maybe its job."""
-    session.execute(END_RENDER, {"render": render.id, "new_status": status.value,
+    session.connection().execute(END_RENDER, {"render": render.id, "new_status": status.value,
                                  "message": error, "now": utcnow()})
     after_render_terminal(session, render.job_id, render.item_id)
 
@@ -349,7 +354,7 @@ def finish_attempt(
 ) -> float | None:
     """Settle the attempt and move the render on. Returns seconds to wait before a retry."""
     with transaction(svc.sessions) as session:
-        render = session.execute(LOCK_RENDER, {"render": begun.render_id}).one()
+        render = session.connection().execute(LOCK_RENDER, {"render": begun.render_id}).one()
         if isinstance(outcome, Delivered):
             assert collected is not None
             _record_delivery(session, render, begun, collected)
@@ -369,7 +374,7 @@ def finish_attempt(
         delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
                               svc.settings.backoff_cap)
         now = utcnow()
-        session.execute(WAIT_FOR_RETRY, {
+        session.connection().execute(WAIT_FOR_RETRY, {
             "render": render.id, "message": error, "now": now,
             "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
         return delay
@@ -409,7 +414,7 @@ def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
         return False
     if render.attempts - render.retry_from >= max_attempts:
         return False
-    job = session.execute(JOB_STATE, {"job": render.job_id}).one()
+    job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
     return job.status == JobStatus.RUNNING
 
 

@@ -46,7 +46,7 @@ PERIOD_ROW = select(_budgets.c.id).where(
 
 def current_team_budget(session: Session, team: str, now: datetime) -> int | None:
     """The id of the team's budget row for the period holding `now`, or None (no budget)."""
-    row = session.execute(TEAM_LIMIT, {"team": team}).first()
+    row = session.connection().execute(TEAM_LIMIT, {"team": team}).first()
     if row is None or row.budget_cents is None:
         return None
     start, end = period_bounds(row.period, now)
@@ -54,7 +54,7 @@ def current_team_budget(session: Session, team: str, now: datetime) -> int | Non
 
 
 def _period_row(session: Session, team: str, start: datetime, end: datetime | None) -> int:
-    found = session.execute(PERIOD_ROW, {"team": team, "start": start}).scalar()
+    found = session.connection().execute(PERIOD_ROW, {"team": team, "start": start}).scalar()
     if found is not None:
         return found
     dialect = session.get_bind().dialect.name
@@ -68,7 +68,7 @@ def _period_row(session: Session, team: str, start: datetime, end: datetime | No
         .values(team=team, period_start=start, period_end=end)
         .on_conflict_do_nothing(index_elements=["team", "period_start"])
     )
-    return session.execute(PERIOD_ROW, {"team": team, "start": start}).scalar_one()
+    return session.connection().execute(PERIOD_ROW, {"team": team, "start": start}).scalar_one()
 
 
 def set_team(session: Session, team: str, budget_cents: int | None, period: str) -> Team:
