@@ -141,18 +141,29 @@ _renders, _items = Render.__table__, JobItem.__table__
 ITEM_RENDER_STATUSES = select(_renders.c.status).where(_renders.c.item_id == bindparam("item"))
 SET_ITEM_STATUS = update(_items).where(_items.c.id == bindparam("item")).values(
     status=bindparam("new_status"))
+# FOR NO KEY UPDATE, not FOR UPDATE: every ledger, attempt or image insert takes a KEY SHARE
+# lock on its job row (the foreign key), which FOR UPDATE waits for; a settlement holding the
+# job row that then asked for FOR UPDATE deadlocked with the renders queueing on that row.
+LOCK_JOB = select(Job.__table__.c.id).where(Job.__table__.c.id == bindparam("job")
+                                            ).with_for_update(key_share=True)
 ANY_OPEN_RENDER = select(_renders.c.id).where(
     _renders.c.job_id == bindparam("job"), _renders.c.status.in_([s.value for s in OPEN_RENDER])
 ).limit(1)
 
 
-def after_render_terminal(session: Session, job_id: int, item_id: int) -> None:
-    """A render ended: settle its item's status, and close the job if it was the last."""
-    statuses = list(session.connection().execute(ITEM_RENDER_STATUSES, {"item": item_id}).scalars())
+def lock_job(session: Session, job_id: int) -> None:
+    """The job's row lock until the transaction ends (PostgreSQL; SQLite holds its one write
+    lock already)."""
+    session.connection().execute(LOCK_JOB, {"job": job_id})
+
+
+def settle_item(session: Session, item_id: int) -> None:
+    """An item's status once none of its renders is open."""
+    statuses = list(session.connection().execute(ITEM_RENDER_STATUSES,
+                                                 {"item": item_id}).scalars())
     if not any(s in OPEN_RENDER for s in statuses):
         session.connection().execute(SET_ITEM_STATUS, {"item": item_id,
-                                          "new_status": item_status(statuses).value})
-    close_job_if_done(session, job_id)
+                                                       "new_status": item_status(statuses).value})
 
 
 def item_status(render_statuses: Sequence[str]) -> ItemStatus:
@@ -164,8 +175,10 @@ def item_status(render_statuses: Sequence[str]) -> ItemStatus:
 
 
 def close_job_if_done(session: Session, job_id: int) -> bool:
-    """Close the job when no render is open. Callers hold the job's row lock (their
-    settlement updated it), so the last two renders to finish cannot both miss this."""
+    """Close the job when no render is open. The job's row lock (taken here, or already held
+    by a settlement) orders the last renders to finish: the later one sees the earlier one
+    committed, so they cannot both miss the close."""
+    lock_job(session, job_id)
     if session.connection().execute(ANY_OPEN_RENDER, {"job": job_id}).first() is not None:
         return False
     job = session.get_one(Job, job_id)

@@ -119,30 +119,33 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     Each hold is one conditional UPDATE (`spent + reserved + amount <= limit`), so the
     invariant holds with any number of workers; on PostgreSQL the UPDATE's row lock and on
     SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step.
+
+    The holds come last, inside a savepoint with the attempt's rows: the job row is every
+    render's hot row, and its lock is held from the hold to the commit, so nothing that could
+    run before it runs after it.
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
-    db = session.connection()  # Core statements go straight to the connection
-    # Always the job row first, then the team row (as settle does): one lock order, no deadlock.
-    if db.execute(HOLD_JOB, {"job": render.job_id, "amount": amount}).rowcount != 1:
-        return None
     team_budget_id = current_team_budget(session, team, now)
-    held = team_budget_id is None or db.execute(
-        HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
-    ).rowcount == 1
-    if not held:
-        # Still inside the caller's transaction: nobody has seen the job hold; take it back.
-        db.execute(MOVE_JOB, {"job": render.job_id, "d_reserved": -amount, "d_spent": 0,
-                              "d_unknown": 0})
-        return None
     number = render.attempts + 1
-    attempt_id = session.connection().execute(INSERT_ATTEMPT, {
+    savepoint = session.begin_nested()
+    db = session.connection()  # Core statements go straight to the connection
+    attempt_id = db.execute(INSERT_ATTEMPT, {
         "render_id": render.id, "number": number, "amount_cents": amount, "started_at": now,
         "team": team, "team_budget_id": team_budget_id,
         "price_per_image_cents": render.price_per_image_cents,
     }).scalar_one()
     _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
             team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
+    # The job row first, then the team row (as settling does): one lock order, no deadlock.
+    held = db.execute(HOLD_JOB, {"job": render.job_id, "amount": amount}).rowcount == 1 and (
+        team_budget_id is None or db.execute(
+            HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
+        ).rowcount == 1)
+    if not held:
+        savepoint.rollback()  # no attempt, no ledger row, no hold: as if never tried
+        return None
+    savepoint.commit()
     return Reservation(attempt_id, number, amount, team_budget_id)
 
 
@@ -153,6 +156,63 @@ SETTLE_KIND = {
 }
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """An attempt's settlement, claimed (exactly once) but not yet applied to the budgets."""
+
+    attempt_id: int
+    outcome: AttemptOutcome
+    render_id: int
+    job_id: int
+    model: str
+    images: int
+    team: str
+    team_budget_id: int | None
+    amount_cents: int
+    price_per_image_cents: int
+
+
+def claim_settlement(
+    session: Session,
+    attempt_id: int,
+    outcome: AttemptOutcome,
+    *,
+    http_status: int | None = None,
+    error: str | None = None,
+) -> Settlement | None:
+    """Record the attempt's outcome, or None if it was already settled.
+
+    The guard `outcome = 'reserved'` makes this exactly-once: a redelivered task, the sweeper
+    and the worker itself can all try, and only the first moves money.
+    """
+    db = session.connection()
+    claimed = db.execute(SETTLE_ATTEMPT, {
+        "attempt": attempt_id, "new_outcome": outcome.value, "now": utcnow(),
+        "status": http_status, "message": error,
+    }).one_or_none()
+    if claimed is None:
+        return None
+    render_id, amount, team, team_budget_id, price = claimed
+    job_id, model, n = db.execute(RENDER_FACTS, {"render": render_id}).one()
+    return Settlement(attempt_id, outcome, render_id, job_id, model, n, team, team_budget_id,
+                      amount, price)
+
+
+def apply_settlement(session: Session, claim: Settlement) -> None:
+    """Move the money: the ledger row, then the counters (the job's hot row) last."""
+    amount = claim.amount_cents
+    spent = 0 if claim.outcome == AttemptOutcome.RELEASED else amount
+    unknown = amount if claim.outcome == AttemptOutcome.UNKNOWN else 0
+    _append(session, claim.job_id, claim.render_id, claim.model, claim.images, claim.team,
+            claim.attempt_id, claim.team_budget_id, SETTLE_KIND[claim.outcome], amount,
+            claim.price_per_image_cents)
+    deltas = {"d_reserved": -amount, "d_spent": spent, "d_unknown": unknown}
+    db = session.connection()
+    db.execute(MOVE_JOB, {"job": claim.job_id, **deltas})
+    if claim.team_budget_id is not None:
+        db.execute(MOVE_TEAM, {"budget": claim.team_budget_id, **deltas})
+
+
 def settle(
     session: Session,
     attempt_id: int,
@@ -161,27 +221,11 @@ def settle(
     http_status: int | None = None,
     error: str | None = None,
 ) -> bool:
-    """Turn an attempt's reservation into spend or give it back. False if already settled.
-
-    The guard `outcome = 'reserved'` makes this exactly-once: a redelivered task, the sweeper
-    and the worker itself can all try, and only the first moves money.
-    """
-    claimed = session.connection().execute(SETTLE_ATTEMPT, {
-        "attempt": attempt_id, "new_outcome": outcome.value, "now": utcnow(),
-        "status": http_status, "message": error,
-    }).one_or_none()
-    if claimed is None:
+    """Claim and apply a settlement at once. False if the attempt was already settled."""
+    claim = claim_settlement(session, attempt_id, outcome, http_status=http_status, error=error)
+    if claim is None:
         return False
-    render_id, amount, team, team_budget_id, price = claimed
-    job_id, model, n = session.connection().execute(RENDER_FACTS, {"render": render_id}).one()
-    spent = 0 if outcome == AttemptOutcome.RELEASED else amount
-    unknown = amount if outcome == AttemptOutcome.UNKNOWN else 0
-    deltas = {"d_reserved": -amount, "d_spent": spent, "d_unknown": unknown}
-    session.connection().execute(MOVE_JOB, {"job": job_id, **deltas})
-    if team_budget_id is not None:
-        session.connection().execute(MOVE_TEAM, {"budget": team_budget_id, **deltas})
-    _append(session, job_id, render_id, model, n, team, attempt_id, team_budget_id,
-            SETTLE_KIND[outcome], amount, price)
+    apply_settlement(session, claim)
     return True
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import ledger
 from pipeline.db import retry_on_disconnect, transaction
-from pipeline.jobs import after_render_terminal
+from pipeline.jobs import close_job_if_done, lock_job, settle_item
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
     TERMINAL_RENDER,
@@ -147,6 +147,8 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
         delivered = render.deliveries + (1 if holder is None else 0)
         reason = _cannot_start(render, job, delivered, settings.max_attempts)
         if reason is None:
+            # Read before reserving: after it this transaction holds the job's hot row.
+            item = session.connection().execute(ITEM_REQUEST, {"item": render.item_id}).one()
             reservation = ledger.reserve(session, render, job.team, svc.clock())
             if reservation is None:
                 job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
@@ -165,7 +167,6 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
             "render": render_id, "number": reservation.number, "delivered": delivered,
             "lease": started + timedelta(seconds=settings.lease_seconds), "now": started,
         })
-        item = session.connection().execute(ITEM_REQUEST, {"item": render.item_id}).one()
         spec = RenderSpec(render.render_index, render.n, render.seed)
         return Begun(
             render_id=render.id,
@@ -218,12 +219,21 @@ def _no_reservation_reason(render: Any, job: Any) -> str:
     return f"budget: this render costs {price}¢ and its team's period budget has too little left"
 
 
-def end_render(session: Session, render: Any, status: RenderStatus, error: str | None) -> None:
-    """Move a render (an ORM Render or a renders row) to a terminal status, then its item and
-    maybe its job."""
+def end_render(session: Session, render: Any, status: RenderStatus, error: str | None,
+               *, claim: ledger.Settlement | None = None) -> None:
+    """Move a render (an ORM Render or a renders row) to a terminal status, apply its last
+    attempt's settlement, then settle its item and maybe close its job.
+
+    The job's row lock (taken by the settlement's counter update, or by the close check)
+    comes before the item's status is decided: two renders of one item finishing at once
+    are ordered by it, so the later sees the earlier committed."""
     session.connection().execute(END_RENDER, {"render": render.id, "new_status": status.value,
-                                 "message": error, "now": utcnow()})
-    after_render_terminal(session, render.job_id, render.item_id)
+                                              "message": error, "now": utcnow()})
+    if claim is not None:
+        ledger.apply_settlement(session, claim)
+    lock_job(session, render.job_id)
+    settle_item(session, render.item_id)
+    close_job_if_done(session, render.job_id)
 
 
 # --- the call and the media, outside any transaction ----------------------------------------
@@ -363,12 +373,13 @@ def finish_attempt(
             AttemptOutcome.RELEASED if isinstance(outcome, Refused) else AttemptOutcome.UNKNOWN
         )
         status = outcome.status if isinstance(outcome, Refused) else None
-        if not ledger.settle(session, begun.attempt_id, settled_as, http_status=status,
-                             error=outcome.message):
+        claim = ledger.claim_settlement(session, begun.attempt_id, settled_as,
+                                        http_status=status, error=outcome.message)
+        if claim is None:
             return None  # the sweeper settled it first; it owns the render now
         error = _describe(outcome)
         if not _should_retry(session, render, outcome, svc.settings.max_attempts):
-            end_render(session, render, RenderStatus.FAILED, error)
+            end_render(session, render, RenderStatus.FAILED, error, claim=claim)
             return None
         retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
         delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
@@ -377,13 +388,15 @@ def finish_attempt(
         session.connection().execute(WAIT_FOR_RETRY, {
             "render": render.id, "message": error, "now": now,
             "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
+        ledger.apply_settlement(session, claim)
         return delay
 
 
 def _record_delivery(session: Session, render: Any, begun: Begun, collected: Collected
                      ) -> None:
     # Charged even if we reject what came back: the provider did the work.
-    if not ledger.settle(session, begun.attempt_id, AttemptOutcome.CHARGED):
+    claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.CHARGED)
+    if claim is None:
         return
     if begun.number > 1:
         # An earlier attempt of this render (before `retry JOB`) may have stored some files.
@@ -391,7 +404,8 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
     if collected.stored:
         session.execute(insert(Image), [_image_row(render, begun, m) for m in collected.stored])
     error = "; ".join(collected.problems) or None
-    end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error)
+    end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error,
+               claim=claim)
 
 
 def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
