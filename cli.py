@@ -91,6 +91,10 @@ def main(verbose: int) -> None:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # A line per HTTP request or per task is noise at hundreds of renders a second: -vv shows it.
+    for chatty in ("httpx", "celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING) if verbose < 2
+                                           else logging.DEBUG)
 
 
 # --- shared plumbing -----------------------------------------------------------------------
@@ -808,7 +812,8 @@ def worker(concurrency: int | None, sweep: bool) -> None:
         ticker.start()
     err.print(f"worker: {settings.concurrency} renders in flight, broker "
               f"{_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
-    app.Worker(pool="threads", concurrency=settings.concurrency, loglevel="INFO",
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    app.Worker(pool="threads", concurrency=settings.concurrency, loglevel=level,
                without_mingle=True, without_gossip=True, optimization="fair").start()
     if ticker:
         ticker.stop()

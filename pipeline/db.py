@@ -36,8 +36,11 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
         database_url,
         hide_parameters=True,
         pool_pre_ping=True,
+        # No overflow: a connection opened and closed per burst costs PostgreSQL a backend
+        # fork each time; render threads wait briefly for a pooled one instead.
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
+        pool_timeout=300,
         pool_recycle=1800,
     )
 

@@ -101,7 +101,7 @@ def build_limits(settings: Settings) -> RedisLimits | LocalLimits:
 
 
 def start_services(settings: Settings) -> Services:
-    engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 40))
+    engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 50))
     io = IOLoop()
     # The client's aiohttp session must be created on the loop that will use it.
     upstream = io.run(_on_loop(build_upstream, settings))
