@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,9 +41,12 @@ from pipeline.models import Attempt, AttemptOutcome, Image, LedgerEntry, LedgerK
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Short leases, sweeps and backoffs, so a lost worker's renders come back within seconds.
+# Short sweeps and backoffs, so lost renders come back within seconds. Leases are 10 s: on a
+# busy machine (hundreds of renders queueing on the job's budget row, other processes on the
+# two cores) a live worker's renewal can come seconds late, and a lease lost by a live worker
+# throws its paid result away. The test that kills a worker shortens it on a light load.
 FAST_ENV = {
-    "IMAGEBATCH_LEASE_SECONDS": "3",
+    "IMAGEBATCH_LEASE_SECONDS": "10",
     "IMAGEBATCH_SWEEP_INTERVAL": "1",
     "IMAGEBATCH_REQUEUE_AFTER": "5",
     "IMAGEBATCH_RENDER_DEADLINE": "20",
@@ -153,20 +157,26 @@ class Cluster:
         env.update(overrides)
         return env
 
-    def start_worker(self, *args: str, **env: str) -> Worker:
+    def start_worker(self, *args: str, verbose: int = 1, **env: str) -> Worker:
+        """`imagebatch -v worker ARGS`: -v logs Celery's `ready.` line (wait_ready needs it)
+        and imagebatch's INFO lines; -vv also logs every task's result and HTTP request."""
         name = f"worker{len(self.workers) + 1}"
-        worker = Worker(name, ["worker", *args], self.env(**env), self.workdir / f"{name}.log")
+        options = ["-" + "v" * verbose] if verbose else []
+        worker = Worker(name, [*options, "worker", *args], self.env(**env),
+                        self.workdir / f"{name}.log")
         self.workers.append(worker)
         return worker
 
-    def start_workers(self, count: int, *args: str, **env: str) -> list[Worker]:
-        started = [self.start_worker(*args, **env) for _ in range(count)]
+    def start_workers(self, count: int, *args: str, verbose: int = 1, **env: str
+                      ) -> list[Worker]:
+        started = [self.start_worker(*args, verbose=verbose, **env) for _ in range(count)]
         for worker in started:
             self.wait_ready(worker)
         return started
 
     def wait_ready(self, worker: Worker, timeout: float = 30.0) -> None:
-        """Until Celery says it is ready (it consumes from the broker from then on)."""
+        """Until Celery says it is ready (it consumes from the broker from then on; needs the
+        worker started with -v or more)."""
         def ready() -> bool:
             if not worker.alive():
                 raise AssertionError(f"{worker.name} exited:\n{worker.output()[-4000:]}")
@@ -206,9 +216,13 @@ class Cluster:
             if worker.alive():
                 worker.kill()
 
-    def logs(self, tail: int = 6000) -> str:
+    def logs(self, tail: int = 20000) -> str:
+        """Every worker's output, without the one-line-per-request noise (DEBUG lines, HTTP
+        requests, tasks received), each cut to its last `tail` characters."""
+        noise = re.compile(
+            r"^\S+ \S+ (DEBUG \S+|INFO (httpx|celery\.worker\.strategy)): .*\n?", re.M)
         return "\n".join(f"===== {w.name} (pid {w.pid}, exit {w.proc.returncode}) =====\n"
-                         f"{w.output()[-tail:]}" for w in self.workers)
+                         f"{noise.sub('', w.output())[-tail:]}" for w in self.workers)
 
 
 # --- reading the database ----------------------------------------------------------------------
@@ -233,8 +247,22 @@ def wait_for_job(engine: sa.Engine, job_id: int, timeout: float,
         if during is not None:
             during(summary)
         if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} did not finish in {timeout:g}s: {summary}")
+            raise AssertionError(f"job {job_id} did not finish in {timeout:g}s: {summary}; "
+                                 f"renders {dict(render_counts(engine, job_id))}; "
+                                 f"busy connections {busy_backends(engine)}")
         time.sleep(0.2)
+
+
+def busy_backends(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    """PostgreSQL: the database's connections that are not idle (a stuck job's lock waits)."""
+    if engine.dialect.name != "postgresql":
+        return []
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(sa.text(
+            "SELECT pid, pg_blocking_pids(pid), state, wait_event_type, wait_event, "
+            "now() - xact_start, left(query, 120) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND state <> 'idle'")).all()]
 
 
 def render_counts(engine: sa.Engine, job_id: int) -> Counter[str]:

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -28,6 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from fake_upstream.app import FakeConfig, FakeServer
 from tests.cluster import (
+    Books,
     Cluster,
     FlakyProxy,
     check_books,
@@ -41,6 +43,7 @@ from tests.conftest import fresh_postgres_database
 from tests.servers import start_redis
 
 _redis_dbs = itertools.count(1)
+TEST_APP = "imagebatch-fault-tests"
 
 
 class Stack:
@@ -52,15 +55,17 @@ class Stack:
         self.database_url = database_url
         self.redis_url = redis_url
         self.s3_endpoint = s3_endpoint
-        # NullPool: test 4 terminates connections; every check opens a new one.
-        self.engine = sa.create_engine(database_url, poolclass=NullPool)
+        # NullPool: test 4 terminates connections; every check opens a new one, named so
+        # that test spares it.
+        self.engine = sa.create_engine(database_url, poolclass=NullPool,
+                                       connect_args={"application_name": TEST_APP})
         self.s3 = s3_client(s3_endpoint)
         self.bucket = f"faults-{uuid.uuid4().hex[:12]}"
         self.s3.create_bucket(Bucket=self.bucket)
         self.cluster = Cluster(tmp_path, database_url, redis_url, api_base, s3_endpoint,
                                self.bucket)
 
-    def books(self, job_id: int, *, finished: bool = True) -> Any:
+    def books(self, job_id: int, *, finished: bool = True) -> Books:
         return check_books(self.engine, self.s3, self.bucket, self.cluster.prefix, job_id,
                            finished=finished)
 
@@ -105,7 +110,7 @@ def job_lines(count: int, *, model: str = "flux-2-dev", latency: float | None = 
 
 def task_results(cluster: Cluster) -> Counter[str]:
     """What the workers' render tasks returned ('finished', 'busy', 'terminal', ...), from
-    Celery's `Task ... succeeded in ...s: 'busy'` log lines."""
+    Celery's `Task ... succeeded in ...s: 'busy'` log lines (workers started with -vv)."""
     found: Counter[str] = Counter()
     for worker in cluster.workers:
         found.update(re.findall(r"Task imagebatch\.render\[[^]]+\] succeeded in \S+ '(\w+)'",
@@ -138,7 +143,8 @@ def test_a_worker_killed_mid_render_is_charged_unknown_once_and_the_job_complete
     spent - billed <= the price of the killed attempts (= unknown_cents).
     """
     cluster = stack.cluster
-    victim, survivor = cluster.start_workers(2, IMAGEBATCH_CONCURRENCY="8")
+    victim, survivor = cluster.start_workers(2, IMAGEBATCH_CONCURRENCY="8",
+                                             IMAGEBATCH_LEASE_SECONDS="4")
     job_id = cluster.submit(job_lines(40, latency=2.0), budget_cents=1000)
     # At most 8 in flight per worker: 12 in flight means both workers hold calls.
     wait_until(lambda: fake.stats()["in_flight"] >= 12, 30, "both workers to be mid-render")
@@ -170,31 +176,52 @@ def test_a_worker_killed_mid_render_is_charged_unknown_once_and_the_job_complete
 # --- 2. a render task delivered twice while its first copy runs -------------------------------
 
 
+def restore_unacked(broker_url: str, visibility_timeout: float) -> int:
+    """Redis redelivery, now: push every message unacked for longer than the visibility
+    timeout back on its queue, with kombu's own `restore_visible`, which a worker runs when it
+    connects and then every unacked_restore_interval x throttle (10 x 10 s) seconds. Returns
+    how many messages it put back."""
+    from kombu import Connection
+
+    with Connection(broker_url,
+                    transport_options={"visibility_timeout": visibility_timeout}) as connection:
+        channel = connection.default_channel
+        client = channel.client
+        due = client.zcount(channel.unacked_index_key, 0, time.time() - visibility_timeout)
+        channel.qos.restore_visible(num=10_000)
+        return int(due) - int(client.zcount(channel.unacked_index_key, 0,
+                                            time.time() - visibility_timeout))
+
+
 def test_a_task_redelivered_while_it_runs_makes_no_second_call(stack: Stack,
                                                                fake: FakeServer) -> None:
-    """Redis visibility_timeout 2 s, renders of 5 s. Once every render has been running (and
-    its message unacked) for longer than that, a worker joins: on connecting, kombu's Redis
-    transport restores every unacked message older than the visibility timeout, so each
-    running render's task is delivered again while the first copy still calls the upstream.
-    The copies find a live lease and return 'busy': one POST per attempt, nothing paid twice.
-    """
+    """Two workers on a Redis broker with visibility_timeout 2 s, 12 renders of 6 s. Once
+    every render has been running (its message unacked) for longer than that, Redis puts the
+    messages back (kombu's restore, run from the test so the timing does not hang on a
+    worker's 100 s restore cycle): each running render's task is delivered again while its
+    first copy still calls the upstream. The copies find a live lease and return 'busy': one
+    POST per attempt, nothing paid twice."""
     cluster = stack.cluster
-    cluster.start_workers(2, IMAGEBATCH_VISIBILITY_TIMEOUT="2")
-    job_id = cluster.submit(job_lines(12, latency=5.0), budget_cents=1000)
+    # -vv: Celery logs what each task returned ('finished', 'busy', 'terminal').
+    cluster.start_workers(2, verbose=2, IMAGEBATCH_VISIBILITY_TIMEOUT="2")
+    job_id = cluster.submit(job_lines(12, latency=6.0), budget_cents=1000)
     wait_until(lambda: fake.stats()["in_flight"] == 12, 30, "all 12 renders in flight")
     time.sleep(2.5)  # every unacked message is now older than the visibility timeout
-    cluster.start_workers(1, IMAGEBATCH_VISIBILITY_TIMEOUT="2")
-
+    restored = restore_unacked(stack.redis_url, 2)
     summary = wait_for_job(stack.engine, job_id, 60)
+    # Every copy and every first copy has returned (a copy that came late says 'terminal').
+    wait_until(lambda: sum(task_results(cluster).values()) >= 12 + restored, 30,
+               "every task to return")
     books = stack.books(job_id)
     stats = fake.stats()
 
+    assert restored == 12
     assert (summary["status"], summary["images"]) == ("succeeded", 12)
     results = task_results(cluster)
-    assert results["busy"] >= 1, results  # the duplicates did arrive, and did nothing
     assert results["finished"] == 12, results
-    assert stats["calls"] == len(books.attempts) == 12
-    assert len(fake.requests()) == 12
+    assert results["busy"] >= 1, results  # copies arrived while their first copy ran
+    assert results["busy"] + results["terminal"] == restored, results  # and did nothing
+    assert stats["calls"] == len(fake.requests()) == len(books.attempts) == 12
     assert books.outcomes() == {"charged": 12}
     assert books.spent == stats["billed_cents"] == 36
 
@@ -249,32 +276,75 @@ def test_redis_restarted_mid_job(stack: Stack, fake: FakeServer) -> None:
 # --- 4. PostgreSQL connections dropped mid-job --------------------------------------------------
 
 
+class BackendKiller(threading.Thread):
+    """Terminates the job database's connections while a job runs: every 0.6 s all of them
+    (idle pooled ones included), and in between, every 20 ms, any caught mid-statement or
+    mid-transaction, until it has killed `busy_target` of those and run `rounds` full rounds.
+    The test's own connections (application_name TEST_APP) are spared."""
+
+    def __init__(self, database_url: str, *, busy_target: int = 4, rounds: int = 5) -> None:
+        super().__init__(daemon=True)
+        url = sa.engine.make_url(database_url)
+        self.database = url.database
+        self.admin = sa.create_engine(url.set(database="postgres"),
+                                      isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        self.busy_target, self.rounds = busy_target, rounds
+        self.killed: list[str] = []  # each terminated backend's state at that moment
+        self.full_rounds = 0
+        self.stopping = threading.Event()
+
+    @property
+    def busy_kills(self) -> int:
+        return sum(state != "idle" for state in self.killed)
+
+    def run(self) -> None:
+        last_round = 0.0
+        with self.admin.connect() as connection:
+            while not self.stopping.is_set() and (
+                    self.busy_kills < self.busy_target or self.full_rounds < self.rounds):
+                everyone = time.monotonic() - last_round >= 0.6
+                if everyone:
+                    last_round = time.monotonic()
+                    self.full_rounds += 1
+                # pg_terminate_backend in the select list runs only for the rows WHERE kept.
+                self.killed.extend(state for state, _ in connection.execute(sa.text(
+                    "SELECT state, pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid() AND application_name "
+                    "<> :app AND (:everyone OR state NOT IN ('idle'))"),
+                    {"db": self.database, "app": TEST_APP, "everyone": everyone}).all())
+                self.stopping.wait(0.02)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
+        self.admin.dispose()
+
+
 def test_postgres_connections_dropped_mid_job(stack: Stack, fake: FakeServer) -> None:
-    """Every connection to the job's database terminated four times while renders run: each
-    transaction retries on a new connection, and the books balance."""
+    """The job database's connections terminated (pg_terminate_backend) over and over while
+    the job runs, idle pooled ones and ones caught mid-transaction: each render transaction
+    retries on a new connection, lease renewals and sweeps try again on their next beat, and
+    the books balance with the ledger equal to the bill."""
     cluster = stack.cluster
     cluster.start_workers(2, IMAGEBATCH_CONCURRENCY="8")
-    job_id = cluster.submit(job_lines(40, latency=0.5), budget_cents=1000)
-    name = sa.engine.make_url(stack.database_url).database
-    admin = sa.create_engine(sa.engine.make_url(stack.database_url).set(database="postgres"),
-                             isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    terminated = []
+    job_id = cluster.submit(job_lines(60, latency=0.8), budget_cents=1000)
+    killer = BackendKiller(stack.database_url)
     wait_until(lambda: fake.stats()["in_flight"] >= 4, 30, "renders in flight")
-    for _ in range(4):
-        with admin.connect() as connection:
-            terminated.append(len(connection.execute(sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": name}).all()))
-        time.sleep(0.7)
-    admin.dispose()
-
-    summary = wait_for_job(stack.engine, job_id, 90)
+    killer.start()
+    try:
+        summary = wait_for_job(stack.engine, job_id, 90)
+    finally:
+        killer.stop()
     books = stack.books(job_id)
-    assert sum(terminated) >= 4, terminated
-    # Some terminations hit a transaction in flight (not only idle pooled connections).
-    assert "database unavailable" in cluster.logs(tail=10**7)
-    assert (summary["status"], summary["images"]) == ("succeeded", 40)
-    assert books.spent == fake.stats()["billed_cents"]
+
+    assert killer.busy_kills >= 1 and killer.full_rounds >= 2, (killer.killed,
+                                                                killer.full_rounds)
+    logs = cluster.logs(tail=10**7)
+    assert any(text in logs for text in (
+        "database unavailable", "renewing render leases failed", "dispatch/sweep failed")), logs
+    assert (summary["status"], summary["images"]) == ("succeeded", 60)
+    assert books.spent == fake.stats()["billed_cents"] == 180
+    assert books.outcomes() == {"charged": 60}
     assert all(worker.alive() for worker in cluster.workers)
 
 
@@ -314,8 +384,8 @@ def test_s3_refusing_puts_for_a_while(stack: Stack, fake: FakeServer) -> None:
     """The workers reach S3 through a proxy that refuses every connection (and closes the
     open ones) for 3 s while results arrive: paid-for results are not lost, the PUTs are
     retried until S3 accepts again, well within the render deadline."""
-    endpoint = sa.engine.make_url(stack.s3_endpoint.replace("http://", "http+x://"))
-    proxy = FlakyProxy(endpoint.host or "127.0.0.1", int(endpoint.port or 80))
+    moto = urlsplit(stack.s3_endpoint)
+    proxy = FlakyProxy(moto.hostname or "127.0.0.1", moto.port or 80)
     try:
         cluster = stack.cluster
         cluster.s3_endpoint = proxy.url
