@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterator
 from typing import IO, Any
@@ -68,9 +67,3 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     if flat["metadata"] is not None:
         flat["metadata"] = json.dumps(flat["metadata"], ensure_ascii=False)
     return {k: ("" if v is None else v) for k, v in flat.items()}
-
-
-def export_text(session: Session, job_id: int, fmt: str) -> str:
-    buffer = io.StringIO()
-    write_export(export_rows(session, job_id), buffer, fmt)
-    return buffer.getvalue()

@@ -37,10 +37,6 @@ class Reservation:
     team_budget_id: int | None
 
 
-def render_price(render: Render) -> int:
-    return render.n * render.price_per_image_cents
-
-
 # Statements built once: on the hot path (two transactions per render) building and
 # compiling them each time cost more than running them. Core tables, not ORM entities, so
 # they skip the ORM's bulk-update machinery too.
