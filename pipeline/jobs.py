@@ -174,11 +174,12 @@ def item_status(render_statuses: Sequence[str]) -> ItemStatus:
     return ItemStatus.CANCELLED
 
 
-def close_job_if_done(session: Session, job_id: int) -> bool:
-    """Close the job when no render is open. The job's row lock (taken here, or already held
-    by a settlement) orders the last renders to finish: the later one sees the earlier one
+def close_job_if_done(session: Session, job_id: int, *, locked: bool = False) -> bool:
+    """Close the job when no render is open. The job's row lock (taken here unless the caller
+    already holds it) orders the last renders to finish: the later one sees the earlier one
     committed, so they cannot both miss the close."""
-    lock_job(session, job_id)
+    if not locked:
+        lock_job(session, job_id)
     if session.connection().execute(ANY_OPEN_RENDER, {"job": job_id}).first() is not None:
         return False
     job = session.get_one(Job, job_id)

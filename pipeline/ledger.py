@@ -175,6 +175,7 @@ def claim_settlement(
     *,
     http_status: int | None = None,
     error: str | None = None,
+    render: RenderLike | None = None,
 ) -> Settlement | None:
     """Record the attempt's outcome, or None if it was already settled.
 
@@ -189,7 +190,10 @@ def claim_settlement(
     if claimed is None:
         return None
     render_id, amount, team, team_budget_id, price = claimed
-    job_id, model, n = db.execute(RENDER_FACTS, {"render": render_id}).one()
+    if render is not None and render.id == render_id:  # the caller's row: no second read
+        job_id, model, n = render.job_id, render.model, render.n
+    else:
+        job_id, model, n = db.execute(RENDER_FACTS, {"render": render_id}).one()
     return Settlement(attempt_id, outcome, render_id, job_id, model, n, team, team_budget_id,
                       amount, price)
 

@@ -230,10 +230,11 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
     session.connection().execute(END_RENDER, {"render": render.id, "new_status": status.value,
                                               "message": error, "now": utcnow()})
     if claim is not None:
-        ledger.apply_settlement(session, claim)
-    lock_job(session, render.job_id)
+        ledger.apply_settlement(session, claim)  # its counter update takes the job's row lock
+    else:
+        lock_job(session, render.job_id)
     settle_item(session, render.item_id)
-    close_job_if_done(session, render.job_id)
+    close_job_if_done(session, render.job_id, locked=True)
 
 
 # --- the call and the media, outside any transaction ----------------------------------------
@@ -374,7 +375,7 @@ def finish_attempt(
         )
         status = outcome.status if isinstance(outcome, Refused) else None
         claim = ledger.claim_settlement(session, begun.attempt_id, settled_as,
-                                        http_status=status, error=outcome.message)
+                                        http_status=status, error=outcome.message, render=render)
         if claim is None:
             return None  # the sweeper settled it first; it owns the render now
         error = _describe(outcome)
@@ -395,7 +396,8 @@ def finish_attempt(
 def _record_delivery(session: Session, render: Any, begun: Begun, collected: Collected
                      ) -> None:
     # Charged even if we reject what came back: the provider did the work.
-    claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.CHARGED)
+    claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.CHARGED,
+                                    render=render)
     if claim is None:
         return
     if begun.number > 1:
