@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.caps import Caps
@@ -138,9 +138,28 @@ def _line_of(item: JobItem) -> JobLine | LineError:
 
 
 _renders, _items = Render.__table__, JobItem.__table__
-ITEM_RENDER_STATUSES = select(_renders.c.status).where(_renders.c.item_id == bindparam("item"))
-SET_ITEM_STATUS = update(_items).where(_items.c.id == bindparam("item")).values(
-    status=bindparam("new_status"))
+
+
+def _settle_items_where(which: ColumnElement[bool]) -> Any:
+    """One UPDATE giving each chosen item with renders, none of them open, its final status:
+    succeeded when all its renders did, failed when any failed, else cancelled."""
+    def renders_of_item(*conditions: ColumnElement[bool]) -> Any:
+        return exists().where(_renders.c.item_id == _items.c.id, *conditions)
+
+    final = case(
+        (~renders_of_item(_renders.c.status != RenderStatus.SUCCEEDED.value),
+         ItemStatus.SUCCEEDED.value),
+        (renders_of_item(_renders.c.status == RenderStatus.FAILED.value), ItemStatus.FAILED.value),
+        else_=ItemStatus.CANCELLED.value,
+    )
+    return update(_items).where(
+        which, renders_of_item(),
+        ~renders_of_item(_renders.c.status.in_([s.value for s in OPEN_RENDER])),
+    ).values(status=final)
+
+
+SETTLE_ITEM = _settle_items_where(_items.c.id == bindparam("item"))
+SETTLE_JOB_ITEMS = _settle_items_where(_items.c.job_id == bindparam("job"))
 # FOR NO KEY UPDATE, not FOR UPDATE: every ledger, attempt or image insert takes a KEY SHARE
 # lock on its job row (the foreign key), which FOR UPDATE waits for; a settlement holding the
 # job row that then asked for FOR UPDATE deadlocked with the renders queueing on that row.
@@ -159,19 +178,7 @@ def lock_job(session: Session, job_id: int) -> None:
 
 def settle_item(session: Session, item_id: int) -> None:
     """An item's status once none of its renders is open."""
-    statuses = list(session.connection().execute(ITEM_RENDER_STATUSES,
-                                                 {"item": item_id}).scalars())
-    if not any(s in OPEN_RENDER for s in statuses):
-        session.connection().execute(SET_ITEM_STATUS, {"item": item_id,
-                                                       "new_status": item_status(statuses).value})
-
-
-def item_status(render_statuses: Sequence[str]) -> ItemStatus:
-    if all(s == RenderStatus.SUCCEEDED for s in render_statuses):
-        return ItemStatus.SUCCEEDED
-    if any(s == RenderStatus.FAILED for s in render_statuses):
-        return ItemStatus.FAILED
-    return ItemStatus.CANCELLED
+    session.connection().execute(SETTLE_ITEM, {"item": item_id})
 
 
 def close_job_if_done(session: Session, job_id: int, *, locked: bool = False) -> bool:
@@ -238,23 +245,9 @@ def cancel_job(session: Session, job_id: int) -> bool:
         .where(JobItem.job_id == job_id, JobItem.status == ItemStatus.PENDING)
         .values(status=ItemStatus.CANCELLED, error="cancelled")
     )
-    _settle_items(session, job_id)
+    session.connection().execute(SETTLE_JOB_ITEMS, {"job": job_id})
     close_job_if_done(session, job_id)
     return True
-
-
-def _settle_items(session: Session, job_id: int) -> None:
-    renders = session.execute(
-        select(Render.item_id, Render.status).where(Render.job_id == job_id)
-    ).all()
-    by_item: dict[int, list[str]] = {}
-    for item_id, status in renders:
-        by_item.setdefault(item_id, []).append(status)
-    for item_id, statuses in by_item.items():
-        if not any(s in OPEN_RENDER for s in statuses):
-            session.execute(
-                update(JobItem).where(JobItem.id == item_id).values(status=item_status(statuses))
-            )
 
 
 def retry_job(session: Session, job_id: int, budget_cents: int | None = None) -> int:

@@ -108,41 +108,56 @@ class RenderLike(Protocol):
     attempts: int
 
 
-def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None
-            ) -> Reservation | None:
+class HoldRefused(Exception):
+    """A budget could not hold the render's price; the caller's transaction must roll back."""
+
+
+def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None,
+            *, hold_last: bool = False) -> Reservation | None:
     """Hold the render's full price on its job and on its team's period, or on neither.
 
     Each hold is one conditional UPDATE (`spent + reserved + amount <= limit`), so the
     invariant holds with any number of workers; on PostgreSQL the UPDATE's row lock and on
     SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step.
 
-    The holds come last, inside a savepoint with the attempt's rows: the job row is every
-    render's hot row, and its lock is held from the hold to the commit, so nothing that could
-    run before it runs after it.
+    By default the holds come first: a refused hold returns None having written nothing
+    (a job hold taken before a refused team hold is given back in the same transaction).
+    With `hold_last`, the attempt's rows are written first and the holds last, so the job's
+    row (every render's hot row, locked from the hold to the commit) is held for as short a
+    time as possible; a refused hold then raises HoldRefused and the caller's transaction
+    must roll back, as if never tried.
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
     team_budget_id = current_team_budget(session, team, now)
+    if not hold_last and not _hold(session, render.job_id, team, team_budget_id, amount):
+        return None
     number = render.attempts + 1
-    savepoint = session.begin_nested()
-    db = session.connection()  # Core statements go straight to the connection
-    attempt_id = db.execute(INSERT_ATTEMPT, {
+    attempt_id = session.connection().execute(INSERT_ATTEMPT, {
         "render_id": render.id, "number": number, "amount_cents": amount, "started_at": now,
         "team": team, "team_budget_id": team_budget_id,
         "price_per_image_cents": render.price_per_image_cents,
     }).scalar_one()
     _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
             team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
-    # The job row first, then the team row (as settling does): one lock order, no deadlock.
-    held = db.execute(HOLD_JOB, {"job": render.job_id, "amount": amount}).rowcount == 1 and (
-        team_budget_id is None or db.execute(
-            HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
-        ).rowcount == 1)
-    if not held:
-        savepoint.rollback()  # no attempt, no ledger row, no hold: as if never tried
-        return None
-    savepoint.commit()
+    if hold_last and not _hold(session, render.job_id, team, team_budget_id, amount):
+        raise HoldRefused(render.id)
     return Reservation(attempt_id, number, amount, team_budget_id)
+
+
+def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,
+          amount: int) -> bool:
+    """Both holds or neither. The job row first, then the team row (as settling does): one
+    lock order, no deadlock."""
+    db = session.connection()  # Core statements go straight to the connection
+    if db.execute(HOLD_JOB, {"job": job_id, "amount": amount}).rowcount != 1:
+        return False
+    if team_budget_id is None or db.execute(
+        HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
+    ).rowcount == 1:
+        return True
+    db.execute(MOVE_JOB, {"job": job_id, "d_reserved": -amount, "d_spent": 0, "d_unknown": 0})
+    return False
 
 
 SETTLE_KIND = {

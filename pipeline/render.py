@@ -109,8 +109,16 @@ _renders, _jobs, _items = Render.__table__, Job.__table__, JobItem.__table__
 LOCK_RENDER = select(_renders).where(_renders.c.id == bindparam("render")).with_for_update()
 JOB_STATE = select(_jobs.c.status, _jobs.c.team, _jobs.c.budget_cents, _jobs.c.spent_cents,
                    _jobs.c.reserved_cents).where(_jobs.c.id == bindparam("job"))
-ITEM_REQUEST = select(_items.c.line, _items.c.custom_id, _items.c.body).where(
-    _items.c.id == bindparam("item"))
+# Everything an attempt needs to start, in one read: the render (locked), its job's state
+# and its item's request. FOR UPDATE OF locks the render's row only, never the hot job row.
+START_FACTS = (
+    select(_renders, _jobs.c.status.label("job_status"), _jobs.c.team, _items.c.line,
+           _items.c.custom_id, _items.c.body)
+    .join_from(_renders, _jobs, _jobs.c.id == _renders.c.job_id)
+    .join(_items, _items.c.id == _renders.c.item_id)
+    .where(_renders.c.id == bindparam("render"))
+    .with_for_update(of=_renders)
+)
 START_ATTEMPT = update(_renders).where(_renders.c.id == bindparam("render")).values(
     attempts=bindparam("number"), status=RenderStatus.RUNNING.value,
     lease_until=bindparam("lease"), deliveries=bindparam("delivered"),
@@ -120,6 +128,7 @@ COUNT_DELIVERY = update(_renders).where(_renders.c.id == bindparam("render")).va
 END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values(
     status=bindparam("new_status"), error=bindparam("message"), lease_until=None,
     updated_at=bindparam("now"))
+INSERT_IMAGE = insert(Image.__table__)
 WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
     error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"))
 
@@ -129,10 +138,23 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
 
     `holder` is the attempt number this thread already holds (a retry in the same task);
     a task delivered again while another copy holds a live lease does nothing.
+
+    The budgets are held last, just before the commit, so the job's hot row stays locked
+    for one statement; when a budget refuses, the transaction rolls back and the attempt is
+    decided again with the holds first (which can then say why).
     """
+    try:
+        return _begin_attempt(svc, render_id, holder, hold_last=True)
+    except ledger.HoldRefused:
+        return _begin_attempt(svc, render_id, holder, hold_last=False)
+
+
+def _begin_attempt(svc: Services, render_id: int, holder: int | None, *, hold_last: bool
+                   ) -> Begun | str:
     settings = svc.settings
     with transaction(svc.sessions) as session:
-        render = session.connection().execute(LOCK_RENDER, {"render": render_id}).one_or_none()
+        db = session.connection()
+        render = db.execute(START_FACTS, {"render": render_id}).one_or_none()
         if render is None:
             return "missing"
         if render.status in TERMINAL_RENDER:
@@ -143,15 +165,13 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
             return "busy"
         if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
             settle_abandoned_attempt(session, render)
-        job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
         delivered = render.deliveries + (1 if holder is None else 0)
-        reason = _cannot_start(render, job, delivered, settings.max_attempts)
+        reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
         if reason is None:
-            # Read before reserving: after it this transaction holds the job's hot row.
-            item = session.connection().execute(ITEM_REQUEST, {"item": render.item_id}).one()
-            reservation = ledger.reserve(session, render, job.team, svc.clock())
+            reservation = ledger.reserve(session, render, render.team, svc.clock(),
+                                         hold_last=hold_last)
             if reservation is None:
-                job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
+                job = db.execute(JOB_STATE, {"job": render.job_id}).one()
                 reason = _no_reservation_reason(render, job)
         if reason is not None:
             session.connection().execute(COUNT_DELIVERY,
@@ -171,8 +191,8 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
         return Begun(
             render_id=render.id,
             job_id=render.job_id,
-            line=item.line,
-            custom_id=item.custom_id,
+            line=render.line,
+            custom_id=render.custom_id,
             render_index=render.render_index,
             n=render.n,
             seed=render.seed,
@@ -180,7 +200,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | 
             number=reservation.number,
             amount_cents=reservation.amount_cents,
             price_per_image_cents=render.price_per_image_cents,
-            request=render_request(json.loads(item.body), spec),
+            request=render_request(json.loads(render.body), spec),
         )
 
 
@@ -196,8 +216,9 @@ def settle_abandoned_attempt(session: Session, render: Any) -> None:
         )
 
 
-def _cannot_start(render: Any, job: Any, delivered: int, max_attempts: int) -> str | None:
-    if job.status == JobStatus.CANCELLED:
+def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: int
+                  ) -> str | None:
+    if job_status == JobStatus.CANCELLED:
         return "cancelled"
     if render.attempts - render.retry_from >= max_attempts:
         last = render.error or "no result"
@@ -404,7 +425,8 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
         # An earlier attempt of this render (before `retry JOB`) may have stored some files.
         session.execute(delete(Image).where(Image.render_id == render.id))
     if collected.stored:
-        session.execute(insert(Image), [_image_row(render, begun, m) for m in collected.stored])
+        session.connection().execute(INSERT_IMAGE,
+                                     [_image_row(render, begun, m) for m in collected.stored])
     error = "; ".join(collected.problems) or None
     end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error,
                claim=claim)

@@ -183,8 +183,11 @@ class FileStore:
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, bytes(data))
+            try:
+                _write_atomically(path, bytes(data))
+            except FileNotFoundError:  # the key's folder is new: make it only then
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _write_atomically(path, bytes(data))
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path.as_uri()

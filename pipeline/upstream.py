@@ -583,6 +583,10 @@ def _check_identity_encoding(response: httpx.Response, host: str) -> None:
 
 
 async def _resolve(host: str, port: int) -> list[IPAddress]:
+    try:  # an address literal resolves to itself: no trip to the resolver's thread pool
+        return [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        pass
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     if not infos:
         raise OSError(f"no addresses for {host}")
