@@ -4,6 +4,7 @@ pause every worker takes after a 429. Kept in Redis when there is one, in-proces
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
@@ -16,6 +17,7 @@ from pipeline.settings import SettingsError
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 DEFAULT_429_PAUSE = 2.0
 POLL = 0.05
+PAUSE_RECHECK = 0.1  # seconds a worker trusts Redis' last "no 429 pause" for a model
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class RedisLimits:
         self.prefix = prefix
         self._rate = self.redis.register_script(_RATE_SCRIPT)
         self._slot = self.redis.register_script(_SLOT_SCRIPT)
+        self._no_pause_seen: dict[str, float] = {}  # model -> when Redis last said "no pause"
 
     @asynccontextmanager
     async def slot(self, model: str) -> AsyncIterator[None]:
@@ -100,6 +103,7 @@ class RedisLimits:
 
     async def slow_down(self, model: str, retry_after: float | None) -> None:
         pause = retry_after if retry_after and retry_after > 0 else DEFAULT_429_PAUSE
+        self._no_pause_seen.pop(model, None)
         await self.redis.set(f"{self.prefix}:pause:{model}", "1", px=int(pause * 1000))
 
     async def in_flight(self) -> int:
@@ -107,9 +111,15 @@ class RedisLimits:
         return int(await self.redis.zcard(f"{self.prefix}:inflight"))
 
     async def _wait_out_pause(self, model: str) -> None:
+        # Asked of Redis at most every PAUSE_RECHECK seconds per model: at hundreds of
+        # renders a second a round trip each was a measurable share of a worker's CPU, and a
+        # pause another worker sets is still honoured within that long.
+        if time.monotonic() - self._no_pause_seen.get(model, -math.inf) < PAUSE_RECHECK:
+            return
         key = f"{self.prefix}:pause:{model}"
         while (left := await self.redis.pttl(key)) > 0:
             await asyncio.sleep(left / 1000)
+        self._no_pause_seen[model] = time.monotonic()
 
     async def _take_rate(self, model: str) -> None:
         rate = self.rates.get(model)
