@@ -92,7 +92,9 @@ BOTH = ("embedded", "distributed-1")
 PRESETS: dict[str, tuple[tuple[str, ...], list[dict[str, Any]]]] = {
     "efficiency": (MODES, [{"n": 4000, "concurrency": 200, "latency": 1.0}]),
     "overhead": (BOTH, [{"n": 2000, "concurrency": 100, "latency": 0.0}]),
-    "memory": (BOTH, [{"n": 1000, "concurrency": 500, "latency": 1.0,
+    # 500 in flight needs throughput x latency = 500: at 10 s that is 50 renders/s, which a
+    # 2-core machine moving 2 MiB per render can sustain (at 1 s it would take 500/s).
+    "memory": (BOTH, [{"n": 1500, "concurrency": 500, "latency": 10.0,
                        "media_bytes": 2 * 1024 * 1024}]),
     "linear": (BOTH, [{"n": n, "concurrency": 200, "latency": 0.2} for n in (1000, 4000, 16000)]),
     "sweep": (BOTH, [{"n": 10 * c, "concurrency": c, "latency": 1.0}

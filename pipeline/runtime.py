@@ -101,7 +101,10 @@ def build_limits(settings: Settings) -> RedisLimits | LocalLimits:
 
 
 def start_services(settings: Settings) -> Services:
-    engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 50))
+    # Few connections, many render threads: each thread holds one only for its two short
+    # transactions, and on PostgreSQL fewer sessions queueing on a job's hot row measured
+    # faster (bench/README.md) than one per thread.
+    engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 20))
     io = IOLoop()
     # The client's aiohttp session must be created on the loop that will use it.
     upstream = io.run(_on_loop(build_upstream, settings))
