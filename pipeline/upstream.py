@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import http
 import ipaddress
 import json
 import logging
@@ -19,9 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from pipeline.sse import SSEEvent, SSEParser
 
@@ -38,7 +38,14 @@ METADATA_ADDRESSES = frozenset(
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _URL_SECRET = re.compile(r"(https?://[^\s\"'<>?#]*)[?#][^\s\"'<>]*", re.IGNORECASE)
-_TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, OSError)
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# aiohttp's timeouts are also TimeoutError (an OSError): catch these inside the deadline, so a
+# TimeoutError that reaches `asyncio.timeout` is the render deadline and nothing else.
+_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
+# The idle time of a pooled API connection (httpx's default, which the client had before).
+_API_KEEPALIVE = 5.0
+# Media is read as it arrives (no decompression), so only the identity coding is accepted.
+_MEDIA_HEADERS = {"Accept-Encoding": "identity"}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -82,7 +89,8 @@ Outcome = Delivered | Refused | Unknown
 
 
 class UpstreamClient:
-    """One per worker process; lives on one asyncio loop (aiohttp sessions are loop-bound)."""
+    """One per worker process; lives on one asyncio loop (aiohttp sessions are loop-bound), so
+    it is built inside a coroutine running on that loop."""
 
     def __init__(self, api_base: str, api_key: str | None, *, concurrency: int,
                  read_timeout: float, connect_timeout: float, deadline: float,
@@ -97,26 +105,32 @@ class UpstreamClient:
         self._allow_private_media = allow_private_media
         self._api_is_private: bool | None = None
         self._concurrency = max(1, concurrency)
-        # httpx maps read -> aiohttp sock_read (reset by every chunk) and pool -> aiohttp's
-        # connect (pool wait + connect), so a render never waits unbounded for a slot.
-        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
-                                write=read_timeout, pool=connect_timeout)
-        # The transport turns max_connections into TCPConnector(limit=...); both the
-        # transport and aiohttp would otherwise stop at 100 connections.
-        limits = httpx.Limits(max_connections=self._concurrency,
-                              max_keepalive_connections=self._concurrency)
-        self._api = httpx.AsyncClient(transport=AiohttpTransport(limits=limits),
-                                      limits=limits, timeout=timeout)
-        self._media = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits, client=self._media_session),
-            limits=limits, timeout=timeout, follow_redirects=False,
+        # Parsed once; a base that does not parse is refused at each call, not here.
+        self._generations_url = _api_url(self._api_base, "images/generations")
+        self._models_url = _api_url(self._api_base, "models")
+        auth = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._auth_headers = auth
+        self._generation_headers = {**auth, "Accept": "text/event-stream, application/json",
+                                    "Content-Type": "application/json"}
+        # sock_read is reset by every chunk (a per-chunk read timeout: keepalive comments keep a
+        # render alive, the deadline ends it); `connect` bounds the wait for a pool slot plus
+        # the connect, so a render never waits unbounded for a connection.
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
+                                        sock_connect=connect_timeout, sock_read=read_timeout)
+        # aiohttp stops at 100 connections unless told otherwise; both pools get the
+        # concurrency. aiohttp's default SSL context verifies certificates.
+        self._api = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._concurrency,
+                                           keepalive_timeout=_API_KEEPALIVE),
+            timeout=timeout,
         )
+        self._media = self._media_session(timeout)
 
     async def aclose(self) -> None:
         try:
-            await self._api.aclose()
+            await self._api.close()
         finally:
-            await self._media.aclose()
+            await self._media.close()
 
     # --- generation -------------------------------------------------------------------------
 
@@ -124,64 +138,66 @@ class UpstreamClient:
         """POST one generation with `sse: true` and say how it ended (never raises for I/O)."""
         payload = {**body, "sse": True}  # a copy: the caller's dict is never changed
         try:
-            request = self._api.build_request(
-                "POST", f"{self._api_base}/images/generations", json=payload,
-                headers=self._headers({"Accept": "text/event-stream, application/json"}),
-            )
+            content = _json_body(payload)
         except (TypeError, ValueError) as exc:
             return Refused(self._scrub(f"the request body is not JSON: {exc}"), None, False)
         try:
             async with asyncio.timeout(self._deadline):
-                return await self._send_generation(request)
+                return await self._send_generation(content)
         except TimeoutError:
             # Keepalive comments reset the read timeout forever; only this ends a stall.
             return Unknown(f"no result within the {self._deadline:g}s render deadline")
 
-    async def _send_generation(self, request: httpx.Request) -> Outcome:
+    async def _send_generation(self, content: bytes) -> Outcome:
         try:
-            response = await self._api.send(request, stream=True)
+            response = await self._api.post(_sendable(self._generations_url), data=content,
+                                             headers=self._generation_headers,
+                                             allow_redirects=False)
         except _TRANSPORT_ERRORS as exc:
             return self._send_failed(exc)
         try:
+            _log_response("POST", self._generations_url, response)
             return await self._read_outcome(response)
         except _TRANSPORT_ERRORS as exc:
             return Unknown(self._scrub(f"the response broke off: {self._detail(exc)}"))
         finally:
-            # A close error says nothing about the outcome already decided.
+            # A close error says nothing about the outcome already decided. An unread rest
+            # (a result before [DONE]) closes the connection instead of returning it.
             with contextlib.suppress(*_TRANSPORT_ERRORS):
-                await response.aclose()
+                response.release()
+                await response.wait_for_close()
 
     def _send_failed(self, exc: BaseException) -> Outcome:
         detail = self._detail(exc)
-        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
             return Refused(self._scrub(f"bad api_base: {detail}"), None, False)
         if _never_sent(exc):
             return Refused(self._scrub(f"cannot reach the upstream: {detail}"), None, True)
         return Unknown(self._scrub(f"the request failed after it was sent: {detail}"))
 
-    async def _read_outcome(self, response: httpx.Response) -> Outcome:
-        if not response.is_success:
+    async def _read_outcome(self, response: aiohttp.ClientResponse) -> Outcome:
+        if not 200 <= response.status < 300:
             return await self._refusal(response)
-        content_type = response.headers.get("content-type", "").lower()
+        content_type = _header(response, "content-type").lower()
         if "json" in content_type and "event-stream" not in content_type:
             return await self._json_outcome(response)
         return await self._sse_outcome(response)
 
-    async def _refusal(self, response: httpx.Response) -> Refused:
-        status = response.status_code
+    async def _refusal(self, response: aiohttp.ClientResponse) -> Refused:
+        status = response.status
         try:
             raw = await _read_at_most(response, MAX_ERROR_BODY)
         except _TRANSPORT_ERRORS:
             raw = b""  # the status alone already says the request was refused
-        message = _error_body_message(raw) or response.reason_phrase or "no message"
+        message = _error_body_message(raw) or _reason_phrase(response) or "no message"
         return Refused(
             message=self._scrub(message),
             status=status,
             retryable=_retryable_status(status),
-            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            retry_after=parse_retry_after(_header(response, "retry-after") or None),
         )
 
-    async def _json_outcome(self, response: httpx.Response) -> Outcome:
+    async def _json_outcome(self, response: aiohttp.ClientResponse) -> Outcome:
         raw = await _read_at_most(response, self._max_result_bytes + 1)
         if len(raw) > self._max_result_bytes:
             return Unknown(f"the response body is larger than {self._max_result_bytes} bytes")
@@ -192,10 +208,12 @@ class UpstreamClient:
         outcome = self._document_outcome(document)
         return outcome or Unknown("the JSON body holds neither a result nor an error")
 
-    async def _sse_outcome(self, response: httpx.Response) -> Outcome:
+    async def _sse_outcome(self, response: aiohttp.ClientResponse) -> Outcome:
+        # Raw chunks into our own parser: aiohttp's line reading raises past 512 KiB and is
+        # quadratic on one long data line, which is what a base64 result is.
         parser = SSEParser()
         received = 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.content.iter_any():
             received += len(chunk)
             if received > self._max_result_bytes:
                 return Unknown(f"the stream is larger than {self._max_result_bytes} bytes")
@@ -244,25 +262,29 @@ class UpstreamClient:
         """The raw entries of GET {api_base}/models; raises UpstreamError."""
         try:
             async with asyncio.timeout(self._deadline):
-                response = await self._api.get(f"{self._api_base}/models",
-                                               headers=self._headers())
+                status, raw = await self._get_models()
         except TimeoutError:
             raise UpstreamError(f"GET /models took longer than {self._deadline:g}s") from None
-        except _TRANSPORT_ERRORS as exc:
-            raise UpstreamError(self._scrub(f"GET /models failed: {self._detail(exc)}")) from None
-        if not response.is_success:
-            message = _error_body_message(response.content[:MAX_ERROR_BODY]) or "no message"
-            raise UpstreamError(
-                self._scrub(f"GET /models answered HTTP {response.status_code}: {message}")
-            )
+        if not 200 <= status < 300:
+            message = _error_body_message(raw[:MAX_ERROR_BODY]) or "no message"
+            raise UpstreamError(self._scrub(f"GET /models answered HTTP {status}: {message}"))
         try:
-            document = response.json()
+            document = json.loads(raw)
         except ValueError:
             raise UpstreamError("GET /models answered a body that is not JSON") from None
         data = document.get("data") if isinstance(document, dict) else None
         if not isinstance(data, list):
             raise UpstreamError("GET /models answered JSON without a `data` list")
         return [entry for entry in data if isinstance(entry, dict)]
+
+    async def _get_models(self) -> tuple[int, bytes]:
+        try:
+            async with self._api.get(_sendable(self._models_url), headers=self._auth_headers,
+                                     allow_redirects=False) as response:
+                _log_response("GET", self._models_url, response)
+                return response.status, await response.read()
+        except _TRANSPORT_ERRORS as exc:
+            raise UpstreamError(self._scrub(f"GET /models failed: {self._detail(exc)}")) from None
 
     # --- media ------------------------------------------------------------------------------
 
@@ -286,41 +308,43 @@ class UpstreamClient:
             current = result
         raise MediaRefused(f"more than {MAX_REDIRECTS} redirects from {_host_of(url)}")
 
-    async def _fetch_once(self, url: httpx.URL) -> bytes | httpx.URL:
+    async def _fetch_once(self, url: URL) -> bytes | URL:
         """One hop: the bytes, or the URL the server redirects to (checked by the caller)."""
         host = url.host
         try:
-            async with self._media.stream(
-                "GET", url, headers={"Accept-Encoding": "identity"}
-            ) as response:
-                if response.status_code in REDIRECT_STATUSES:
+            # Redirects are never followed by aiohttp: each hop's host is checked first.
+            async with self._media.get(url, headers=_MEDIA_HEADERS,
+                                       allow_redirects=False) as response:
+                _log_response("GET", url, response)
+                if response.status in REDIRECT_STATUSES:
                     return _redirect_target(url, response)
-                if not response.is_success:
-                    raise MediaRefused(f"{host} answered HTTP {response.status_code}")
+                if not 200 <= response.status < 300:
+                    raise MediaRefused(f"{host} answered HTTP {response.status}")
                 _check_identity_encoding(response, host)
                 return await self._read_media(response, host)
         except _TRANSPORT_ERRORS as exc:
             # `from None`: the chained exception could carry the whole pre-signed URL.
             raise MediaRefused(f"the download from {host} failed: {self._detail(exc)}") from None
 
-    async def _read_media(self, response: httpx.Response, host: str) -> bytes:
+    async def _read_media(self, response: aiohttp.ClientResponse, host: str | None) -> bytes:
         cap = self._max_media_bytes
-        declared = response.headers.get("content-length", "")
+        declared = _header(response, "content-length")
         if declared.isdigit() and int(declared) > cap:
             raise MediaRefused(f"media from {host} is {declared} bytes, over the {cap} cap")
         received = bytearray()
-        async for chunk in response.aiter_raw():
+        # The media session does not decompress: these are the bytes on the wire.
+        async for chunk in response.content.iter_any():
             received += chunk
             if len(received) > cap:
                 raise MediaRefused(f"media from {host} is over the {cap} byte cap")
         return bytes(received)
 
-    async def _check_host(self, url: httpx.URL) -> None:
+    async def _check_host(self, url: URL) -> None:
         """Refuse a hop whose host resolves to any address the SSRF rules forbid."""
-        host = url.host
+        host = url.host or ""
         try:
             addresses = await _resolve(host, url.port or (443 if url.scheme == "https" else 80))
-        except OSError:
+        except (OSError, UnicodeError):  # UnicodeError: a name IDNA cannot encode
             raise MediaRefused(f"cannot resolve the media host {host}") from None
         private_ok = await self._private_media_allowed()
         for address in addresses:
@@ -334,32 +358,28 @@ class UpstreamClient:
         if self._allow_private_media:
             return True
         if self._api_is_private is None:
-            api = httpx.URL(self._api_base)
+            api = self._generations_url  # any endpoint: its host is the API's host
+            if isinstance(api, str) or not api.host:
+                return False  # an api_base that is not a URL is no private deployment
             try:
                 addresses = await _resolve(api.host, api.port or 443)
-            except OSError:
+            except (OSError, UnicodeError):
                 return False  # not cached: a passing DNS failure must not decide for good
             self._api_is_private = any(not _unwrap(a).is_global for a in addresses)
         return self._api_is_private
 
-    def _media_session(self) -> aiohttp.ClientSession:
-        """The media client's aiohttp session; its resolver re-checks every address at connect
-        time, so a host that resolves differently after our check (DNS rebinding) is refused."""
+    def _media_session(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+        """The media session. Its resolver re-checks every address at connect time, so a host
+        that resolves differently after our check (DNS rebinding) is refused; it does not
+        decompress, so the size cap counts the bytes that arrive (we ask for identity)."""
         resolver = _GuardedResolver(
             lambda address: address_problem(address, private_ok=self._api_is_private is True
                                             or self._allow_private_media)
         )
-        connector = aiohttp.TCPConnector(limit=self._concurrency, resolver=resolver,
-                                         ssl=httpx.create_ssl_context())
-        return aiohttp.ClientSession(connector=connector)
+        connector = aiohttp.TCPConnector(limit=self._concurrency, resolver=resolver)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
     # --- helpers ----------------------------------------------------------------------------
-
-    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        headers = dict(extra or {})
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        return headers
 
     def _scrub(self, text: str) -> str:
         """Make a message safe to store and log: no key, no URL query, bounded length."""
@@ -379,7 +399,7 @@ class UpstreamClient:
                 return f"cannot connect to {cause.host}:{cause.port} ({reason})"
             if isinstance(cause, aiohttp.ConnectionTimeoutError):
                 return "connect timed out"
-            if isinstance(cause, aiohttp.SocketTimeoutError | httpx.ReadTimeout):
+            if isinstance(cause, aiohttp.SocketTimeoutError):
                 return f"no data for {self._read_timeout:g}s (read timeout)"
             if isinstance(cause, aiohttp.ServerDisconnectedError):
                 return "the server closed the connection"
@@ -519,21 +539,10 @@ def _error_body_message(raw: bytes) -> str | None:
     return text or None
 
 
-async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
-    received = bytearray()
-    async for chunk in response.aiter_bytes():
-        received += chunk
-        if len(received) >= limit:
-            break
-    return bytes(received[:limit])
-
-
 def _never_sent(exc: BaseException) -> bool:
-    """True when the failure happened before the request left (nothing can be billed).
-
-    httpx-aiohttp maps every aiohttp ClientConnectionError to httpx.ConnectTimeout, even a
-    server that disconnected after reading the request, so look at aiohttp's own exception.
-    """
+    """True when the failure happened before the request left (nothing can be billed): a
+    connect failure or timeout, not any ClientConnectionError (a server that disconnected
+    after reading the request is one too)."""
     never_sent = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                   ConnectionRefusedError, socket.gaierror)
     return any(isinstance(cause, never_sent) for cause in _chain(exc))
@@ -548,15 +557,97 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _parse_media_url(url: str) -> httpx.URL:
+def _clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# --- requests and responses ---------------------------------------------------------------
+
+
+def _json_body(payload: dict[str, Any]) -> bytes:
+    """The request body, encoded as before (compact, UTF-8, no NaN or Infinity)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    received = bytearray()
+    async for chunk in response.content.iter_any():
+        received += chunk
+        if len(received) >= limit:
+            break
+    return bytes(received[:limit])
+
+
+def _header(response: aiohttp.ClientResponse, name: str) -> str:
+    """A header's values joined with ", ", as httpx read headers: a repeated header is seen
+    whole (two Content-Encoding lines, one of them gzip, are not identity)."""
+    return ", ".join(response.headers.getall(name, ()))
+
+
+def _reason_phrase(response: aiohttp.ClientResponse) -> str:
+    """The status line's reason in ASCII, or the standard phrase when the server sent none."""
+    if response.reason:
+        return response.reason.encode("ascii", "ignore").decode("ascii")
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
+        return http.HTTPStatus(response.status).phrase
+    except ValueError:
+        return ""
+
+
+def _check_identity_encoding(response: aiohttp.ClientResponse, host: str | None) -> None:
+    # We asked for identity: any other coding would have to be decoded past the size cap.
+    encoding = _header(response, "content-encoding").strip().lower()
+    if encoding not in ("", "identity"):
+        raise MediaRefused(f"media from {host} came with Content-Encoding {encoding[:32]!r}")
+
+
+def _log_response(method: str, url: URL | str, response: aiohttp.ClientResponse) -> None:
+    """One line per response at DEBUG (shown by `-vv`, as httpx's were), host only."""
+    if log.isEnabledFor(logging.DEBUG):
+        version = f"HTTP/{response.version.major}.{response.version.minor}"
+        log.debug('HTTP Request: %s %s "%s %d %s"', method, safe_url(url), version,
+                  response.status, _reason_phrase(response))
+
+
+# --- URLs -----------------------------------------------------------------------------------
+
+
+def _parse_url(text: str) -> URL:
+    """`text` as a URL, read as the client always read URLs (with httpx), so that what is
+    refused or fetched does not change: an ASCII control character makes it invalid (yarl
+    would silently drop tabs and line breaks, and strip them from the start), and spaces are
+    percent-encoded (yarl would strip leading ones and write '+' in a query)."""
+    if _CONTROL_CHARS.search(text) is not None:
+        raise ValueError("the URL holds a control character")
+    return URL(text.replace(" ", "%20"))
+
+
+def _api_url(base: str, path: str) -> URL | str:
+    """An endpoint under api_base, or its text when that is not a valid URL (see _sendable)."""
+    text = f"{base}/{path}"
+    try:
+        return _parse_url(text)
+    except ValueError:
+        return text
+
+
+def _sendable(url: URL | str) -> URL:
+    """The endpoint's URL; an api_base that did not parse fails each call as aiohttp fails a URL
+    it cannot parse, so it is a refusal (`bad api_base`), as before."""
+    if isinstance(url, str):
+        raise aiohttp.InvalidUrlClientError(url)
+    return url
+
+
+def _parse_media_url(url: str) -> URL:
+    try:
+        return _require_http(_parse_url(url))
+    except (ValueError, TypeError):  # ValueError includes yarl's IDNA errors on .host
         raise MediaRefused("the media URL is not a valid URL") from None
-    return _require_http(parsed)
 
 
-def _require_http(url: httpx.URL) -> httpx.URL:
+def _require_http(url: URL) -> URL:
     if url.scheme not in ("http", "https"):
         raise MediaRefused(f"the media URL scheme {url.scheme[:16]!r} is not http(s)")
     if not url.host:
@@ -564,22 +655,35 @@ def _require_http(url: httpx.URL) -> httpx.URL:
     return url
 
 
-def _redirect_target(url: httpx.URL, response: httpx.Response) -> httpx.URL:
-    location = response.headers.get("location")
+def _redirect_target(url: URL, response: aiohttp.ClientResponse) -> URL:
+    location = _header(response, "location")
     if not location:
         raise MediaRefused(f"{url.host} redirected without a Location")
     try:
-        target = url.join(location)
-    except httpx.InvalidURL:
+        return _require_http(url.join(_parse_url(location)))
+    except ValueError:
         raise MediaRefused(f"{url.host} redirected to an invalid URL") from None
-    return _require_http(target)
 
 
-def _check_identity_encoding(response: httpx.Response, host: str) -> None:
-    # We asked for identity: any other coding would have to be decoded past the size cap.
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity"):
-        raise MediaRefused(f"media from {host} came with Content-Encoding {encoding[:32]!r}")
+def _host_of(url: str) -> str:
+    try:
+        return _parse_url(url).host or "an unknown host"
+    except (ValueError, TypeError):
+        return "an invalid URL"
+
+
+def safe_url(url: URL | str) -> str:
+    """A URL fit for logs: scheme and host only (pre-signed URLs are credentials)."""
+    try:
+        parsed = url if isinstance(url, URL) else _parse_url(str(url))
+        host = parsed.host
+    except (ValueError, TypeError):
+        return "<invalid URL>"
+    port = f":{parsed.explicit_port}" if parsed.explicit_port else ""
+    return f"{parsed.scheme}://{host}{port}/…"
+
+
+# --- addresses ------------------------------------------------------------------------------
 
 
 async def _resolve(host: str, port: int) -> list[IPAddress]:
@@ -601,45 +705,3 @@ def _unwrap(address: IPAddress) -> IPAddress:
         if address in _NAT64:
             return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
-
-
-def _host_of(url: str) -> str:
-    try:
-        return httpx.URL(url).host or "an unknown host"
-    except (httpx.InvalidURL, TypeError):
-        return "an invalid URL"
-
-
-def _clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def safe_url(url: httpx.URL | str) -> str:
-    """A URL fit for logs: scheme and host only (pre-signed URLs are credentials)."""
-    try:
-        parsed = httpx.URL(str(url))
-    except (httpx.InvalidURL, TypeError):
-        return "<invalid URL>"
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{parsed.host}{port}/…"
-
-
-class _RedactUrls(logging.Filter):
-    """httpx logs every request URL at INFO; a pre-signed media URL must not reach a log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                safe_url(arg) if isinstance(arg, httpx.URL) else arg for arg in record.args
-            )
-        return True
-
-
-def _install_log_filter() -> None:
-    httpx_log = logging.getLogger("httpx")
-    if not any(isinstance(f, _RedactUrls) for f in httpx_log.filters):
-        httpx_log.addFilter(_RedactUrls())
-
-
-_install_log_filter()
-

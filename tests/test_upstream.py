@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from fake_upstream.app import FakeConfig, FakeServer
 from pipeline.upstream import (
@@ -320,11 +320,11 @@ def test_many_in_flight_beyond_default_pool(fake: FakeServer) -> None:
 
 
 def test_pool_limits_reach_aiohttp(fake: FakeServer) -> None:
-    async def action(client: UpstreamClient) -> int:
+    async def action(client: UpstreamClient) -> tuple[int, int]:
         await client.list_models()
-        return client._api._transport.client.connector.limit  # type: ignore[attr-defined]
+        return client._api.connector.limit, client._media.connector.limit  # type: ignore[union-attr]
 
-    assert with_client(fake.base_url, action, concurrency=300) == 300
+    assert with_client(fake.base_url, action, concurrency=300) == (300, 300)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_private_media_refused_when_upstream_is_public(fake: FakeServer) -> None
 def test_connect_time_resolver_refuses_rebound_host(fake: FakeServer) -> None:
     """Defence in depth: were a host to resolve differently after the per-hop check (DNS
     rebinding), the media session's own resolver still refuses the forbidden address."""
-    url = httpx.URL(_media_url(fake, {})).copy_with(host="localhost")
+    url = URL(_media_url(fake, {})).with_host("localhost")
 
     async def action(client: UpstreamClient) -> bytes:
         return await client._fetch_once(url)  # skips _check_host on purpose
