@@ -109,7 +109,7 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps]) -> list[in
     job.started_at = job.started_at or now
     job.finished_at = None
     session.flush()
-    close_job_if_done(session, job_id)
+    close_job_if_done(session, job_id, recount_open_renders(session, job_id))
     return list(
         session.scalars(
             select(Render.id)
@@ -160,20 +160,32 @@ def _settle_items_where(which: ColumnElement[bool]) -> Any:
 
 SETTLE_ITEM = _settle_items_where(_items.c.id == bindparam("item"))
 SETTLE_JOB_ITEMS = _settle_items_where(_items.c.job_id == bindparam("job"))
-# FOR NO KEY UPDATE, not FOR UPDATE: every ledger, attempt or image insert takes a KEY SHARE
-# lock on its job row (the foreign key), which FOR UPDATE waits for; a settlement holding the
-# job row that then asked for FOR UPDATE deadlocked with the renders queueing on that row.
-LOCK_JOB = select(Job.__table__.c.id).where(Job.__table__.c.id == bindparam("job")
-                                            ).with_for_update(key_share=True)
-ANY_OPEN_RENDER = select(_renders.c.id).where(
-    _renders.c.job_id == bindparam("job"), _renders.c.status.in_([s.value for s in OPEN_RENDER])
-).limit(1)
+_jobs = Job.__table__
+# One less open render; the UPDATE also takes the job's row lock (FOR NO KEY UPDATE, as any
+# UPDATE of non-key columns), which orders the last renders of a job: the later one sees the
+# earlier one's count, so exactly one of them finds zero and closes the job.
+RENDER_ENDED = (
+    update(_jobs).where(_jobs.c.id == bindparam("job"))
+    .values(open_renders=_jobs.c.open_renders - 1)
+    .returning(_jobs.c.open_renders)
+)
+RECOUNT_OPEN = (
+    update(_jobs).where(_jobs.c.id == bindparam("job"))
+    .values(open_renders=select(func.count()).select_from(_renders).where(
+        _renders.c.job_id == _jobs.c.id,
+        _renders.c.status.in_([s.value for s in OPEN_RENDER])).scalar_subquery())
+    .returning(_jobs.c.open_renders)
+)
 
 
-def lock_job(session: Session, job_id: int) -> None:
-    """The job's row lock until the transaction ends (PostgreSQL; SQLite holds its one write
-    lock already)."""
-    session.connection().execute(LOCK_JOB, {"job": job_id})
+def render_ended(session: Session, job_id: int) -> int:
+    """Count one of the job's renders as ended; returns how many are still open."""
+    return session.connection().execute(RENDER_ENDED, {"job": job_id}).scalar_one()
+
+
+def recount_open_renders(session: Session, job_id: int) -> int:
+    """Count the job's open renders anew (after planning, cancelling, or to repair)."""
+    return session.connection().execute(RECOUNT_OPEN, {"job": job_id}).scalar_one()
 
 
 def settle_item(session: Session, item_id: int) -> None:
@@ -181,13 +193,11 @@ def settle_item(session: Session, item_id: int) -> None:
     session.connection().execute(SETTLE_ITEM, {"item": item_id})
 
 
-def close_job_if_done(session: Session, job_id: int, *, locked: bool = False) -> bool:
-    """Close the job when no render is open. The job's row lock (taken here unless the caller
-    already holds it) orders the last renders to finish: the later one sees the earlier one
-    committed, so they cannot both miss the close."""
-    if not locked:
-        lock_job(session, job_id)
-    if session.connection().execute(ANY_OPEN_RENDER, {"job": job_id}).first() is not None:
+def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
+    """Close the job when none of its renders is open. `open_renders` must come from a
+    statement that holds the job's row lock in this transaction (render_ended or
+    recount_open_renders)."""
+    if open_renders > 0:
         return False
     job = session.get_one(Job, job_id)
     if job.finished_at is not None or job.status == JobStatus.PENDING:
@@ -246,7 +256,7 @@ def cancel_job(session: Session, job_id: int) -> bool:
         .values(status=ItemStatus.CANCELLED, error="cancelled")
     )
     session.connection().execute(SETTLE_JOB_ITEMS, {"job": job_id})
-    close_job_if_done(session, job_id)
+    close_job_if_done(session, job_id, recount_open_renders(session, job_id))
     return True
 
 

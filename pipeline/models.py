@@ -87,6 +87,9 @@ class Job(Base):
     spent_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     reserved_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     unknown_cents: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    # Renders queued or running: recounted when the job is planned or cancelled, and taken
+    # down by one as each render ends (under the job's row lock), so closing needs no scan.
+    open_renders: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     source: Mapped[str] = mapped_column(String(20), server_default=text("'sql'"))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))

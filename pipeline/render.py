@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import ledger
 from pipeline.db import retry_on_disconnect, transaction
-from pipeline.jobs import close_job_if_done, lock_job, settle_item
+from pipeline.jobs import close_job_if_done, render_ended, settle_item
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
     TERMINAL_RENDER,
@@ -245,17 +245,16 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
     """Move a render (an ORM Render or a renders row) to a terminal status, apply its last
     attempt's settlement, then settle its item and maybe close its job.
 
-    The job's row lock (taken by the settlement's counter update, or by the close check)
+    The job's row lock (taken by the settlement's counter update, or by the open-render count)
     comes before the item's status is decided: two renders of one item finishing at once
     are ordered by it, so the later sees the earlier committed."""
     session.connection().execute(END_RENDER, {"render": render.id, "new_status": status.value,
                                               "message": error, "now": utcnow()})
     if claim is not None:
-        ledger.apply_settlement(session, claim)  # its counter update takes the job's row lock
-    else:
-        lock_job(session, render.job_id)
+        ledger.apply_settlement(session, claim)
+    still_open = render_ended(session, render.job_id)  # takes the job's row lock if not yet
     settle_item(session, render.item_id)
-    close_job_if_done(session, render.job_id, locked=True)
+    close_job_if_done(session, render.job_id, still_open)
 
 
 # --- the call and the media, outside any transaction ----------------------------------------

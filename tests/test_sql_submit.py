@@ -126,8 +126,33 @@ def test_a_worker_refuses_a_schema_that_is_behind(tmp_path, fake, postgres_url):
     assert refused.returncode == 2
     assert "run `imagebatch db upgrade`" in refused.stderr and "Traceback" not in refused.stderr
     upgraded = imagebatch("db", "upgrade")
-    assert upgraded.returncode == 0 and "schema at revision 0001" in upgraded.stdout
-    assert "0001" in imagebatch("db", "current").stdout
+    assert upgraded.returncode == 0 and "schema at revision 0002" in upgraded.stdout
+    assert "database: 0002; this imagebatch: 0002" in imagebatch("db", "current").stdout
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+def test_upgrading_an_existing_database_counts_its_open_renders(svc, fake):
+    """Revision 0002 adds jobs.open_renders: jobs already running keep closing correctly."""
+    from alembic import command
+
+    from pipeline.db import _alembic_config
+
+    run_readme_sql(svc.settings.database_url)
+    planned = dispatch_pending(svc)
+    engine = svc.engine
+    with engine.begin() as connection:
+        command.downgrade(_alembic_config(connection), "0001")
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE renders SET status = 'succeeded' WHERE id = :id"),
+                           {"id": planned[0]})
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "head")
+    with engine.connect() as connection:
+        counted = connection.execute(sa.text("SELECT open_renders FROM jobs")).scalar_one()
+    assert counted == len(planned) - 1
+    render_all(svc, planned[1:])
+    with svc.sessions() as session:
+        summary = job_summary(session, 1)
+    assert summary["finished_at"] is not None  # the count reached zero with the last render
