@@ -293,6 +293,13 @@ def retry_job(session: Session, job_id: int, budget_cents: int | None = None) ->
 # --- reading -------------------------------------------------------------------------------
 
 
+def job_is_finished(session: Session, job_id: int) -> bool:
+    row = session.execute(select(Job.finished_at).where(Job.id == job_id)).one_or_none()
+    if row is None:
+        raise JobNotFound(f"no job {job_id}")
+    return row.finished_at is not None
+
+
 def job_summary(session: Session, job_id: int) -> dict[str, Any]:
     job = get_job(session, job_id)
     counts = item_counts(session, job_id)
