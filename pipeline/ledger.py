@@ -63,6 +63,9 @@ HOLD_TEAM = (
     )
     .values(reserved_cents=_budgets.c.reserved_cents + bindparam("amount"))
 )
+# The job's row is every render's hot row: on PostgreSQL each UPDATE of it leaves a dead
+# version behind, so a settlement that also ends its render takes the render off the job's
+# open count in the same UPDATE (d_open) rather than in one more.
 MOVE_JOB = (
     update(_jobs)
     .where(_jobs.c.id == bindparam("job"))
@@ -70,7 +73,9 @@ MOVE_JOB = (
         reserved_cents=_jobs.c.reserved_cents + bindparam("d_reserved"),
         spent_cents=_jobs.c.spent_cents + bindparam("d_spent"),
         unknown_cents=_jobs.c.unknown_cents + bindparam("d_unknown"),
+        open_renders=_jobs.c.open_renders + bindparam("d_open"),
     )
+    .returning(_jobs.c.open_renders)
 )
 MOVE_TEAM = (
     update(_budgets)
@@ -156,7 +161,8 @@ def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,
         HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
     ).rowcount == 1:
         return True
-    db.execute(MOVE_JOB, {"job": job_id, "d_reserved": -amount, "d_spent": 0, "d_unknown": 0})
+    db.execute(MOVE_JOB, {"job": job_id, "d_reserved": -amount, "d_spent": 0, "d_unknown": 0,
+                          "d_open": 0})
     return False
 
 
@@ -213,8 +219,11 @@ def claim_settlement(
                       amount, price)
 
 
-def apply_settlement(session: Session, claim: Settlement) -> None:
-    """Move the money: the ledger row, then the counters (the job's hot row) last."""
+def apply_settlement(session: Session, claim: Settlement, *, render_ended: bool = False
+                     ) -> int:
+    """Move the money: the ledger row, then the counters (the job's hot row) last. With
+    `render_ended` the render is also taken off its job's open count. Returns the job's
+    open renders left."""
     amount = claim.amount_cents
     spent = 0 if claim.outcome == AttemptOutcome.RELEASED else amount
     unknown = amount if claim.outcome == AttemptOutcome.UNKNOWN else 0
@@ -223,9 +232,11 @@ def apply_settlement(session: Session, claim: Settlement) -> None:
             claim.price_per_image_cents)
     deltas = {"d_reserved": -amount, "d_spent": spent, "d_unknown": unknown}
     db = session.connection()
-    db.execute(MOVE_JOB, {"job": claim.job_id, **deltas})
+    still_open = db.execute(MOVE_JOB, {"job": claim.job_id, **deltas,
+                                       "d_open": -1 if render_ended else 0}).scalar_one()
     if claim.team_budget_id is not None:
         db.execute(MOVE_TEAM, {"budget": claim.team_budget_id, **deltas})
+    return int(still_open)
 
 
 def settle(

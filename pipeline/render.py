@@ -250,9 +250,10 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
     are ordered by it, so the later sees the earlier committed."""
     session.connection().execute(END_RENDER, {"render": render.id, "new_status": status.value,
                                               "message": error, "now": utcnow()})
-    if claim is not None:
-        ledger.apply_settlement(session, claim)
-    still_open = render_ended(session, render.job_id)  # takes the job's row lock if not yet
+    if claim is None:
+        still_open = render_ended(session, render.job_id)  # also takes the job's row lock
+    else:
+        still_open = ledger.apply_settlement(session, claim, render_ended=True)
     settle_item(session, render.item_id)
     close_job_if_done(session, render.job_id, still_open)
 
