@@ -169,6 +169,8 @@ RENDER_ENDED = (
     .values(open_renders=_jobs.c.open_renders - 1)
     .returning(_jobs.c.open_renders)
 )
+# FOR NO KEY UPDATE: what an UPDATE of the row's counters takes, so no stronger than needed.
+LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("job")).with_for_update(key_share=True)
 RECOUNT_OPEN = (
     update(_jobs).where(_jobs.c.id == bindparam("job"))
     .values(open_renders=select(func.count()).select_from(_renders).where(
@@ -184,8 +186,15 @@ def render_ended(session: Session, job_id: int) -> int:
 
 
 def recount_open_renders(session: Session, job_id: int) -> int:
-    """Count the job's open renders anew (after planning, cancelling, or to repair)."""
-    return session.connection().execute(RECOUNT_OPEN, {"job": job_id}).scalar_one()
+    """Count the job's open renders anew (after planning, cancelling, or to repair).
+
+    The job's row is locked by a statement of its own first. A recount that had to wait for
+    the lock inside its UPDATE would still count with the snapshot it started with, so the
+    renders that ended (and took themselves off the count) meanwhile would be counted again,
+    and the job would close only at the next sweep's recount."""
+    db = session.connection()
+    db.execute(LOCK_JOB, {"job": job_id})
+    return db.execute(RECOUNT_OPEN, {"job": job_id}).scalar_one()
 
 
 def settle_item(session: Session, item_id: int) -> None:
