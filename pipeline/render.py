@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -106,7 +106,13 @@ def run_render(svc: Services, render_id: int) -> str:
 _renders, _jobs, _items = Render.__table__, Job.__table__, JobItem.__table__
 # Statements built once (see ledger.py). FOR UPDATE locks the row on PostgreSQL; SQLite's
 # BEGIN IMMEDIATE already holds the database's one write lock.
-LOCK_RENDER = select(_renders).where(_renders.c.id == bindparam("render")).with_for_update()
+# The render's item is locked with it: two renders of one item ending at once are ordered by
+# it, so the later one's item status sees the earlier one's render committed.
+LOCK_RENDER_AND_ITEM = (
+    select(_renders).join(_items, _items.c.id == _renders.c.item_id)
+    .where(_renders.c.id == bindparam("render")).with_for_update(of=[_renders, _items])
+)
+LOCK_ITEM = select(_items.c.id).where(_items.c.id == bindparam("item")).with_for_update()
 JOB_STATE = select(_jobs.c.status, _jobs.c.team, _jobs.c.budget_cents, _jobs.c.spent_cents,
                    _jobs.c.reserved_cents).where(_jobs.c.id == bindparam("job"))
 # Everything an attempt needs to start, in one read: the render (locked), its job's state
@@ -168,6 +174,9 @@ def _begin_attempt(svc: Services, render_id: int, holder: int | None, *, hold_la
         delivered = render.deliveries + (1 if holder is None else 0)
         reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
         if reason is None:
+            started = utcnow()
+            if hold_last:  # the render's own row before the holds, which come last
+                _start_attempt(db, render, delivered, started, settings.lease_seconds)
             reservation = ledger.reserve(session, render, render.team, svc.clock(),
                                          hold_last=hold_last)
             if reservation is None:
@@ -179,14 +188,12 @@ def _begin_attempt(svc: Services, render_id: int, holder: int | None, *, hold_la
             status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
             end_render(session, render, status, None if reason == "cancelled" else reason)
             return reason.split(":")[0]
-        # The lease runs from now, not from before the reservation: that may have queued for
-        # seconds on the job's budget row, and a lease already spent by then gets a live
-        # worker's call swept as lost (charged unknown, its paid result thrown away).
-        started = utcnow()
-        session.connection().execute(START_ATTEMPT, {
-            "render": render_id, "number": reservation.number, "delivered": delivered,
-            "lease": started + timedelta(seconds=settings.lease_seconds), "now": started,
-        })
+        # The lease must run from about now: the holds may have queued for seconds on the
+        # job's hot row, and a lease already spent by then gets a live worker's call swept
+        # as lost (charged unknown, its paid result thrown away).
+        now = utcnow()
+        if not hold_last or now - started > timedelta(seconds=settings.lease_seconds / 4):
+            _start_attempt(db, render, delivered, now, settings.lease_seconds)
         spec = RenderSpec(render.render_index, render.n, render.seed)
         return Begun(
             render_id=render.id,
@@ -202,6 +209,14 @@ def _begin_attempt(svc: Services, render_id: int, holder: int | None, *, hold_la
             price_per_image_cents=render.price_per_image_cents,
             request=render_request(json.loads(render.body), spec),
         )
+
+
+def _start_attempt(db: Any, render: Any, delivered: int, now: datetime, lease_seconds: float
+                   ) -> None:
+    db.execute(START_ATTEMPT, {
+        "render": render.id, "number": render.attempts + 1, "delivered": delivered,
+        "lease": now + timedelta(seconds=lease_seconds), "now": now,
+    })
 
 
 def settle_abandoned_attempt(session: Session, render: Any) -> None:
@@ -241,20 +256,23 @@ def _no_reservation_reason(render: Any, job: Any) -> str:
 
 
 def end_render(session: Session, render: Any, status: RenderStatus, error: str | None,
-               *, claim: ledger.Settlement | None = None) -> None:
-    """Move a render (an ORM Render or a renders row) to a terminal status, apply its last
-    attempt's settlement, then settle its item and maybe close its job.
+               *, claim: ledger.Settlement | None = None, item_locked: bool = False) -> None:
+    """Move a render (an ORM Render or a renders row) to a terminal status, settle its item,
+    apply its last attempt's settlement and maybe close its job.
 
-    The job's row lock (taken by the settlement's counter update, or by the open-render count)
-    comes before the item's status is decided: two renders of one item finishing at once
-    are ordered by it, so the later sees the earlier committed."""
-    session.connection().execute(END_RENDER, {"render": render.id, "new_status": status.value,
-                                              "message": error, "now": utcnow()})
+    The item's row lock (taken here unless the caller has it) comes before the item's status
+    is decided: two renders of one item finishing at once are ordered by it, so the later
+    sees the earlier committed. The job's hot row comes last, just before the commit."""
+    db = session.connection()
+    if not item_locked:
+        db.execute(LOCK_ITEM, {"item": render.item_id})
+    db.execute(END_RENDER, {"render": render.id, "new_status": status.value, "message": error,
+                            "now": utcnow()})
+    settle_item(session, render.item_id)
     if claim is None:
         still_open = render_ended(session, render.job_id)  # also takes the job's row lock
     else:
         still_open = ledger.apply_settlement(session, claim, render_ended=True)
-    settle_item(session, render.item_id)
     close_job_if_done(session, render.job_id, still_open)
 
 
@@ -386,7 +404,8 @@ def finish_attempt(
 ) -> float | None:
     """Settle the attempt and move the render on. Returns seconds to wait before a retry."""
     with transaction(svc.sessions) as session:
-        render = session.connection().execute(LOCK_RENDER, {"render": begun.render_id}).one()
+        render = session.connection().execute(LOCK_RENDER_AND_ITEM,
+                                              {"render": begun.render_id}).one()
         if isinstance(outcome, Delivered):
             assert collected is not None
             _record_delivery(session, render, begun, collected)
@@ -401,7 +420,7 @@ def finish_attempt(
             return None  # the sweeper settled it first; it owns the render now
         error = _describe(outcome)
         if not _should_retry(session, render, outcome, svc.settings.max_attempts):
-            end_render(session, render, RenderStatus.FAILED, error, claim=claim)
+            end_render(session, render, RenderStatus.FAILED, error, claim=claim, item_locked=True)
             return None
         retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
         delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
@@ -429,7 +448,7 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
                                      [_image_row(render, begun, m) for m in collected.stored])
     error = "; ".join(collected.problems) or None
     end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error,
-               claim=claim)
+               claim=claim, item_locked=True)
 
 
 def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
