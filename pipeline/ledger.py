@@ -26,7 +26,7 @@ from pipeline.models import (
     TeamBudget,
     utcnow,
 )
-from pipeline.teams import current_team_budget
+from pipeline.teams import UNREAD, current_team_budget
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class HoldRefused(Exception):
 
 
 def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None,
-            *, hold_last: bool = False) -> Reservation | None:
+            *, hold_last: bool = False, team_period: str | None = UNREAD) -> Reservation | None:
     """Hold the render's full price on its job and on its team's period, or on neither.
 
     Each hold is one conditional UPDATE (`spent + reserved + amount <= limit`), so the
@@ -130,11 +130,11 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     With `hold_last`, the attempt's rows are written first and the holds last, so the job's
     row (every render's hot row, locked from the hold to the commit) is held for as short a
     time as possible; a refused hold then raises HoldRefused and the caller's transaction
-    must roll back, as if never tried.
+    must roll back, as if never tried. `team_period`: see `current_team_budget`.
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
-    team_budget_id = current_team_budget(session, team, now)
+    team_budget_id = current_team_budget(session, team, now, team_period)
     if not hold_last and not _hold(session, render.job_id, team, team_budget_id, amount):
         return None
     number = render.attempts + 1

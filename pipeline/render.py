@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
@@ -35,6 +35,7 @@ from pipeline.models import (
     JobStatus,
     Render,
     RenderStatus,
+    Team,
     utcnow,
 )
 from pipeline.plan import RenderSpec, render_request
@@ -104,6 +105,7 @@ def run_render(svc: Services, render_id: int) -> str:
 
 
 _renders, _jobs, _items = Render.__table__, Job.__table__, JobItem.__table__
+_teams = Team.__table__
 # Statements built once (see ledger.py). FOR UPDATE locks the row on PostgreSQL; SQLite's
 # BEGIN IMMEDIATE already holds the database's one write lock.
 # The render's item is locked with it: two renders of one item ending at once are ordered by
@@ -115,13 +117,15 @@ LOCK_RENDER_AND_ITEM = (
 LOCK_ITEM = select(_items.c.id).where(_items.c.id == bindparam("item")).with_for_update()
 JOB_STATE = select(_jobs.c.status, _jobs.c.team, _jobs.c.budget_cents, _jobs.c.spent_cents,
                    _jobs.c.reserved_cents).where(_jobs.c.id == bindparam("job"))
-# Everything an attempt needs to start, in one read: the render (locked), its job's state
-# and its item's request. FOR UPDATE OF locks the render's row only, never the hot job row.
+# Everything an attempt needs to start, in one read: the render (locked), its job's state,
+# its item's request and its team's budget period (NULL: no team budget). FOR UPDATE OF
+# locks the render's row only, never the hot job row.
 START_FACTS = (
     select(_renders, _jobs.c.status.label("job_status"), _jobs.c.team, _items.c.line,
-           _items.c.custom_id, _items.c.body)
+           _items.c.custom_id, _items.c.body, _teams.c.period.label("team_period"))
     .join_from(_renders, _jobs, _jobs.c.id == _renders.c.job_id)
     .join(_items, _items.c.id == _renders.c.item_id)
+    .outerjoin(_teams, and_(_teams.c.name == _jobs.c.team, _teams.c.budget_cents.is_not(None)))
     .where(_renders.c.id == bindparam("render"))
     .with_for_update(of=_renders)
 )
@@ -178,7 +182,7 @@ def _begin_attempt(svc: Services, render_id: int, holder: int | None, *, hold_la
             if hold_last:  # the render's own row before the holds, which come last
                 _start_attempt(db, render, delivered, started, settings.lease_seconds)
             reservation = ledger.reserve(session, render, render.team, svc.clock(),
-                                         hold_last=hold_last)
+                                         hold_last=hold_last, team_period=render.team_period)
             if reservation is None:
                 job = db.execute(JOB_STATE, {"job": render.job_id}).one()
                 reason = _no_reservation_reason(render, job)

@@ -44,12 +44,22 @@ PERIOD_ROW = select(_budgets.c.id).where(
     _budgets.c.team == bindparam("team"), _budgets.c.period_start == bindparam("start"))
 
 
-def current_team_budget(session: Session, team: str, now: datetime) -> int | None:
-    """The id of the team's budget row for the period holding `now`, or None (no budget)."""
-    row = session.connection().execute(TEAM_LIMIT, {"team": team}).first()
-    if row is None or row.budget_cents is None:
+# What `current_team_budget` is told when the caller has not read the team's row itself.
+UNREAD = "unread"
+
+
+def current_team_budget(session: Session, team: str, now: datetime, period: str | None = UNREAD
+                        ) -> int | None:
+    """The id of the team's budget row for the period holding `now`, or None (no budget).
+
+    `period` is the team's budget period when the caller read it already (None: the team
+    has no budget), saving a read per render."""
+    if period == UNREAD:
+        row = session.connection().execute(TEAM_LIMIT, {"team": team}).first()
+        period = None if row is None or row.budget_cents is None else row.period
+    if period is None:
         return None
-    start, end = period_bounds(row.period, now)
+    start, end = period_bounds(period, now)
     return _period_row(session, team, start, end)
 
 
