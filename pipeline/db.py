@@ -35,7 +35,10 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     return create_engine(
         database_url,
         hide_parameters=True,
-        pool_pre_ping=True,
+        # No pre-ping: it is a transaction of its own (BEGIN, SELECT 1) on every checkout, two
+        # per render. A connection that died in the pool fails its first statement instead,
+        # and the render's transactions retry on a new one (retry_on_disconnect); the
+        # dispatcher, sweeper and lease renewals try again on their next beat.
         # No overflow: a connection opened and closed per burst costs PostgreSQL a backend
         # fork each time; render threads wait briefly for a pooled one instead.
         pool_size=pool_size,
