@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import func, select
 
 from pipeline.db import transaction
@@ -66,3 +68,26 @@ def assert_books_balance(svc: Services, job_id: int, *, within_cap: bool = True)
             data = svc.store.get(image.key)
             assert hashlib.sha256(data).hexdigest() == image.sha256
             assert len(data) == image.bytes
+
+
+def wait_until_blocked(svc: Services, timeout: float = 10.0) -> None:
+    """Until another session of this database waits for a row lock (PostgreSQL); SQLite's
+    writers queue on one lock per process that cannot be watched, so a short pause."""
+    if svc.engine.dialect.name != "postgresql":
+        time.sleep(0.3)
+        return
+    watcher = sa.create_engine(svc.settings.database_url, poolclass=sa.pool.NullPool)
+    give_up = time.monotonic() + timeout
+    try:
+        with watcher.connect() as connection:
+            while time.monotonic() < give_up:
+                waiting = connection.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")).scalar_one()
+                connection.rollback()
+                if waiting:
+                    return
+                time.sleep(0.02)
+    finally:
+        watcher.dispose()
+    raise AssertionError(f"no other session waited for a row lock within {timeout} s")

@@ -12,9 +12,17 @@ from sqlalchemy import select
 from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
 from pipeline.jobs import cancel_job, retry_job
-from pipeline.models import Attempt, Image, LedgerEntry, Render
+from pipeline.models import Attempt, Image, JobItem, LedgerEntry, Render, RenderStatus
+from pipeline.render import end_render
 from pipeline.runtime import start_services
-from tests.helpers import assert_books_balance, render_all, run_job, submit, summary
+from tests.helpers import (
+    assert_books_balance,
+    render_all,
+    run_job,
+    submit,
+    summary,
+    wait_until_blocked,
+)
 
 FLUX = {"model": "flux-2-dev", "prompt": "an otter"}  # 3 cents an image, max_n 4
 
@@ -225,3 +233,27 @@ def test_retry_renders_failed_items_again_with_new_reservations(svc, fake):
     assert s["status"] == "succeeded"
     assert s["spent_cents"] == 6 == fake.stats()["billed_cents"]
     assert_books_balance(svc, s["id"])
+
+
+def test_two_renders_of_one_item_ending_at_once_settle_the_item_and_close_the_job(svc, fake):
+    """The second of an item's two renders to end must see the first one ended, or the item
+    stays running for good: the item's row lock orders them."""
+    job_id = submit(svc, [{**FLUX, "n": 8}])  # two renders of 4
+    first, second = dispatch_pending(svc)
+    other = threading.Thread(target=_end_in_own_transaction, args=(svc, second))
+    with transaction(svc.sessions) as session:
+        end_render(session, session.get_one(Render, first), RenderStatus.CANCELLED, "test")
+        other.start()
+        wait_until_blocked(svc)  # the second render waits for the item's row
+    other.join(timeout=30)
+    assert not other.is_alive()
+    with svc.sessions() as session:
+        assert session.scalars(select(JobItem.status).where(JobItem.job_id == job_id)).one() \
+            == "cancelled"
+    s = summary(svc, job_id)
+    assert s["finished_at"] is not None and s["items_cancelled"] == 1
+
+
+def _end_in_own_transaction(svc, render_id: int) -> None:
+    with transaction(svc.sessions) as session:
+        end_render(session, session.get_one(Render, render_id), RenderStatus.CANCELLED, "test")

@@ -3,38 +3,15 @@
 from __future__ import annotations
 
 import threading
-import time
-
-import sqlalchemy as sa
 
 from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
 from pipeline.models import Job, Render, RenderStatus
 from pipeline.render import end_render, run_render
 from pipeline.sweep import sweep
-from tests.helpers import submit, summary
+from tests.helpers import submit, summary, wait_until_blocked
 
 ONE = {"model": "flux-2-klein-4b", "prompt": "p"}
-
-
-def _wait_until_blocked(svc, timeout: float = 10.0) -> None:
-    """Until another session of this database waits for a row lock (PostgreSQL); SQLite's
-    writers queue on one lock per process that cannot be watched, so a short pause."""
-    if svc.engine.dialect.name != "postgresql":
-        time.sleep(0.3)
-        return
-    watcher = sa.create_engine(svc.settings.database_url, poolclass=sa.pool.NullPool)
-    give_up = time.monotonic() + timeout
-    with watcher.connect() as connection:
-        while time.monotonic() < give_up:
-            waiting = connection.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'")).scalar_one()
-            connection.rollback()
-            if waiting:
-                return
-            time.sleep(0.02)
-    raise AssertionError("the sweeper never waited for the job's row")
 
 
 def test_a_sweep_during_a_render_ending_still_lets_the_last_render_close_the_job(svc, fake):
@@ -50,7 +27,7 @@ def test_a_sweep_during_a_render_ending_still_lets_the_last_render_close_the_job
         # the commit: the sweep's recount has to wait for it.
         end_render(session, render, RenderStatus.CANCELLED, "cancelled by the test")
         swept.start()
-        _wait_until_blocked(svc)
+        wait_until_blocked(svc)
     swept.join(timeout=30)
     assert not swept.is_alive()
     with svc.sessions() as session:
