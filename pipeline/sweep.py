@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
 from pipeline.jobs import close_job_if_done, recount_open_renders
-from pipeline.models import Job, JobStatus, Render, RenderStatus, utcnow
+from pipeline.models import Attempt, Job, JobStatus, Render, RenderStatus, utcnow
 from pipeline.render import end_render, settle_abandoned_attempt
 from pipeline.settings import Settings
 
@@ -51,15 +51,25 @@ def _revive(sessions: sessionmaker[Session], render_id: int, settings: Settings)
 
 
 def _stale_queued(sessions: sessionmaker[Session], settings: Settings) -> list[int]:
-    """Queued renders no worker took for `requeue_after` seconds: their message may be lost
-    (embedded brokers drop a killed worker's prefetched tasks). A duplicate is harmless."""
+    """Queued renders no worker took for `requeue_after` seconds whose message may be lost
+    (embedded brokers drop a killed worker's prefetched tasks; a Redis that restarts without
+    persistence drops the queue). A duplicate is harmless, but a flood of them is not.
+
+    While attempts keep starting, the queue is moving: first in, first out, so a render is
+    taken as lost only when one enqueued after it (a higher id) has started. Renders merely
+    waiting their turn in a long queue (a job of 100,000 renders takes longer than
+    `requeue_after` to drain) are left alone. When no attempt has started for
+    `requeue_after`, every render queued that long is sent again."""
     cutoff = utcnow() - timedelta(seconds=settings.requeue_after)
     with sessions() as session:
-        candidates = list(session.scalars(
-            select(Render.id).where(
-                Render.status == RenderStatus.QUEUED, Render.enqueued_at < cutoff
-            ).limit(5000)
-        ))
+        stale = select(Render.id).where(Render.status == RenderStatus.QUEUED,
+                                        Render.enqueued_at < cutoff)
+        last_start = session.scalar(
+            select(Attempt.started_at).order_by(Attempt.id.desc()).limit(1))
+        if last_start is not None and last_start >= cutoff:
+            furthest = session.scalar(select(func.max(Attempt.render_id)))
+            stale = stale.where(Render.id < furthest)
+        candidates = list(session.scalars(stale.order_by(Render.id).limit(5000)))
     claimed = []
     for render_id in candidates:
         with transaction(sessions) as session:
