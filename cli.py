@@ -479,10 +479,8 @@ class JobProgress:
                              files=s["images"], money=spent)
             self._next_live = started + max(0.25, 20 * (started - self._asked_at))
             return
-        now = time.monotonic()
-        if not self.quiet and (now - self._last_plain >= self.PLAIN_EVERY
-                               or s["finished_at"] is not None):
-            self._last_plain = now
+        if not self.quiet:  # `due()` (or the job's end) decided that a line is wanted now
+            self._last_plain = time.monotonic()
             self.console.print(
                 f"job {self.job_id}: {done}/{s['items_total']} items, {s['images']} files, "
                 f"spent {spent}, {s['status']}", highlight=False)

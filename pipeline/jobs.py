@@ -169,7 +169,9 @@ RENDER_ENDED = (
     .values(open_renders=_jobs.c.open_renders - 1)
     .returning(_jobs.c.open_renders)
 )
-# FOR NO KEY UPDATE: what an UPDATE of the row's counters takes, so no stronger than needed.
+# FOR NO KEY UPDATE, not FOR UPDATE: every ledger, attempt or image insert takes a KEY SHARE
+# lock on its job row (the foreign key), which FOR UPDATE waits for; a transaction holding
+# the job row that then asked for FOR UPDATE deadlocked with the renders queueing on it.
 LOCK_JOB = select(_jobs.c.id).where(_jobs.c.id == bindparam("job")).with_for_update(key_share=True)
 RECOUNT_OPEN = (
     update(_jobs).where(_jobs.c.id == bindparam("job"))
