@@ -113,29 +113,20 @@ class RenderLike(Protocol):
     attempts: int
 
 
-class HoldRefused(Exception):
-    """A budget could not hold the render's price; the caller's transaction must roll back."""
-
-
 def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None,
-            *, hold_last: bool = False, team_period: str | None = UNREAD) -> Reservation | None:
+            *, team_period: str | None = UNREAD) -> Reservation | None:
     """Hold the render's full price on its job and on its team's period, or on neither.
 
     Each hold is one conditional UPDATE (`spent + reserved + amount <= limit`), so the
     invariant holds with any number of workers; on PostgreSQL the UPDATE's row lock and on
-    SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step.
-
-    By default the holds come first: a refused hold returns None having written nothing
-    (a job hold taken before a refused team hold is given back in the same transaction).
-    With `hold_last`, the attempt's rows are written first and the holds last, so the job's
-    row (every render's hot row, locked from the hold to the commit) is held for as short a
-    time as possible; a refused hold then raises HoldRefused and the caller's transaction
-    must roll back, as if never tried. `team_period`: see `current_team_budget`.
+    SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step. A refused hold
+    returns None having written nothing (a job hold taken before a refused team hold is
+    given back in the same transaction). `team_period`: see `current_team_budget`.
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
     team_budget_id = current_team_budget(session, team, now, team_period)
-    if not hold_last and not _hold(session, render.job_id, team, team_budget_id, amount):
+    if not _hold(session, render.job_id, team, team_budget_id, amount):
         return None
     number = render.attempts + 1
     attempt_id = session.connection().execute(INSERT_ATTEMPT, {
@@ -145,8 +136,6 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     }).scalar_one()
     _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
             team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
-    if hold_last and not _hold(session, render.job_id, team, team_budget_id, amount):
-        raise HoldRefused(render.id)
     return Reservation(attempt_id, number, amount, team_budget_id)
 
 

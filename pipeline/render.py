@@ -22,7 +22,6 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
-from pipeline.db import retry_on_disconnect, transaction
 from pipeline.jobs import close_job_if_done, render_ended, settle_item
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
@@ -88,14 +87,14 @@ def run_render(svc: Services, render_id: int) -> str:
     holder: int | None = None
     with svc.leases.hold(render_id):
         while True:
-            step = retry_on_disconnect(partial(begin_attempt, svc, render_id, holder))
+            step = svc.commits.run(partial(begin_attempt, svc, render_id, holder))
             if not isinstance(step, Begun):
                 return step
             holder = step.number
             outcome = call_upstream(svc, step)
             collected = (collect_media(svc, step, outcome)
                          if isinstance(outcome, Delivered) else None)
-            delay = retry_on_disconnect(partial(finish_attempt, svc, step, outcome, collected))
+            delay = svc.commits.run(partial(finish_attempt, svc, step, outcome, collected))
             if delay is None:
                 return "finished"
             time.sleep(delay)
@@ -143,76 +142,57 @@ WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).va
     error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"))
 
 
-def begin_attempt(svc: Services, render_id: int, holder: int | None) -> Begun | str:
+def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session
+                  ) -> Begun | str:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
 
     `holder` is the attempt number this thread already holds (a retry in the same task);
     a task delivered again while another copy holds a live lease does nothing.
-
-    The budgets are held last, just before the commit, so the job's hot row stays locked
-    for one statement; when a budget refuses, the transaction rolls back and the attempt is
-    decided again with the holds first (which can then say why).
     """
-    try:
-        return _begin_attempt(svc, render_id, holder, hold_last=True)
-    except ledger.HoldRefused:
-        return _begin_attempt(svc, render_id, holder, hold_last=False)
-
-
-def _begin_attempt(svc: Services, render_id: int, holder: int | None, *, hold_last: bool
-                   ) -> Begun | str:
     settings = svc.settings
-    with transaction(svc.sessions) as session:
-        db = session.connection()
-        render = db.execute(START_FACTS, {"render": render_id}).one_or_none()
-        if render is None:
-            return "missing"
-        if render.status in TERMINAL_RENDER:
-            return "terminal"
-        now = utcnow()
-        lease_live = render.lease_until is not None and render.lease_until > now
-        if render.status == RenderStatus.RUNNING and lease_live and holder != render.attempts:
-            return "busy"
-        if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
-            settle_abandoned_attempt(session, render)
-        delivered = render.deliveries + (1 if holder is None else 0)
-        reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
-        if reason is None:
-            started = utcnow()
-            if hold_last:  # the render's own row before the holds, which come last
-                _start_attempt(db, render, delivered, started, settings.lease_seconds)
-            reservation = ledger.reserve(session, render, render.team, svc.clock(),
-                                         hold_last=hold_last, team_period=render.team_period)
-            if reservation is None:
-                job = db.execute(JOB_STATE, {"job": render.job_id}).one()
-                reason = _no_reservation_reason(render, job)
-        if reason is not None:
-            session.connection().execute(COUNT_DELIVERY,
-                                         {"render": render_id, "delivered": delivered})
-            status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
-            end_render(session, render, status, None if reason == "cancelled" else reason)
-            return reason.split(":")[0]
-        # The lease must run from about now: the holds may have queued for seconds on the
-        # job's hot row, and a lease already spent by then gets a live worker's call swept
-        # as lost (charged unknown, its paid result thrown away).
-        now = utcnow()
-        if not hold_last or now - started > timedelta(seconds=settings.lease_seconds / 4):
-            _start_attempt(db, render, delivered, now, settings.lease_seconds)
-        spec = RenderSpec(render.render_index, render.n, render.seed)
-        return Begun(
-            render_id=render.id,
-            job_id=render.job_id,
-            line=render.line,
-            custom_id=render.custom_id,
-            render_index=render.render_index,
-            n=render.n,
-            seed=render.seed,
-            attempt_id=reservation.attempt_id,
-            number=reservation.number,
-            amount_cents=reservation.amount_cents,
-            price_per_image_cents=render.price_per_image_cents,
-            request=render_request(json.loads(render.body), spec),
-        )
+    db = session.connection()
+    render = db.execute(START_FACTS, {"render": render_id}).one_or_none()
+    if render is None:
+        return "missing"
+    if render.status in TERMINAL_RENDER:
+        return "terminal"
+    now = utcnow()
+    lease_live = render.lease_until is not None and render.lease_until > now
+    if render.status == RenderStatus.RUNNING and lease_live and holder != render.attempts:
+        return "busy"
+    if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
+        settle_abandoned_attempt(session, render)
+    delivered = render.deliveries + (1 if holder is None else 0)
+    reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
+    if reason is None:
+        reservation = ledger.reserve(session, render, render.team, svc.clock(),
+                                     team_period=render.team_period)
+        if reservation is None:
+            job = db.execute(JOB_STATE, {"job": render.job_id}).one()
+            reason = _no_reservation_reason(render, job)
+    if reason is not None:
+        db.execute(COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
+        status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
+        end_render(session, render, status, None if reason == "cancelled" else reason)
+        return reason.split(":")[0]
+    # The lease runs from now, after the holds: they may have queued on the job's hot row,
+    # and a lease already spent by then gets a live worker's call swept as lost.
+    _start_attempt(db, render, delivered, utcnow(), settings.lease_seconds)
+    spec = RenderSpec(render.render_index, render.n, render.seed)
+    return Begun(
+        render_id=render.id,
+        job_id=render.job_id,
+        line=render.line,
+        custom_id=render.custom_id,
+        render_index=render.render_index,
+        n=render.n,
+        seed=render.seed,
+        attempt_id=reservation.attempt_id,
+        number=reservation.number,
+        amount_cents=reservation.amount_cents,
+        price_per_image_cents=render.price_per_image_cents,
+        request=render_request(json.loads(render.body), spec),
+    )
 
 
 def _start_attempt(db: Any, render: Any, delivered: int, now: datetime, lease_seconds: float
@@ -405,36 +385,36 @@ def finish_attempt(
     begun: Begun,
     outcome: Delivered | Refused | Unknown,
     collected: Collected | None,
+    session: Session,
 ) -> float | None:
     """Settle the attempt and move the render on. Returns seconds to wait before a retry."""
-    with transaction(svc.sessions) as session:
-        render = session.connection().execute(LOCK_RENDER_AND_ITEM,
-                                              {"render": begun.render_id}).one()
-        if isinstance(outcome, Delivered):
-            assert collected is not None
-            _record_delivery(session, render, begun, collected)
-            return None
-        settled_as = (
-            AttemptOutcome.RELEASED if isinstance(outcome, Refused) else AttemptOutcome.UNKNOWN
-        )
-        status = outcome.status if isinstance(outcome, Refused) else None
-        claim = ledger.claim_settlement(session, begun.attempt_id, settled_as,
-                                        http_status=status, error=outcome.message, render=render)
-        if claim is None:
-            return None  # the sweeper settled it first; it owns the render now
-        error = _describe(outcome)
-        if not _should_retry(session, render, outcome, svc.settings.max_attempts):
-            end_render(session, render, RenderStatus.FAILED, error, claim=claim, item_locked=True)
-            return None
-        retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
-        delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
-                              svc.settings.backoff_cap)
-        now = utcnow()
-        session.connection().execute(WAIT_FOR_RETRY, {
-            "render": render.id, "message": error, "now": now,
-            "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
-        ledger.apply_settlement(session, claim)
-        return delay
+    render = session.connection().execute(LOCK_RENDER_AND_ITEM,
+                                          {"render": begun.render_id}).one()
+    if isinstance(outcome, Delivered):
+        assert collected is not None
+        _record_delivery(session, render, begun, collected)
+        return None
+    settled_as = (
+        AttemptOutcome.RELEASED if isinstance(outcome, Refused) else AttemptOutcome.UNKNOWN
+    )
+    status = outcome.status if isinstance(outcome, Refused) else None
+    claim = ledger.claim_settlement(session, begun.attempt_id, settled_as,
+                                    http_status=status, error=outcome.message, render=render)
+    if claim is None:
+        return None  # the sweeper settled it first; it owns the render now
+    error = _describe(outcome)
+    if not _should_retry(session, render, outcome, svc.settings.max_attempts):
+        end_render(session, render, RenderStatus.FAILED, error, claim=claim, item_locked=True)
+        return None
+    retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
+    delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
+                          svc.settings.backoff_cap)
+    now = utcnow()
+    session.connection().execute(WAIT_FOR_RETRY, {
+        "render": render.id, "message": error, "now": now,
+        "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
+    ledger.apply_settlement(session, claim)
+    return delay
 
 
 def _record_delivery(session: Session, render: Any, begun: Begun, collected: Collected

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import make_engine, session_factory
+from pipeline.groupcommit import GroupCommit
 from pipeline.leases import LeaseKeeper
 from pipeline.limits import LocalLimits, RedisLimits, parse_rates
 from pipeline.models import utcnow
@@ -60,15 +61,19 @@ class Services:
     media_slots: threading.BoundedSemaphore = field(init=False)
     limiter: Any = None
     leases: LeaseKeeper = field(init=False)
+    # The render threads' transactions, committed in groups by one thread.
+    commits: GroupCommit = field(init=False)
     # What "now" is for reservations (which team period a render draws on); tests set it.
     clock: Callable[[], datetime] = utcnow
 
     def __post_init__(self) -> None:
         self.media_slots = threading.BoundedSemaphore(max(1, self.settings.media_concurrency))
         self.leases = LeaseKeeper(self.sessions, self.settings.lease_seconds)
+        self.commits = GroupCommit(self.sessions)
 
     def close(self) -> None:
         self.leases.stop()
+        self.commits.stop()
         try:
             self.io.run(self.upstream.aclose())
             if self.limiter is not None:
