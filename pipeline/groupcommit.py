@@ -16,9 +16,11 @@ would have without this; so one work's error stays its own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
+from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from typing import Generic, TypeVar
@@ -36,17 +38,16 @@ MAX_GROUP = 64
 
 
 class _Queued(Generic[T]):
-    __slots__ = ("alone", "done", "result", "work")
+    __slots__ = ("future", "result", "work")
 
-    def __init__(self, work: Callable[[Session], T]) -> None:
+    def __init__(self, work: Callable[[Session], T], future: asyncio.Future[bool]) -> None:
         self.work = work
-        self.done = threading.Event()
+        self.future = future  # True: committed with its group; False: run it alone
         self.result: T | None = None
-        self.alone = False
 
 
 class GroupCommit:
-    """One committer thread; `run` blocks its caller until the caller's work is committed."""
+    """One committer thread; `run` returns once the caller's work is committed."""
 
     def __init__(self, sessions: sessionmaker[Session], *, max_group: int = MAX_GROUP) -> None:
         self._sessions = sessions
@@ -56,14 +57,16 @@ class GroupCommit:
                                         daemon=True)
         self._thread.start()
 
-    def run(self, work: Callable[[Session], T]) -> T:
-        """`work(session)` committed: in a group if it can be, else alone (see the module)."""
-        queued: _Queued[T] = _Queued(work)
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """`work(session)` committed: in a group if it can be, else alone (see the module).
+        The caller's event loop goes on meanwhile; the work runs on the committer thread."""
+        loop = asyncio.get_running_loop()
+        queued: _Queued[T] = _Queued(work, loop.create_future())
         self._queue.put(queued)  # type: ignore[arg-type]
-        queued.done.wait()
-        if queued.alone:
-            return retry_on_disconnect(partial(run_alone, self._sessions, work))
-        return queued.result  # type: ignore[return-value]
+        if await queued.future:
+            return queued.result  # type: ignore[return-value]
+        alone = partial(retry_on_disconnect, partial(run_alone, self._sessions, work))
+        return await loop.run_in_executor(None, alone)
 
     def stop(self) -> None:
         """Commit what is queued, then end the committer thread."""
@@ -91,6 +94,7 @@ class GroupCommit:
                 return
 
     def _commit(self, group: list[_Queued[object]]) -> None:
+        committed = False
         try:
             with transaction(self._sessions) as outer:
                 connection = outer.connection()
@@ -100,14 +104,24 @@ class GroupCommit:
                     with Session(bind=connection, expire_on_commit=False) as session:
                         queued.result = queued.work(session)
                         session.flush()
+            committed = True
         except Exception as exc:
             log.debug("a group of %d rolled back (%s); each runs alone", len(group),
                       exc.__class__.__name__)
-            for queued in group:
-                queued.alone = True
         finally:
+            # One wake-up of each caller loop for the whole group, not one per work.
+            by_loop: defaultdict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]]
+            by_loop = defaultdict(list)
             for queued in group:
-                queued.done.set()
+                by_loop[queued.future.get_loop()].append(queued.future)
+            for loop, futures in by_loop.items():
+                loop.call_soon_threadsafe(_answer, futures, committed)
+
+
+def _answer(futures: list[asyncio.Future[bool]], committed: bool) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(committed)
 
 
 def run_alone(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:

@@ -1,9 +1,10 @@
 """One render, start to end: reserve, call the upstream, store the media, settle.
 
-A render runs as a loop of attempts in the thread that received its task. Each attempt is
-two transactions: `begin_attempt` (lease + reservation) and `finish_attempt` (settlement,
-image rows, render, item and job state). Between them the thread holds no transaction while
-the call runs on the shared event loop.
+A render runs as a loop of attempts, a coroutine on the worker's one event loop (the thread
+that received its task waits for it). Each attempt is two transactions: `begin_attempt`
+(lease + reservation) and `finish_attempt` (settlement, image rows, render, item and job
+state), each run by the group committer (groupcommit.py) with other renders' transactions.
+Between them nothing holds a transaction while the call runs.
 """
 
 from __future__ import annotations
@@ -83,21 +84,27 @@ class Collected:
 
 
 def run_render(svc: Services, render_id: int) -> str:
-    """Do what is left of one render; safe to call again for the same render at any time."""
+    """Do what is left of one render; safe to call again for the same render at any time.
+    Blocks the calling thread; the render itself runs on the worker's event loop."""
+    return svc.io.run(render_to_end(svc, render_id))
+
+
+async def render_to_end(svc: Services, render_id: int) -> str:
     holder: int | None = None
     with svc.leases.hold(render_id):
         while True:
-            step = svc.commits.run(partial(begin_attempt, svc, render_id, holder))
+            step = await svc.commits.run(partial(begin_attempt, svc, render_id, holder))
             if not isinstance(step, Begun):
                 return step
             holder = step.number
-            outcome = call_upstream(svc, step)
-            collected = (collect_media(svc, step, outcome)
+            outcome = await call_upstream(svc, step)
+            collected = (await collect_media(svc, step, outcome)
                          if isinstance(outcome, Delivered) else None)
-            delay = svc.commits.run(partial(finish_attempt, svc, step, outcome, collected))
+            delay = await svc.commits.run(partial(finish_attempt, svc, step, outcome,
+                                                  collected))
             if delay is None:
                 return "finished"
-            time.sleep(delay)
+            await asyncio.sleep(delay)
 
 
 # --- first transaction: lease and reservation ------------------------------------------------
@@ -263,11 +270,7 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
 # --- the call and the media, outside any transaction ----------------------------------------
 
 
-def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
-    return svc.io.run(_call(svc, begun))
-
-
-async def _call(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
     limiter = svc.limiter
     if limiter is None:
         return await svc.upstream.generate(begun.request)
@@ -314,10 +317,11 @@ async def _enter_slot(limiter: Any, model: str, patience: float) -> Any:
         delay = min(delay * 2, 2.0)
 
 
-def collect_media(svc: Services, begun: Begun, delivered: Delivered) -> Collected:
+async def collect_media(svc: Services, begun: Begun, delivered: Delivered) -> Collected:
     """Fetch or decode every result, check it is media, and store it under its fixed key."""
-    with svc.media_slots:
-        payloads = svc.io.run(_fetch_all(svc, delivered.data))
+    loop = asyncio.get_running_loop()
+    async with svc.media_slots:
+        payloads = await _fetch_all(svc, delivered.data)
         stored: list[StoredMedia] = []
         problems: list[str] = []
         for index, (entry, payload) in enumerate(zip(delivered.data, payloads, strict=True)):
@@ -325,7 +329,9 @@ def collect_media(svc: Services, begun: Begun, delivered: Delivered) -> Collecte
                 problems.append(f"result {index}: {payload}")
                 continue
             try:
-                stored.append(_store_one(svc, begun, index, entry, payload))
+                # The store's client blocks (boto3, files): a thread of the store's own.
+                stored.append(await loop.run_in_executor(
+                    svc.store_threads, _store_one, svc, begun, index, entry, payload))
             except NotMedia as exc:
                 problems.append(f"result {index} is not media: {exc}")
             except StorageError as exc:

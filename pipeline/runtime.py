@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -58,7 +59,9 @@ class Services:
     io: IOLoop
     upstream: UpstreamClient
     # Bounds renders holding media bytes at once, so memory does not grow with calls in flight.
-    media_slots: threading.BoundedSemaphore = field(init=False)
+    media_slots: asyncio.Semaphore = field(init=False)
+    # The store's clients block (boto3, file writes): they run on these threads, off the loop.
+    store_threads: ThreadPoolExecutor = field(init=False)
     limiter: Any = None
     leases: LeaseKeeper = field(init=False)
     # The render threads' transactions, committed in groups by one thread.
@@ -67,7 +70,9 @@ class Services:
     clock: Callable[[], datetime] = utcnow
 
     def __post_init__(self) -> None:
-        self.media_slots = threading.BoundedSemaphore(max(1, self.settings.media_concurrency))
+        slots = max(1, self.settings.media_concurrency)
+        self.media_slots = asyncio.Semaphore(slots)
+        self.store_threads = ThreadPoolExecutor(slots, thread_name_prefix="imagebatch-store")
         self.leases = LeaseKeeper(self.sessions, self.settings.lease_seconds)
         self.commits = GroupCommit(self.sessions)
 
@@ -80,6 +85,7 @@ class Services:
                 self.io.run(self.limiter.aclose())
         finally:
             self.io.stop()
+            self.store_threads.shutdown()
             self.engine.dispose()
 
 
