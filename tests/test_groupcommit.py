@@ -1,0 +1,94 @@
+"""The group committer: works queued together share one transaction, a failing work stays
+its own, and nothing is answered before its COMMIT."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from functools import partial
+
+from sqlalchemy import select
+
+from pipeline.dispatch import dispatch_pending
+from pipeline.ledger import job_ledger_totals
+from pipeline.models import Job, Team
+from pipeline.render import Begun, begin_attempt
+from tests.helpers import submit
+
+ONE = {"model": "flux-2-klein-4b", "prompt": "p"}
+
+
+def _queue_behind_a_busy_committer(svc, works):
+    """Run `works` through the committer while its thread is held on a first work, so they
+    all queue up and are taken as one group. Returns each work's result or exception, and
+    the connection each ran on."""
+    gate = threading.Event()
+
+    def hold(session):
+        assert gate.wait(10)
+
+    async def main():
+        first = asyncio.ensure_future(svc.commits.run(hold))
+        await asyncio.sleep(0.05)  # the committer is now inside `hold`
+        rest = [asyncio.ensure_future(svc.commits.run(work)) for work in works]
+        await asyncio.sleep(0)  # each has queued its work
+        gate.set()
+        await first
+        return await asyncio.gather(*rest, return_exceptions=True)
+
+    return svc.io.run(main())
+
+
+def _add_team(name, connections, session):
+    connections.append(session.connection())
+    session.add(Team(name=name))
+    return name
+
+
+def test_works_queued_together_share_one_transaction_and_get_their_own_results(svc):
+    connections = []
+    works = [partial(_add_team, f"team-{i}", connections) for i in range(20)]
+    results = _queue_behind_a_busy_committer(svc, works)
+    assert results == [f"team-{i}" for i in range(20)]
+    assert len({id(c) for c in connections}) == 1  # one group, one transaction
+    with svc.sessions() as session:
+        assert len(session.scalars(select(Team.name)).all()) == 20
+
+
+def test_a_failing_work_raises_its_own_error_and_the_others_still_commit(svc):
+    class Broken(Exception):
+        pass
+
+    def broken(session):
+        session.add(Team(name="half-written"))
+        session.flush()
+        raise Broken("this work fails")
+
+    connections = []
+    works = [partial(_add_team, "before", connections), broken,
+             partial(_add_team, "after", connections)]
+    before, failed, after = _queue_behind_a_busy_committer(svc, works)
+    assert (before, after) == ("before", "after")
+    assert isinstance(failed, Broken)
+    with svc.sessions() as session:
+        assert sorted(session.scalars(select(Team.name))) == ["after", "before"]
+    # "before" ran in the group, which rolled back at `broken`; then each ran again alone.
+    assert len(connections) == 3
+
+
+def test_attempts_begun_in_one_group_each_hold_their_own_price(svc, fake):
+    renders = 12
+    job_id = submit(svc, [ONE] * renders, budget_cents=renders * 10)
+    render_ids = dispatch_pending(svc)
+    works = [partial(begin_attempt, svc, render_id, None) for render_id in render_ids]
+    begun = _queue_behind_a_busy_committer(svc, works)
+    assert all(isinstance(step, Begun) for step in begun)
+    assert sorted(step.render_id for step in begun) == sorted(render_ids)
+    assert len({step.attempt_id for step in begun}) == renders
+    with svc.sessions() as session:
+        job = session.get_one(Job, job_id)
+        totals = job_ledger_totals(session, job_id)
+        price = begun[0].amount_cents
+        assert job.reserved_cents == totals.reserved_cents == renders * price
+        assert job.spent_cents == 0
+    assert fake.requests() == []  # reserving calls nobody
