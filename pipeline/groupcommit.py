@@ -48,15 +48,20 @@ class _Queued(Generic[T]):
 
 
 class GroupCommit:
-    """One committer thread; `run` returns once the caller's work is committed."""
+    """Committer threads taking groups from one queue; `run` returns once the caller's work
+    is committed."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, max_group: int = MAX_GROUP) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, committers: int = 1,
+                 max_group: int = MAX_GROUP) -> None:
         self._sessions = sessions
         self._max_group = max_group
         self._queue: queue.SimpleQueue[_Queued[object] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="imagebatch-commit",
-                                        daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"imagebatch-commit-{i}", daemon=True)
+            for i in range(committers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """`work(session)` committed: in a group if it can be, else alone (see the module).
@@ -70,9 +75,11 @@ class GroupCommit:
         return await loop.run_in_executor(None, alone)
 
     def stop(self) -> None:
-        """Commit what is queued, then end the committer thread."""
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Commit what is queued, then end the committer threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def _serve(self) -> None:
         while True:

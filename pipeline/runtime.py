@@ -74,7 +74,7 @@ class Services:
         self.media_slots = asyncio.Semaphore(slots)
         self.store_threads = ThreadPoolExecutor(slots, thread_name_prefix="imagebatch-store")
         self.leases = LeaseKeeper(self.sessions, self.settings.lease_seconds)
-        self.commits = GroupCommit(self.sessions)
+        self.commits = GroupCommit(self.sessions, committers=self.settings.committer_threads)
 
     def close(self) -> None:
         self.leases.stop()

@@ -10,6 +10,7 @@ from functools import partial
 from sqlalchemy import select
 
 from pipeline.dispatch import dispatch_pending
+from pipeline.groupcommit import GroupCommit
 from pipeline.ledger import job_ledger_totals
 from pipeline.models import Job, Team
 from pipeline.render import Begun, begin_attempt
@@ -19,24 +20,27 @@ ONE = {"model": "flux-2-klein-4b", "prompt": "p"}
 
 
 def _queue_behind_a_busy_committer(svc, works):
-    """Run `works` through the committer while its thread is held on a first work, so they
-    all queue up and are taken as one group. Returns each work's result or exception, and
-    the connection each ran on."""
+    """Run `works` through one committer while its thread is held on a first work, so they
+    all queue up and are taken as one group. Returns each work's result or exception."""
     gate = threading.Event()
+    commits = GroupCommit(svc.sessions, committers=1)
 
     def hold(session):
         assert gate.wait(10)
 
     async def main():
-        first = asyncio.ensure_future(svc.commits.run(hold))
+        first = asyncio.ensure_future(commits.run(hold))
         await asyncio.sleep(0.05)  # the committer is now inside `hold`
-        rest = [asyncio.ensure_future(svc.commits.run(work)) for work in works]
+        rest = [asyncio.ensure_future(commits.run(work)) for work in works]
         await asyncio.sleep(0)  # each has queued its work
         gate.set()
         await first
         return await asyncio.gather(*rest, return_exceptions=True)
 
-    return svc.io.run(main())
+    try:
+        return svc.io.run(main())
+    finally:
+        commits.stop()
 
 
 def _add_team(name, connections, session):
@@ -92,3 +96,19 @@ def test_attempts_begun_in_one_group_each_hold_their_own_price(svc, fake):
         assert job.reserved_cents == totals.reserved_cents == renders * price
         assert job.spent_cents == 0
     assert fake.requests() == []  # reserving calls nobody
+
+
+def test_several_committers_commit_every_work_once(svc):
+    commits = GroupCommit(svc.sessions, committers=4)
+
+    async def main():
+        return await asyncio.gather(*(
+            commits.run(partial(_add_team, f"team-{i}", [])) for i in range(60)))
+
+    try:
+        results = svc.io.run(main())
+    finally:
+        commits.stop()
+    assert results == [f"team-{i}" for i in range(60)]
+    with svc.sessions() as session:
+        assert sorted(session.scalars(select(Team.name))) == sorted(results)
