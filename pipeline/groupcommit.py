@@ -1,13 +1,14 @@
-"""Group commit: the renders' short transactions, run one after another by one committer
+"""Group commit: the renders' short transactions, run one after another by a committer
 thread and committed together.
 
 Hundreds of renders each committing two short transactions from threads of their own queued
 on the database's write lock (SQLite has one writer; on PostgreSQL, every render's hot row is
 its job's). The thread holding it had to win the GIL back after every statement, so the lock
 was held for several times the work done under it (bench/README.md). Here the renders, which
-are coroutines on the worker's event loop, hand their work to one committer thread instead:
+are coroutines on the worker's event loop, hand their work to a committer thread instead:
 it runs whatever has queued up meanwhile in one transaction, one COMMIT for the lot, and each
-caller gets its result only once that COMMIT succeeded.
+caller gets its result only once that COMMIT succeeded. SQLite needs one committer (one
+writer); on PostgreSQL a few overlap their round trips, and take turns on the job's row.
 
 A work must be a transaction's worth of database reads and writes and nothing else: it may
 run twice. If any work of a group raises (or the COMMIT fails), the whole group is rolled
