@@ -37,6 +37,7 @@ T = TypeVar("T")
 # More work per COMMIT saves little once the COMMIT is shared by dozens, and a big group
 # keeps its callers (and the database's locks) waiting for the slowest of them.
 MAX_GROUP = 64
+_LAST = "imagebatch_last"
 
 
 class _Queued(Generic[T]):
@@ -64,16 +65,18 @@ class GroupCommit:
         for thread in self._threads:
             thread.start()
 
-    async def run(self, work: Callable[[Session], T]) -> T:
-        """`work(session)` committed: in a group if it can be, else alone (see the module).
-        The caller's event loop goes on meanwhile; the work runs on the committer thread."""
+    async def run(self, work: Callable[[Session], T],
+                  alone: Callable[[Session], T] | None = None) -> T:
+        """`work(session)` committed: in a group if it can be, else alone (see the module),
+        as `alone(session)` when given. The caller's event loop goes on meanwhile; the work
+        runs on a committer thread."""
         loop = asyncio.get_running_loop()
         queued: _Queued[T] = _Queued(work, loop.create_future())
         self._queue.put(queued)  # type: ignore[arg-type]
         if await queued.future:
             return queued.result  # type: ignore[return-value]
-        alone = partial(retry_on_disconnect, partial(run_alone, self._sessions, work))
-        return await loop.run_in_executor(None, alone)
+        again = partial(retry_on_disconnect, partial(run_alone, self._sessions, alone or work))
+        return await loop.run_in_executor(None, again)
 
     def stop(self) -> None:
         """Commit what is queued, then end the committer threads."""
@@ -104,20 +107,30 @@ class GroupCommit:
 
     def _commit(self, group: list[_Queued[object]]) -> None:
         committed = False
+        last: list[Callable[[], object]] = []
+        sessions: list[Session] = []
         try:
             with transaction(self._sessions) as outer:
                 connection = outer.connection()
                 for queued in group:
                     # A session of its own per work (its own identity map, nothing stale
                     # from the works before it) on the group's connection and transaction.
-                    with Session(bind=connection, expire_on_commit=False) as session:
-                        queued.result = queued.work(session)
-                        session.flush()
+                    session = Session(bind=connection, expire_on_commit=False,
+                                      info={_LAST: last})
+                    sessions.append(session)
+                    queued.result = queued.work(session)
+                    session.flush()
+                for step in last:
+                    step()
+                for session in sessions:
+                    session.flush()
             committed = True
         except Exception as exc:
             log.debug("a group of %d rolled back (%s); each runs alone", len(group),
                       exc.__class__.__name__)
         finally:
+            for session in sessions:
+                session.close()
             # One wake-up of each caller loop for the whole group, not one per work.
             by_loop: defaultdict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]]
             by_loop = defaultdict(list)
@@ -131,6 +144,17 @@ def _answer(futures: list[asyncio.Future[bool]], committed: bool) -> None:
     for future in futures:
         if not future.done():
             future.set_result(committed)
+
+
+def before_commit(session: Session, step: Callable[[], object]) -> None:
+    """Run `step` at the end of the session's group, after every work of it and just before
+    the COMMIT; in any other session, at once. For the statements on a job's hot row: a
+    group then holds that row for those statements only, not from its first work on."""
+    steps = session.info.get(_LAST)
+    if steps is None:
+        step()
+    else:
+        steps.append(step)
 
 
 def run_alone(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Protocol
 
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from pipeline.groupcommit import before_commit
 from pipeline.models import (
     Attempt,
     AttemptOutcome,
@@ -113,20 +115,32 @@ class RenderLike(Protocol):
     attempts: int
 
 
+class HoldRefused(Exception):
+    """A budget could not hold the render's price at the end of a group; the transaction
+    must roll back, and the render be tried again with its holds first."""
+
+
 def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None,
-            *, team_period: str | None = UNREAD) -> Reservation | None:
+            *, team_period: str | None = UNREAD, hold_before_commit: bool = False
+            ) -> Reservation | None:
     """Hold the render's full price on its job and on its team's period, or on neither.
 
     Each hold is one conditional UPDATE (`spent + reserved + amount <= limit`), so the
     invariant holds with any number of workers; on PostgreSQL the UPDATE's row lock and on
-    SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step. A refused hold
-    returns None having written nothing (a job hold taken before a refused team hold is
-    given back in the same transaction). `team_period`: see `current_team_budget`.
+    SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step.
+
+    By default the holds come first: a refused hold returns None having written nothing (a
+    job hold taken before a refused team hold is given back in the same transaction). With
+    `hold_before_commit` the attempt's rows are written now and the holds are the group's
+    last statements (`groupcommit.before_commit`), so the job's hot row is locked only from
+    there to the COMMIT; a refused hold then raises HoldRefused. `team_period`: see
+    `current_team_budget`.
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
     team_budget_id = current_team_budget(session, team, now, team_period)
-    if not _hold(session, render.job_id, team, team_budget_id, amount):
+    if not hold_before_commit and not _hold(session, render.job_id, team, team_budget_id,
+                                            amount):
         return None
     number = render.attempts + 1
     attempt_id = session.connection().execute(INSERT_ATTEMPT, {
@@ -136,7 +150,16 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     }).scalar_one()
     _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
             team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
+    if hold_before_commit:
+        before_commit(session, partial(_hold_or_refuse, session, render.job_id, team,
+                                       team_budget_id, amount))
     return Reservation(attempt_id, number, amount, team_budget_id)
+
+
+def _hold_or_refuse(session: Session, job_id: int, team: str, team_budget_id: int | None,
+                    amount: int) -> None:
+    if not _hold(session, job_id, team, team_budget_id, amount):
+        raise HoldRefused(job_id)
 
 
 def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,

@@ -9,10 +9,11 @@ from functools import partial
 
 from sqlalchemy import select
 
+from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
 from pipeline.groupcommit import GroupCommit
 from pipeline.ledger import job_ledger_totals
-from pipeline.models import Job, Team
+from pipeline.models import Job, Render, Team
 from pipeline.render import Begun, begin_attempt
 from tests.helpers import submit
 
@@ -20,8 +21,9 @@ ONE = {"model": "flux-2-klein-4b", "prompt": "p"}
 
 
 def _queue_behind_a_busy_committer(svc, works):
-    """Run `works` through one committer while its thread is held on a first work, so they
-    all queue up and are taken as one group. Returns each work's result or exception."""
+    """Run `works` (a work, or a work and its alone variant) through one committer while its
+    thread is held on a first work, so they all queue up and are taken as one group.
+    Returns each work's result or exception."""
     gate = threading.Event()
     commits = GroupCommit(svc.sessions, committers=1)
 
@@ -31,7 +33,8 @@ def _queue_behind_a_busy_committer(svc, works):
     async def main():
         first = asyncio.ensure_future(commits.run(hold))
         await asyncio.sleep(0.05)  # the committer is now inside `hold`
-        rest = [asyncio.ensure_future(commits.run(work)) for work in works]
+        rest = [asyncio.ensure_future(commits.run(*work) if isinstance(work, tuple)
+                                      else commits.run(work)) for work in works]
         await asyncio.sleep(0)  # each has queued its work
         gate.set()
         await first
@@ -112,3 +115,26 @@ def test_several_committers_commit_every_work_once(svc):
     assert results == [f"team-{i}" for i in range(60)]
     with svc.sessions() as session:
         assert sorted(session.scalars(select(Team.name))) == sorted(results)
+
+
+def test_holds_refused_at_the_end_of_a_group_are_redone_with_the_holds_first(svc, fake):
+    """In a group the holds are its last statements; when one is refused the group rolls
+    back, and every render is tried again alone with its holds first: those the budget
+    still covers start, the others fail with the reason, and nothing is held twice."""
+    renders, fits = 8, 5
+    job_id = submit(svc, [ONE] * renders)
+    render_ids = dispatch_pending(svc)
+    with transaction(svc.sessions) as session:
+        price = session.get_one(Render, render_ids[0]).price_per_image_cents
+        session.get_one(Job, job_id).budget_cents = fits * price
+    works = [(partial(begin_attempt, svc, render_id, None, hold_before_commit=True),
+              partial(begin_attempt, svc, render_id, None)) for render_id in render_ids]
+    results = _queue_behind_a_busy_committer(svc, works)
+    begun = [r for r in results if isinstance(r, Begun)]
+    assert len(begun) == fits
+    assert sorted(r for r in results if not isinstance(r, Begun)) == ["budget"] * (renders - fits)
+    with svc.sessions() as session:
+        job = session.get_one(Job, job_id)
+        totals = job_ledger_totals(session, job_id)
+        assert job.reserved_cents == totals.reserved_cents == sum(b.amount_cents for b in begun)
+        assert job.reserved_cents == fits * price == job.budget_cents
