@@ -37,7 +37,7 @@ T = TypeVar("T")
 # More work per COMMIT saves little once the COMMIT is shared by dozens, and a big group
 # keeps its callers (and the database's locks) waiting for the slowest of them.
 MAX_GROUP = 64
-_LAST = "imagebatch_last"
+_BEFORE_COMMIT = "imagebatch_before_commit"
 
 
 class _Queued(Generic[T]):
@@ -107,7 +107,7 @@ class GroupCommit:
 
     def _commit(self, group: list[_Queued[object]]) -> None:
         committed = False
-        last: list[Callable[[], object]] = []
+        steps: list[Callable[[], object]] = []
         sessions: list[Session] = []
         try:
             with transaction(self._sessions) as outer:
@@ -116,11 +116,11 @@ class GroupCommit:
                     # A session of its own per work (its own identity map, nothing stale
                     # from the works before it) on the group's connection and transaction.
                     session = Session(bind=connection, expire_on_commit=False,
-                                      info={_LAST: last})
+                                      info={_BEFORE_COMMIT: steps})
                     sessions.append(session)
                     queued.result = queued.work(session)
                     session.flush()
-                for step in last:
+                for step in steps:
                     step()
                 for session in sessions:
                     session.flush()
@@ -150,7 +150,7 @@ def before_commit(session: Session, step: Callable[[], object]) -> None:
     """Run `step` at the end of the session's group, after every work of it and just before
     the COMMIT; in any other session, at once. For the statements on a job's hot row: a
     group then holds that row for those statements only, not from its first work on."""
-    steps = session.info.get(_LAST)
+    steps = session.info.get(_BEFORE_COMMIT)
     if steps is None:
         step()
     else:
