@@ -64,7 +64,7 @@ class Services:
     store_threads: ThreadPoolExecutor = field(init=False)
     limiter: Any = None
     leases: LeaseKeeper = field(init=False)
-    # The render threads' transactions, committed in groups by one thread.
+    # The renders' transactions, committed in groups by committer threads.
     commits: GroupCommit = field(init=False)
     # What "now" is for reservations (which team period a render draws on); tests set it.
     clock: Callable[[], datetime] = utcnow

@@ -40,7 +40,7 @@ class Settings:
     backoff_cap: float = 60.0
     media_concurrency: int = 32
     # Threads committing the renders' transactions in groups; 0: one on SQLite (its one
-    # writer), POSTGRES_COMMITTERS on PostgreSQL (groups overlap on the job's hot row).
+    # writer), POSTGRES_COMMITTERS on PostgreSQL (their groups overlap round trips).
     committers: int = 0
     max_in_flight: int = 0
     model_rates: str = ""
