@@ -75,7 +75,7 @@ class GroupCommit:
         self._queue.put(queued)  # type: ignore[arg-type]
         if await queued.future:
             return queued.result  # type: ignore[return-value]
-        again = partial(retry_on_disconnect, partial(run_alone, self._sessions, alone or work))
+        again = partial(retry_on_disconnect, partial(_run_alone, self._sessions, alone or work))
         return await loop.run_in_executor(None, again)
 
     def stop(self) -> None:
@@ -157,7 +157,7 @@ def before_commit(session: Session, step: Callable[[], object]) -> None:
         steps.append(step)
 
 
-def run_alone(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:
+def _run_alone(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:
     """`work(session)` in a transaction of its own."""
     with transaction(sessions) as session:
         return work(session)

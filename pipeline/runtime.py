@@ -112,9 +112,8 @@ def build_limits(settings: Settings) -> RedisLimits | LocalLimits:
 
 
 def start_services(settings: Settings) -> Services:
-    # Few connections, many render threads: each thread holds one only for its two short
-    # transactions, and on PostgreSQL fewer sessions queueing on a job's hot row measured
-    # faster (bench/README.md) than one per thread.
+    # The committers hold a connection each; the rest serve renders redone alone after a
+    # failed group, the lease keeper and the ticker. A pool opens connections only as needed.
     engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 20))
     io = IOLoop()
     # The client's aiohttp session must be created on the loop that will use it.
