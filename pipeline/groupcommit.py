@@ -25,7 +25,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,7 +37,14 @@ T = TypeVar("T")
 # More work per COMMIT saves little once the COMMIT is shared by dozens, and a big group
 # keeps its callers (and the database's locks) waiting for the slowest of them.
 MAX_GROUP = 64
-_BEFORE_COMMIT = "imagebatch_before_commit"
+_GROUP_END = "imagebatch_group_end"
+E = TypeVar("E", bound="GroupEnd")
+
+
+class GroupEnd(Protocol):
+    """What the works of a group gather for its end (see `at_group_end`)."""
+
+    def apply(self, session: Session) -> None: ...
 
 
 class _Queued(Generic[T]):
@@ -65,17 +72,15 @@ class GroupCommit:
         for thread in self._threads:
             thread.start()
 
-    async def run(self, work: Callable[[Session], T],
-                  alone: Callable[[Session], T] | None = None) -> T:
-        """`work(session)` committed: in a group if it can be, else alone (see the module),
-        as `alone(session)` when given. The caller's event loop goes on meanwhile; the work
-        runs on a committer thread."""
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """`work(session)` committed: in a group if it can be, else alone (see the module).
+        The caller's event loop goes on meanwhile; the work runs on a committer thread."""
         loop = asyncio.get_running_loop()
         queued: _Queued[T] = _Queued(work, loop.create_future())
         self._queue.put(queued)  # type: ignore[arg-type]
         if await queued.future:
             return queued.result  # type: ignore[return-value]
-        again = partial(retry_on_disconnect, partial(_run_alone, self._sessions, alone or work))
+        again = partial(retry_on_disconnect, partial(_run_alone, self._sessions, work))
         return await loop.run_in_executor(None, again)
 
     def stop(self) -> None:
@@ -107,7 +112,7 @@ class GroupCommit:
 
     def _commit(self, group: list[_Queued[object]]) -> None:
         committed = False
-        steps: list[Callable[[], object]] = []
+        ends: dict[str, tuple[GroupEnd, Session]] = {}
         sessions: list[Session] = []
         try:
             with transaction(self._sessions) as outer:
@@ -116,12 +121,12 @@ class GroupCommit:
                     # A session of its own per work (its own identity map, nothing stale
                     # from the works before it) on the group's connection and transaction.
                     session = Session(bind=connection, expire_on_commit=False,
-                                      info={_BEFORE_COMMIT: steps})
+                                      info={_GROUP_END: ends})
                     sessions.append(session)
                     queued.result = queued.work(session)
                     session.flush()
-                for step in steps:
-                    step()
+                for end, session in ends.values():
+                    end.apply(session)
                 for session in sessions:
                     session.flush()
             committed = True
@@ -146,15 +151,17 @@ def _answer(futures: list[asyncio.Future[bool]], committed: bool) -> None:
             future.set_result(committed)
 
 
-def before_commit(session: Session, step: Callable[[], object]) -> None:
-    """Run `step` at the end of the session's group, after every work of it and just before
-    the COMMIT; in any other session, at once. For the statements on a job's hot row: a
-    group then holds that row for those statements only, not from its first work on."""
-    steps = session.info.get(_BEFORE_COMMIT)
-    if steps is None:
-        step()
-    else:
-        steps.append(step)
+def at_group_end(session: Session, key: str, start: Callable[[], E]) -> E | None:
+    """The one `start()` under `key` that every work of the session's group shares, applied
+    (`apply(session)`) after the group's last work, just before its COMMIT; None in any
+    other session. Works gather their writes to hot rows in it, so a group writes each such
+    row once, and holds its lock only from there to the COMMIT."""
+    ends = session.info.get(_GROUP_END)
+    if ends is None:
+        return None
+    if key not in ends:
+        ends[key] = (start(), session)
+    return ends[key][0]  # type: ignore[return-value]
 
 
 def _run_alone(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:

@@ -161,14 +161,6 @@ def _settle_items_where(which: ColumnElement[bool]) -> Any:
 SETTLE_ITEM = _settle_items_where(_items.c.id == bindparam("item"))
 SETTLE_JOB_ITEMS = _settle_items_where(_items.c.job_id == bindparam("job"))
 _jobs = Job.__table__
-# One less open render; the UPDATE also takes the job's row lock (FOR NO KEY UPDATE, as any
-# UPDATE of non-key columns), which orders the last renders of a job: the later one sees the
-# earlier one's count, so exactly one of them finds zero and closes the job.
-RENDER_ENDED = (
-    update(_jobs).where(_jobs.c.id == bindparam("job"))
-    .values(open_renders=_jobs.c.open_renders - 1)
-    .returning(_jobs.c.open_renders)
-)
 # FOR NO KEY UPDATE, not FOR UPDATE: every ledger, attempt or image insert takes a KEY SHARE
 # lock on its job row (the foreign key), which FOR UPDATE waits for; a transaction holding
 # the job row that then asked for FOR UPDATE deadlocked with the renders queueing on it.
@@ -180,11 +172,6 @@ RECOUNT_OPEN = (
         _renders.c.status.in_([s.value for s in OPEN_RENDER])).scalar_subquery())
     .returning(_jobs.c.open_renders)
 )
-
-
-def render_ended(session: Session, job_id: int) -> int:
-    """Count one of the job's renders as ended; returns how many are still open."""
-    return session.connection().execute(RENDER_ENDED, {"job": job_id}).scalar_one()
 
 
 def recount_open_renders(session: Session, job_id: int) -> int:
@@ -206,7 +193,7 @@ def settle_item(session: Session, item_id: int) -> None:
 
 def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
     """Close the job when none of its renders is open. `open_renders` must come from a
-    statement that holds the job's row lock in this transaction (render_ended or
+    statement that holds the job's row lock in this transaction (ledger.Moves or
     recount_open_renders)."""
     if open_renders > 0:
         return False

@@ -7,15 +7,16 @@ move in the same transaction as the append-only `ledger` row that explains them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.groupcommit import before_commit
+from pipeline.groupcommit import at_group_end
+from pipeline.jobs import close_job_if_done
 from pipeline.models import (
     Attempt,
     AttemptOutcome,
@@ -67,7 +68,10 @@ HOLD_TEAM = (
 )
 # The job's row is every render's hot row: on PostgreSQL each UPDATE of it leaves a dead
 # version behind, so a settlement that also ends its render takes the render off the job's
-# open count in the same UPDATE (d_open) rather than in one more.
+# open count in the same UPDATE (d_open) rather than in one more. The UPDATE takes the
+# row's lock (FOR NO KEY UPDATE, as any UPDATE of non-key columns), which orders the last
+# renders of a job: the later sees the earlier's count, so exactly one finds zero and
+# closes the job.
 MOVE_JOB = (
     update(_jobs)
     .where(_jobs.c.id == bindparam("job"))
@@ -82,6 +86,40 @@ MOVE_JOB = (
 MOVE_TEAM = (
     update(_budgets)
     .where(_budgets.c.id == bindparam("budget"))
+    .values(
+        reserved_cents=_budgets.c.reserved_cents + bindparam("d_reserved"),
+        spent_cents=_budgets.c.spent_cents + bindparam("d_spent"),
+        unknown_cents=_budgets.c.unknown_cents + bindparam("d_unknown"),
+    )
+)
+# A group's moves of one job row in one statement: its holds (in d_reserved) and its
+# settlements. With holds it is conditional on the row's state after all of them: a
+# settlement never raises spent + reserved, so what it frees is there for the holds.
+HOLD_AND_MOVE_JOB = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == bindparam("job"),
+        _jobs.c.status == JobStatus.RUNNING.value,
+        _jobs.c.spent_cents + _jobs.c.reserved_cents + bindparam("d_spent")
+        + bindparam("d_reserved") <= _jobs.c.budget_cents,
+    )
+    .values(
+        reserved_cents=_jobs.c.reserved_cents + bindparam("d_reserved"),
+        spent_cents=_jobs.c.spent_cents + bindparam("d_spent"),
+        unknown_cents=_jobs.c.unknown_cents + bindparam("d_unknown"),
+        open_renders=_jobs.c.open_renders + bindparam("d_open"),
+    )
+    .returning(_jobs.c.open_renders)
+)
+HOLD_AND_MOVE_TEAM = (
+    update(_budgets)
+    .where(
+        _budgets.c.id == bindparam("budget"),
+        _budgets.c.spent_cents + _budgets.c.reserved_cents + bindparam("d_spent")
+        + bindparam("d_reserved")
+        <= select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
+        .scalar_subquery(),
+    )
     .values(
         reserved_cents=_budgets.c.reserved_cents + bindparam("d_reserved"),
         spent_cents=_budgets.c.spent_cents + bindparam("d_spent"),
@@ -116,31 +154,112 @@ class RenderLike(Protocol):
 
 
 class HoldRefused(Exception):
-    """A budget could not hold the render's price at the end of a group; the transaction
-    must roll back, and the render be tried again with its holds first."""
+    """A budget could not hold a group's holds at its end: the group must roll back, and
+    its renders be tried again one by one, each with its holds first."""
+
+
+@dataclass
+class _RowMove:
+    d_reserved: int = 0
+    d_spent: int = 0
+    d_unknown: int = 0
+    d_open: int = 0
+    holds: bool = False  # conditional on the budget (and, for a job, on it running)
+    team: str = ""
+
+    def deltas(self) -> dict[str, int]:
+        return {"d_reserved": self.d_reserved, "d_spent": self.d_spent,
+                "d_unknown": self.d_unknown}
+
+
+@dataclass
+class Moves:
+    """Ledger rows and the counter moves they explain, applied together: one INSERT of the
+    rows, then one UPDATE per job row and per team budget row (jobs, then teams, each in
+    id order: one lock order for every transaction). A committer's group gathers all its
+    works' moves in one (see `at_group_end`), so each hot row is written once a group;
+    anywhere else a move is applied at once."""
+
+    ledger_rows: list[dict[str, Any]] = field(default_factory=list)
+    jobs: dict[int, _RowMove] = field(default_factory=dict)
+    budgets: dict[int, _RowMove] = field(default_factory=dict)
+    ended: set[int] = field(default_factory=set)  # jobs that had a render end
+
+    def hold(self, job_id: int, team: str, team_budget_id: int | None, amount: int) -> None:
+        job = self.jobs.setdefault(job_id, _RowMove())
+        job.d_reserved += amount
+        job.holds = True
+        if team_budget_id is not None:
+            budget = self.budgets.setdefault(team_budget_id, _RowMove())
+            budget.d_reserved += amount
+            budget.holds = True
+            budget.team = team  # its limit is read by name, inside the statement
+
+    def settle(self, claim: Settlement) -> None:
+        amount = claim.amount_cents
+        spent = 0 if claim.outcome == AttemptOutcome.RELEASED else amount
+        unknown = amount if claim.outcome == AttemptOutcome.UNKNOWN else 0
+        rows = [self.jobs.setdefault(claim.job_id, _RowMove())]
+        if claim.team_budget_id is not None:
+            rows.append(self.budgets.setdefault(claim.team_budget_id, _RowMove()))
+        for row in rows:
+            row.d_reserved -= amount
+            row.d_spent += spent
+            row.d_unknown += unknown
+
+    def render_ended(self, job_id: int) -> None:
+        self.jobs.setdefault(job_id, _RowMove()).d_open -= 1
+        self.ended.add(job_id)
+
+    def apply(self, session: Session) -> None:
+        """Raises HoldRefused if a hold does not fit (the caller's transaction must then roll
+        back). Closes a job whose last render ended here."""
+        db = session.connection()
+        if self.ledger_rows:
+            db.execute(INSERT_LEDGER, self.ledger_rows)
+        for job_id in sorted(self.jobs):
+            move = self.jobs[job_id]
+            statement = HOLD_AND_MOVE_JOB if move.holds else MOVE_JOB
+            still_open = db.execute(statement, {"job": job_id, **move.deltas(),
+                                                "d_open": move.d_open}).scalar()
+            if still_open is None:  # only a conditional UPDATE finds no row
+                raise HoldRefused(job_id)
+            if job_id in self.ended:
+                close_job_if_done(session, job_id, still_open)
+        for budget_id in sorted(self.budgets):
+            move = self.budgets[budget_id]
+            if move.holds:
+                if db.execute(HOLD_AND_MOVE_TEAM, {"budget": budget_id, "team_name": move.team,
+                                                   **move.deltas()}).rowcount != 1:
+                    raise HoldRefused(budget_id)
+            else:
+                db.execute(MOVE_TEAM, {"budget": budget_id, **move.deltas()})
+
+
+def _group_moves(session: Session) -> Moves | None:
+    return at_group_end(session, "ledger", Moves)
 
 
 def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None,
-            *, team_period: str | None = UNREAD, hold_before_commit: bool = False
-            ) -> Reservation | None:
+            *, team_period: str | None = UNREAD) -> Reservation | None:
     """Hold the render's full price on its job and on its team's period, or on neither.
 
     Each hold is one conditional UPDATE (`spent + reserved + amount <= limit`), so the
     invariant holds with any number of workers; on PostgreSQL the UPDATE's row lock and on
     SQLite the BEGIN IMMEDIATE write lock keep the two holds one atomic step.
 
-    By default the holds come first: a refused hold returns None having written nothing (a
-    job hold taken before a refused team hold is given back in the same transaction). With
-    `hold_before_commit` the attempt's rows are written now and the holds are the group's
-    last statements (`groupcommit.before_commit`), so the job's hot row is locked only from
-    there to the COMMIT; a refused hold then raises HoldRefused. `team_period`: see
+    Alone, the holds come first: a refused hold returns None having written nothing (a
+    job hold taken before a refused team hold is given back in the same transaction). In a
+    committer's group the attempt's rows are written now and the holds join the group's
+    moves at its end (`Moves`), so the job's hot row is locked only from there to the
+    COMMIT; a refused hold then raises HoldRefused there. `team_period`: see
     `current_team_budget`.
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
     team_budget_id = current_team_budget(session, team, now, team_period)
-    if not hold_before_commit and not _hold(session, render.job_id, team, team_budget_id,
-                                            amount):
+    moves = _group_moves(session)
+    if moves is None and not _hold(session, render.job_id, team, team_budget_id, amount):
         return None
     number = render.attempts + 1
     attempt_id = session.connection().execute(INSERT_ATTEMPT, {
@@ -150,16 +269,9 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     }).scalar_one()
     _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
             team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
-    if hold_before_commit:
-        before_commit(session, partial(_hold_or_refuse, session, render.job_id, team,
-                                       team_budget_id, amount))
+    if moves is not None:
+        moves.hold(render.job_id, team, team_budget_id, amount)
     return Reservation(attempt_id, number, amount, team_budget_id)
-
-
-def _hold_or_refuse(session: Session, job_id: int, team: str, team_budget_id: int | None,
-                    amount: int) -> None:
-    if not _hold(session, job_id, team, team_budget_id, amount):
-        raise HoldRefused(job_id)
 
 
 def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,
@@ -232,23 +344,37 @@ def claim_settlement(
 
 
 def apply_settlement(session: Session, claim: Settlement, *, render_ended: bool = False
-                     ) -> int:
+                     ) -> None:
     """Move the money: the ledger row, then the counters (the job's hot row) last. With
-    `render_ended` the render is also taken off its job's open count. Returns the job's
-    open renders left."""
-    amount = claim.amount_cents
-    spent = 0 if claim.outcome == AttemptOutcome.RELEASED else amount
-    unknown = amount if claim.outcome == AttemptOutcome.UNKNOWN else 0
+    `render_ended` the render is also taken off its job's open count, and the job closed if
+    it was the last. In a committer's group this happens at the group's end."""
     _append(session, claim.job_id, claim.render_id, claim.model, claim.images, claim.team,
-            claim.attempt_id, claim.team_budget_id, SETTLE_KIND[claim.outcome], amount,
-            claim.price_per_image_cents)
-    deltas = {"d_reserved": -amount, "d_spent": spent, "d_unknown": unknown}
-    db = session.connection()
-    still_open = db.execute(MOVE_JOB, {"job": claim.job_id, **deltas,
-                                       "d_open": -1 if render_ended else 0}).scalar_one()
-    if claim.team_budget_id is not None:
-        db.execute(MOVE_TEAM, {"budget": claim.team_budget_id, **deltas})
-    return int(still_open)
+            claim.attempt_id, claim.team_budget_id, SETTLE_KIND[claim.outcome],
+            claim.amount_cents, claim.price_per_image_cents)
+    _move(session, lambda moves: _settle_and_end(moves, claim, render_ended))
+
+
+def render_ended(session: Session, job_id: int) -> None:
+    """A render of the job ended with no money to move: one open render less, and the job
+    closed if it was the last. In a committer's group this happens at the group's end."""
+    _move(session, lambda moves: moves.render_ended(job_id))
+
+
+def _settle_and_end(moves: Moves, claim: Settlement, render_ended: bool) -> None:
+    moves.settle(claim)
+    if render_ended:
+        moves.render_ended(claim.job_id)
+
+
+def _move(session: Session, record: Callable[[Moves], None]) -> None:
+    """Record a move in the group's moves, or apply it at once outside a group."""
+    moves = _group_moves(session)
+    if moves is not None:
+        record(moves)
+        return
+    alone = Moves()
+    record(alone)
+    alone.apply(session)
 
 
 def settle(
@@ -270,12 +396,18 @@ def settle(
 def _append(session: Session, job_id: int, render_id: int, model: str, images: int, team: str,
             attempt_id: int, team_budget_id: int | None, kind: LedgerKind, amount: int,
             price: int) -> None:
-    session.connection().execute(INSERT_LEDGER, {
+    """A ledger row: at once, or in a committer's group with the group's moves."""
+    row = {
         "job_id": job_id, "render_id": render_id, "attempt_id": attempt_id,
         "team_budget_id": team_budget_id, "team": team, "model": model, "kind": kind.value,
         "amount_cents": amount, "images": images, "price_per_image_cents": price,
         "created_at": utcnow(),
-    })
+    }
+    moves = _group_moves(session)
+    if moves is None:
+        session.connection().execute(INSERT_LEDGER, row)
+    else:
+        moves.ledger_rows.append(row)
 
 
 @dataclass(frozen=True)

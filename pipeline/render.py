@@ -23,8 +23,7 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
-from pipeline.groupcommit import before_commit
-from pipeline.jobs import close_job_if_done, render_ended, settle_item
+from pipeline.jobs import settle_item
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
     TERMINAL_RENDER,
@@ -94,11 +93,9 @@ async def render_to_end(svc: Services, render_id: int) -> str:
     holder: int | None = None
     with svc.leases.hold(render_id):
         while True:
-            # In a group the holds come last; a group rolled back (a refused hold among
-            # them) is redone work by work with the holds first, which can say why.
-            step = await svc.commits.run(
-                partial(begin_attempt, svc, render_id, holder, hold_before_commit=True),
-                alone=partial(begin_attempt, svc, render_id, holder))
+            # In a group the holds come last (ledger.Moves); a group rolled back (a refused
+            # hold among them) is redone work by work with the holds first, which says why.
+            step = await svc.commits.run(partial(begin_attempt, svc, render_id, holder))
             if not isinstance(step, Begun):
                 return step
             holder = step.number
@@ -154,13 +151,12 @@ WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).va
     error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"))
 
 
-def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session, *,
-                  hold_before_commit: bool = False) -> Begun | str:
+def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session
+                  ) -> Begun | str:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
 
     `holder` is the attempt number this task already holds (a retry in the same task);
     a task delivered again while another copy holds a live lease does nothing.
-    `hold_before_commit`: see `ledger.reserve`.
     """
     settings = svc.settings
     db = session.connection()
@@ -179,8 +175,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
     if reason is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),
-                                     team_period=render.team_period,
-                                     hold_before_commit=hold_before_commit)
+                                     team_period=render.team_period)
         if reservation is None:
             job = db.execute(JOB_STATE, {"job": render.job_id}).one()
             reason = _no_reservation_reason(render, job)
@@ -260,23 +255,18 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
 
     The item's row lock (taken here unless the caller has it) comes before the item's status
     is decided: two renders of one item finishing at once are ordered by it, so the later
-    sees the earlier committed. The job's hot row comes last, just before the commit (after
-    every work of a committer's group: `groupcommit.before_commit`)."""
+    sees the earlier committed. The job's hot row comes last: just before the commit, with
+    the other moves of a committer's group (`ledger.Moves`)."""
     db = session.connection()
     if not item_locked:
         db.execute(LOCK_ITEM, {"item": render.item_id})
     db.execute(END_RENDER, {"render": render.id, "new_status": status.value, "message": error,
                             "now": utcnow()})
     settle_item(session, render.item_id)
-    before_commit(session, partial(_job_moves_on, session, render.job_id, claim))
-
-
-def _job_moves_on(session: Session, job_id: int, claim: ledger.Settlement | None) -> None:
     if claim is None:
-        still_open = render_ended(session, job_id)  # also takes the job's row lock
+        ledger.render_ended(session, render.job_id)
     else:
-        still_open = ledger.apply_settlement(session, claim, render_ended=True)
-    close_job_if_done(session, job_id, still_open)
+        ledger.apply_settlement(session, claim, render_ended=True)
 
 
 # --- the call and the media, outside any transaction ----------------------------------------
@@ -431,7 +421,7 @@ def finish_attempt(
     session.connection().execute(WAIT_FOR_RETRY, {
         "render": render.id, "message": error, "now": now,
         "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
-    before_commit(session, partial(ledger.apply_settlement, session, claim))
+    ledger.apply_settlement(session, claim)
     return delay
 
 

@@ -14,16 +14,17 @@ from pipeline.dispatch import dispatch_pending
 from pipeline.groupcommit import GroupCommit
 from pipeline.ledger import job_ledger_totals
 from pipeline.models import Job, Render, Team
-from pipeline.render import Begun, begin_attempt
-from tests.helpers import submit
+from pipeline.render import Begun, begin_attempt, finish_attempt
+from pipeline.teams import set_team, team_state
+from pipeline.upstream import Refused
+from tests.helpers import assert_books_balance, submit, summary
 
 ONE = {"model": "flux-2-klein-4b", "prompt": "p"}
 
 
 def _queue_behind_a_busy_committer(svc, works):
-    """Run `works` (a work, or a work and its alone variant) through one committer while its
-    thread is held on a first work, so they all queue up and are taken as one group.
-    Returns each work's result or exception."""
+    """Run `works` through one committer while its thread is held on a first work, so they
+    all queue up and are taken as one group. Returns each work's result or exception."""
     gate = threading.Event()
     commits = GroupCommit(svc.sessions, committers=1)
 
@@ -33,8 +34,7 @@ def _queue_behind_a_busy_committer(svc, works):
     async def main():
         first = asyncio.ensure_future(commits.run(hold))
         await asyncio.sleep(0.05)  # the committer is now inside `hold`
-        rest = [asyncio.ensure_future(commits.run(*work) if isinstance(work, tuple)
-                                      else commits.run(work)) for work in works]
+        rest = [asyncio.ensure_future(commits.run(work)) for work in works]
         await asyncio.sleep(0)  # each has queued its work
         gate.set()
         await first
@@ -127,8 +127,7 @@ def test_holds_refused_at_the_end_of_a_group_are_redone_with_the_holds_first(svc
     with transaction(svc.sessions) as session:
         price = session.get_one(Render, render_ids[0]).price_per_image_cents
         session.get_one(Job, job_id).budget_cents = fits * price
-    works = [(partial(begin_attempt, svc, render_id, None, hold_before_commit=True),
-              partial(begin_attempt, svc, render_id, None)) for render_id in render_ids]
+    works = [partial(begin_attempt, svc, render_id, None) for render_id in render_ids]
     results = _queue_behind_a_busy_committer(svc, works)
     begun = [r for r in results if isinstance(r, Begun)]
     assert len(begun) == fits
@@ -138,3 +137,55 @@ def test_holds_refused_at_the_end_of_a_group_are_redone_with_the_holds_first(svc
         totals = job_ledger_totals(session, job_id)
         assert job.reserved_cents == totals.reserved_cents == sum(b.amount_cents for b in begun)
         assert job.reserved_cents == fits * price == job.budget_cents
+
+
+def _begin_alone(svc, render_ids):
+    begun = []
+    for render_id in render_ids:
+        with transaction(svc.sessions) as session:
+            begun.append(begin_attempt(svc, render_id, None, session))
+    return begun
+
+
+REFUSED = Refused("content policy", 400, retryable=False)
+
+
+def test_a_hold_fits_on_money_a_settlement_frees_in_the_same_group(svc, fake):
+    """The job's cap covers four renders, all four hold it; in one group a fifth render
+    begins (queued first) while one of the four is refused (released): the group's holds
+    and settlements move the job's row as one, so the fifth starts at once."""
+    job_id = submit(svc, [ONE] * 5)
+    *first_four, fifth = dispatch_pending(svc)
+    with transaction(svc.sessions) as session:
+        price = session.get_one(Render, fifth).price_per_image_cents
+        session.get_one(Job, job_id).budget_cents = 4 * price
+    begun = _begin_alone(svc, first_four)
+    assert all(isinstance(step, Begun) for step in begun)
+    started, retry = _queue_behind_a_busy_committer(svc, [
+        partial(begin_attempt, svc, fifth, None),
+        partial(finish_attempt, svc, begun[0], REFUSED, None),
+    ])
+    assert isinstance(started, Begun) and retry is None
+    s = summary(svc, job_id)
+    assert (s["reserved_cents"], s["spent_cents"]) == (4 * price, 0)
+    assert_books_balance(svc, job_id)
+    assert fake.requests() == []
+
+
+def test_the_last_renders_ending_in_one_group_close_the_job_and_move_the_team(svc, fake):
+    with transaction(svc.sessions) as session:
+        set_team(session, "grouped", 1_000, "month")
+    job_id = submit(svc, [ONE] * 6, team="grouped")
+    begun = _begin_alone(svc, dispatch_pending(svc))
+    with svc.sessions() as session:
+        assert team_state(session, "grouped").reserved_cents == 6 * begun[0].amount_cents
+    results = _queue_behind_a_busy_committer(
+        svc, [partial(finish_attempt, svc, step, REFUSED, None) for step in begun])
+    assert results == [None] * 6
+    s = summary(svc, job_id)
+    assert s["status"] == "failed" and s["finished_at"] is not None
+    assert (s["reserved_cents"], s["spent_cents"], s["items_failed"]) == (0, 0, 6)
+    assert_books_balance(svc, job_id)
+    with svc.sessions() as session:
+        team = team_state(session, "grouped")
+        assert (team.reserved_cents, team.spent_cents, team.left_cents) == (0, 0, 1_000)
