@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.groupcommit import at_group_end
@@ -66,6 +66,21 @@ HOLD_TEAM = (
     )
     .values(reserved_cents=_budgets.c.reserved_cents + bindparam("amount"))
 )
+
+
+def _moved(table: Table) -> dict[str, ColumnElement[Any]]:
+    """The counters of a job or team budget row, each moved by its delta."""
+    return {"reserved_cents": table.c.reserved_cents + bindparam("d_reserved"),
+            "spent_cents": table.c.spent_cents + bindparam("d_spent"),
+            "unknown_cents": table.c.unknown_cents + bindparam("d_unknown")}
+
+
+def _after_moves(table: Table) -> ColumnElement[Any]:
+    """spent + reserved as the row's moves leave it."""
+    return (table.c.spent_cents + table.c.reserved_cents + bindparam("d_spent")
+            + bindparam("d_reserved"))
+
+
 # The job's row is every render's hot row: on PostgreSQL each UPDATE of it leaves a dead
 # version behind, so a settlement that also ends its render takes the render off the job's
 # open count in the same UPDATE (d_open) rather than in one more. The UPDATE takes the
@@ -73,58 +88,22 @@ HOLD_TEAM = (
 # renders of a job: the later sees the earlier's count, so exactly one finds zero and
 # closes the job.
 MOVE_JOB = (
-    update(_jobs)
-    .where(_jobs.c.id == bindparam("job"))
-    .values(
-        reserved_cents=_jobs.c.reserved_cents + bindparam("d_reserved"),
-        spent_cents=_jobs.c.spent_cents + bindparam("d_spent"),
-        unknown_cents=_jobs.c.unknown_cents + bindparam("d_unknown"),
-        open_renders=_jobs.c.open_renders + bindparam("d_open"),
-    )
+    update(_jobs).where(_jobs.c.id == bindparam("job"))
+    .values(**_moved(_jobs), open_renders=_jobs.c.open_renders + bindparam("d_open"))
     .returning(_jobs.c.open_renders)
 )
-MOVE_TEAM = (
-    update(_budgets)
-    .where(_budgets.c.id == bindparam("budget"))
-    .values(
-        reserved_cents=_budgets.c.reserved_cents + bindparam("d_reserved"),
-        spent_cents=_budgets.c.spent_cents + bindparam("d_spent"),
-        unknown_cents=_budgets.c.unknown_cents + bindparam("d_unknown"),
-    )
-)
-# A group's moves of one job row in one statement: its holds (in d_reserved) and its
+MOVE_TEAM = update(_budgets).where(_budgets.c.id == bindparam("budget")).values(**_moved(_budgets))
+# A group's moves of one row in one statement: its holds (in d_reserved) and its
 # settlements. With holds it is conditional on the row's state after all of them: a
 # settlement never raises spent + reserved, so what it frees is there for the holds.
-HOLD_AND_MOVE_JOB = (
-    update(_jobs)
-    .where(
-        _jobs.c.id == bindparam("job"),
-        _jobs.c.status == JobStatus.RUNNING.value,
-        _jobs.c.spent_cents + _jobs.c.reserved_cents + bindparam("d_spent")
-        + bindparam("d_reserved") <= _jobs.c.budget_cents,
-    )
-    .values(
-        reserved_cents=_jobs.c.reserved_cents + bindparam("d_reserved"),
-        spent_cents=_jobs.c.spent_cents + bindparam("d_spent"),
-        unknown_cents=_jobs.c.unknown_cents + bindparam("d_unknown"),
-        open_renders=_jobs.c.open_renders + bindparam("d_open"),
-    )
-    .returning(_jobs.c.open_renders)
+HOLD_AND_MOVE_JOB = MOVE_JOB.where(
+    _jobs.c.status == JobStatus.RUNNING.value,
+    _after_moves(_jobs) <= _jobs.c.budget_cents,
 )
-HOLD_AND_MOVE_TEAM = (
-    update(_budgets)
-    .where(
-        _budgets.c.id == bindparam("budget"),
-        _budgets.c.spent_cents + _budgets.c.reserved_cents + bindparam("d_spent")
-        + bindparam("d_reserved")
-        <= select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
-        .scalar_subquery(),
-    )
-    .values(
-        reserved_cents=_budgets.c.reserved_cents + bindparam("d_reserved"),
-        spent_cents=_budgets.c.spent_cents + bindparam("d_spent"),
-        unknown_cents=_budgets.c.unknown_cents + bindparam("d_unknown"),
-    )
+HOLD_AND_MOVE_TEAM = MOVE_TEAM.where(
+    _after_moves(_budgets)
+    <= select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
+    .scalar_subquery(),
 )
 INSERT_ATTEMPT = insert(_attempts).returning(_attempts.c.id)
 # The guard `outcome = 'reserved'` makes settling exactly-once.
