@@ -14,6 +14,9 @@ A work must be a transaction's worth of database reads and writes and nothing el
 run twice. If any work of a group raises (or the COMMIT fails), the whole group is rolled
 back and every caller runs its own work again alone, in its own transaction, exactly as it
 would have without this; so one work's error stays its own.
+
+Writes to rows every work touches (a job's counters) gather in one object per group
+(`at_group_end`) and are made once, after the group's last work.
 """
 
 from __future__ import annotations
