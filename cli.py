@@ -334,7 +334,7 @@ def submit(file: str, team: str, budget: str | None, budget_cents: int | None,
 @main.command()
 @job_options
 @click.option("--concurrency", type=click.IntRange(min=1),
-              help="Renders in flight (default IMAGEBATCH_CONCURRENCY, 64).")
+              help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 def run(file: str, team: str, budget: str | None, budget_cents: int | None, name: str | None,
         allow_invalid: bool, as_json: bool, concurrency: int | None) -> None:
     """Submit FILE and render it in this process until the job ends, with progress.
@@ -359,7 +359,7 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
     with database(settings) as sessions:
         job_id, planned = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
         app = create_app(settings, broker_url="memory://localhost//")
-        worker = InProcessWorker(app, settings.concurrency)
+        worker = InProcessWorker(app, settings.render_slots)
         ticker = Ticker(app, interval=1.0)
         worker.start()
         ticker.start()
@@ -812,7 +812,8 @@ def schedule_run(name: str) -> None:
 
 @main.command()
 @click.option("--concurrency", type=click.IntRange(min=1),
-              help="Renders in flight in this worker (default IMAGEBATCH_CONCURRENCY).")
+              help="Upstream calls in flight in this worker (default "
+                   "IMAGEBATCH_CONCURRENCY).")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,
               help="Also plan pending jobs and bring back stuck renders (needed where no "
                    "`imagebatch beat` runs; harmless beside one).")
@@ -828,10 +829,11 @@ def worker(concurrency: int | None, sweep: bool) -> None:
     ticker = Ticker(app, interval=settings.sweep_interval) if sweep else None
     if ticker:
         ticker.start()
-    err.print(f"worker: {settings.concurrency} renders in flight, broker "
+    err.print(f"worker: {settings.concurrency} calls in flight ({settings.render_slots} "
+              f"renders), broker "
               f"{_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    app.Worker(pool="threads", concurrency=settings.concurrency, loglevel=level,
+    app.Worker(pool="threads", concurrency=settings.render_slots, loglevel=level,
                without_mingle=True, without_gossip=True, optimization="fair").start()
     if ticker:
         ticker.stop()

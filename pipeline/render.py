@@ -273,6 +273,13 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
 
 
 async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+    """The call, once one of the worker's call slots is free (the render has its reservation
+    by then, so the slot goes straight to the upstream)."""
+    async with svc.call_slots:
+        return await _call_in_slot(svc, begun)
+
+
+async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
     limiter = svc.limiter
     if limiter is None:
         return await svc.upstream.generate(begun.request)

@@ -58,6 +58,9 @@ class Services:
     store: MediaStore
     io: IOLoop
     upstream: UpstreamClient
+    # Bounds the upstream calls in flight (settings.concurrency); the worker runs more
+    # renders than that (settings.render_slots), so a freed slot finds a render ready.
+    call_slots: asyncio.Semaphore = field(init=False)
     # Bounds renders holding media bytes at once, so memory does not grow with calls in flight.
     media_slots: asyncio.Semaphore = field(init=False)
     # The store's clients block (boto3, file writes): they run on these threads, off the loop.
@@ -70,6 +73,7 @@ class Services:
     clock: Callable[[], datetime] = utcnow
 
     def __post_init__(self) -> None:
+        self.call_slots = asyncio.Semaphore(max(1, self.settings.concurrency))
         slots = max(1, self.settings.media_concurrency)
         self.media_slots = asyncio.Semaphore(slots)
         self.store_threads = ThreadPoolExecutor(slots, thread_name_prefix="imagebatch-store")

@@ -26,7 +26,11 @@ class Settings:
     database_url: str = ""
     broker_url: str = ""
     storage_url: str = ""
+    # Upstream calls in flight per worker. The worker runs more renders than that at once
+    # (render_slots): the renders ahead reserve, store and settle meanwhile.
     concurrency: int = 64
+    # None: half of concurrency (bench/README.md: what keeps every call slot busy).
+    renders_ahead: int | None = None
     max_attempts: int = 4
     max_media_bytes: int = 64 * 1024 * 1024
     models_ttl: int = 3600
@@ -74,7 +78,7 @@ class Settings:
             "concurrency": "CONCURRENCY", "max_attempts": "MAX_ATTEMPTS",
             "max_media_bytes": "MAX_MEDIA_BYTES", "models_ttl": "MODELS_TTL",
             "media_concurrency": "MEDIA_CONCURRENCY", "max_in_flight": "MAX_IN_FLIGHT",
-            "committers": "COMMITTERS",
+            "committers": "COMMITTERS", "renders_ahead": "RENDERS_AHEAD",
         }
         for attr, name in ints.items():
             if (value := get(name)) is not None:
@@ -102,6 +106,14 @@ class Settings:
             storage_url=self.storage_url or (self.data_dir / "media").as_uri(),
             broker_url=self.broker_url or "filesystem://localhost//",
         )
+
+    @property
+    def render_slots(self) -> int:
+        """Renders a worker runs at once: one per call slot, and the renders ahead, which
+        take their reservation before a call slot frees and store and settle after it, so no
+        call slot waits on the database or the store."""
+        ahead = self.concurrency // 2 if self.renders_ahead is None else self.renders_ahead
+        return self.concurrency + ahead
 
     @property
     def committer_threads(self) -> int:

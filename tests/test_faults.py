@@ -131,9 +131,10 @@ def ledger_kinds_per_attempt(engine: sa.Engine, job_id: int, kind: str) -> dict[
 
 def test_a_worker_killed_mid_render_is_charged_unknown_once_and_the_job_completes(
         stack: Stack, fake: FakeServer) -> None:
-    """Two workers of 8 renders each, 40 renders of 2 s. SIGKILL one while both have calls in
-    flight: its renders' leases run out, the sweeper (on the survivor) settles each open
-    attempt as `unknown` once and queues the render again; the messages it had prefetched
+    """Two workers of 8 calls in flight each (and 4 renders ahead: 12 renders), 40 renders of
+    2 s. SIGKILL one while both have calls in flight: its renders' leases run out, the
+    sweeper (on the survivor) settles each open attempt as `unknown` once and queues the
+    render again; the messages it had prefetched
     come back through the stale-queued requeue. The survivor finishes the job.
 
     Billed and spent differ legitimately here: the fake bills a call only when it produces a
@@ -159,7 +160,9 @@ def test_a_worker_killed_mid_render_is_charged_unknown_once_and_the_job_complete
     assert (summary["status"], summary["items_succeeded"], summary["images"]) == (
         "succeeded", 40, 40)
     unknown = books.with_outcome("unknown")
-    assert 1 <= len(unknown) <= 8, books.outcomes()
+    # A render ahead killed while it held its reservation, waiting for a call slot, is
+    # charged unknown too: nothing tells the sweeper its call was never sent.
+    assert 1 <= len(unknown) <= 12, books.outcomes()
     assert {a.id for a in unknown} <= in_flight_at_kill
     assert all("worker was lost" in (a.error or "") for a in unknown)
     # Exactly one 'unknown' ledger row per killed attempt, and no other settlement of it.

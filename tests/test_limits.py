@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.limits import LocalLimits, Rate, RedisLimits, parse_rates
 from pipeline.runtime import start_services
-from pipeline.settings import SettingsError
-from tests.helpers import run_job
+from pipeline.settings import Settings, SettingsError
+from tests.helpers import assert_books_balance, run_job
 
 
 def test_rates_parse_and_bad_ones_are_named():
@@ -97,3 +97,25 @@ def test_the_pipeline_respects_max_in_flight_through_redis(settings, fake, redis
         svc.close()
     assert s["status"] == "succeeded"
     assert fake.stats()["max_in_flight"] <= 4
+
+
+def test_a_worker_calls_at_most_its_concurrency_while_more_renders_run(settings, fake):
+    """IMAGEBATCH_CONCURRENCY bounds the calls in flight; the renders ahead (here 8 renders
+    on 3 call slots) reserve and settle around them, and every call slot stays busy."""
+    svc = start_services(replace(settings, concurrency=3, renders_ahead=5))
+    try:
+        s = run_job(svc, [{"model": "flux-2-klein-4b", "prompt": "p",
+                           "fake": {"latency": 0.2}}] * 24, concurrency=8)
+        assert s["status"] == "succeeded" and s["spent_cents"] == fake.stats()["billed_cents"]
+        assert_books_balance(svc, s["id"])
+    finally:
+        svc.close()
+    assert fake.stats()["max_in_flight"] == 3
+
+
+def test_renders_ahead_default_to_half_the_concurrency():
+    assert Settings(concurrency=200).render_slots == 300
+    assert Settings(concurrency=3, renders_ahead=0).render_slots == 3
+    assert Settings.from_env({"IMAGEBATCH_RENDERS_AHEAD": "7"}).render_slots == 64 + 7
+    with pytest.raises(SettingsError, match="IMAGEBATCH_RENDERS_AHEAD='-1'"):
+        Settings.from_env({"IMAGEBATCH_RENDERS_AHEAD": "-1"})
