@@ -46,6 +46,9 @@ from pipeline.upstream import Delivered, MediaRefused, Refused, Unknown, decode_
 log = logging.getLogger("imagebatch.render")
 
 MAX_RETRY_WAIT = 600.0
+# A render that waited longer than this for its call slot asks again whether its job is
+# still running: one read for renders held back by busy slots, none for the others.
+RECHECK_AFTER_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ async def render_to_end(svc: Services, render_id: int) -> str:
                 return step
             holder = step.number
             outcome = await call_upstream(svc, step)
+            if outcome is None:
+                return "cancelled"
             collected = (await collect_media(svc, step, outcome)
                          if isinstance(outcome, Delivered) else None)
             delay = await svc.commits.run(partial(finish_attempt, svc, step, outcome,
@@ -272,11 +277,33 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
 # --- the call and the media, outside any transaction ----------------------------------------
 
 
-async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | None:
     """The call, once one of the worker's call slots is free (the render has its reservation
-    by then, so the slot goes straight to the upstream)."""
+    by then, so the slot goes straight to the upstream). None: the job was cancelled while
+    the render waited for its slot; its reservation is released and nothing was sent."""
+    loop = asyncio.get_running_loop()
+    waiting_since = loop.time()
     async with svc.call_slots:
+        if (loop.time() - waiting_since > RECHECK_AFTER_WAIT
+                and await svc.commits.run(partial(release_if_cancelled, begun))):
+            return None
         return await _call_in_slot(svc, begun)
+
+
+def release_if_cancelled(begun: Begun, session: Session) -> bool:
+    """If the render's job was cancelled, release its reservation and end it cancelled
+    (a render waiting for a call slot has sent nothing yet)."""
+    db = session.connection()
+    if db.execute(JOB_STATE, {"job": begun.job_id}).one().status != JobStatus.CANCELLED:
+        return False
+    render = db.execute(LOCK_RENDER_AND_ITEM, {"render": begun.render_id}).one()
+    claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.RELEASED,
+                                    error="the job was cancelled before the call was sent",
+                                    render=render)
+    if claim is not None:  # else the sweeper settled it first and owns the render
+        end_render(session, render, RenderStatus.CANCELLED, None, claim=claim,
+                   item_locked=True)
+    return True
 
 
 async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:

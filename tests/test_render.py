@@ -13,7 +13,7 @@ from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
 from pipeline.jobs import cancel_job, retry_job
 from pipeline.models import Attempt, Image, JobItem, LedgerEntry, Render, RenderStatus
-from pipeline.render import end_render
+from pipeline.render import end_render, run_render
 from pipeline.runtime import start_services
 from tests.helpers import (
     assert_books_balance,
@@ -206,7 +206,6 @@ def test_a_task_delivered_twice_while_the_first_runs_calls_once(svc, fake):
 def test_cancel_stops_new_renders_and_lets_in_flight_ones_settle(svc, fake):
     job_id = submit(svc, [{**FLUX, "fake": {"latency": 1.0}}, FLUX, FLUX])
     first, *rest = dispatch_pending(svc)
-    from pipeline.render import run_render
 
     worker = threading.Thread(target=run_render, args=(svc, first))
     worker.start()
@@ -221,6 +220,36 @@ def test_cancel_stops_new_renders_and_lets_in_flight_ones_settle(svc, fake):
     assert s["spent_cents"] == 3 == fake.stats()["billed_cents"]
     assert s["reserved_cents"] == 0
     assert_books_balance(svc, job_id)
+
+
+def test_renders_waiting_for_a_call_slot_when_the_job_is_cancelled_call_nobody(settings, fake):
+    """One call slot and three renders ahead: they hold their reservations while the first
+    call runs. Cancelling the job then lets the call finish and settle; the others release
+    their reservations without calling and end cancelled."""
+    svc = start_services(replace(settings, concurrency=1, renders_ahead=3))
+    try:
+        job_id = submit(svc, [{**FLUX, "fake": {"latency": 1.5}}] * 4)
+        renders = dispatch_pending(svc)
+        workers = [threading.Thread(target=run_render, args=(svc, r)) for r in renders]
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 10
+        while summary(svc, job_id)["reserved_cents"] < 4 * 3:
+            assert time.monotonic() < deadline, "the renders ahead never reserved"
+            time.sleep(0.05)
+        with transaction(svc.sessions) as session:
+            cancel_job(session, job_id)
+        for worker in workers:
+            worker.join(20)
+        s = summary(svc, job_id)
+        assert s["status"] == "cancelled" and s["finished_at"] is not None
+        assert (s["items_succeeded"], s["items_cancelled"]) == (1, 3)
+        assert s["spent_cents"] == 3 == fake.stats()["billed_cents"]
+        assert fake.stats()["calls"] == 1
+        assert s["reserved_cents"] == 0
+        assert_books_balance(svc, job_id)
+    finally:
+        svc.close()
 
 
 def test_retry_renders_failed_items_again_with_new_reservations(svc, fake):
