@@ -647,7 +647,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: the preset's modes, or all without a preset")
     parser.add_argument("--preset", choices=[*PRESETS, "all"])
     parser.add_argument("-n", type=int, help="renders per run (linear: the largest size)")
-    parser.add_argument("--concurrency", type=int, help="total renders in flight")
+    parser.add_argument("--concurrency", type=int,
+                        help="total upstream calls in flight (IMAGEBATCH_CONCURRENCY, "
+                             "split between the workers)")
     parser.add_argument("--latency", type=float, help="fake upstream seconds per render")
     parser.add_argument("--media-bytes", type=int, help="size of each media file")
     parser.add_argument("--fail-rate", type=float, help="share of calls answered 500")
