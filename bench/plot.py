@@ -49,7 +49,7 @@ def draw(series: dict[str, list[tuple[int, float]]], records: list[dict[str, Any
     ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
     ax.set_ylim(0, 1.05)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("renders in flight (total concurrency)")
+    ax.set_xlabel("upstream calls in flight (total concurrency)")
     ax.set_ylabel("efficiency = N × latency / concurrency / wall")
     ax.set_title(_title(records))
     ax.grid(True, alpha=0.3)
