@@ -37,12 +37,9 @@ from pipeline.db import retry_on_disconnect, transaction
 log = logging.getLogger("imagebatch.groupcommit")
 T = TypeVar("T")
 
-# A bound on the work one COMMIT waits for: a big group keeps its callers (and the
-# database's locks) waiting for the slowest of them. Groups that large happen on SQLite,
-# when a wave of renders ends at once; there 256 measured slightly faster than 64 (a job of
-# 1,000 renders at latency 0.2 s: 318.6 / 340.7 against 303.6 / 323.7 renders/s;
-# efficiency at C = 200: 0.914 / 0.907 against 0.904 / 0.892).
-MAX_GROUP = 256
+# More work per COMMIT saves little once the COMMIT is shared by dozens, and a big group
+# keeps its callers (and the database's locks) waiting for the slowest of them.
+MAX_GROUP = 64
 _GROUP_END = "imagebatch_group_end"
 E = TypeVar("E", bound="GroupEnd")
 
