@@ -245,7 +245,7 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
         "render_id": render.id, "number": number, "amount_cents": amount, "started_at": now,
         "team": team, "team_budget_id": team_budget_id,
         "price_per_image_cents": render.price_per_image_cents,
-    }).scalar()
+    }).scalar_one()
     _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
             team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
     if moves is not None:
@@ -310,7 +310,7 @@ def claim_settlement(
     claimed = db.execute(SETTLE_ATTEMPT, {
         "attempt": attempt_id, "new_outcome": outcome.value, "now": utcnow(),
         "status": http_status, "message": error,
-    }).first()
+    }).one_or_none()
     if claimed is None:
         return None
     render_id, amount, team, team_budget_id, price = claimed

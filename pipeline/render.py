@@ -165,7 +165,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     """
     settings = svc.settings
     db = session.connection()
-    render = db.execute(START_FACTS, {"render": render_id}).first()
+    render = db.execute(START_FACTS, {"render": render_id}).one_or_none()
     if render is None:
         return "missing"
     if render.status in TERMINAL_RENDER:
@@ -431,7 +431,7 @@ def finish_attempt(
 ) -> float | None:
     """Settle the attempt and move the render on. Returns seconds to wait before a retry."""
     render = session.connection().execute(LOCK_RENDER_AND_ITEM,
-                                          {"render": begun.render_id}).first()
+                                          {"render": begun.render_id}).one()
     if isinstance(outcome, Delivered):
         assert collected is not None
         _record_delivery(session, render, begun, collected)
