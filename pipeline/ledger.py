@@ -7,7 +7,6 @@ move in the same transaction as the append-only `ledger` row that explains them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -215,8 +214,11 @@ class Moves:
                 db.execute(MOVE_TEAM, {"budget": budget_id, **move.deltas()})
 
 
-def _group_moves(session: Session) -> Moves | None:
-    return at_group_end(session, "ledger", Moves)
+def _moves(session: Session) -> tuple[Moves, bool]:
+    """The moves of the session's committer group, or new ones that the caller applies at
+    once (True) in any other session."""
+    group = at_group_end(session, "ledger", Moves)
+    return (Moves(), True) if group is None else (group, False)
 
 
 def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None,
@@ -237,8 +239,8 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
     team_budget_id = current_team_budget(session, team, now, team_period)
-    moves = _group_moves(session)
-    if moves is None and not _hold(session, render.job_id, team, team_budget_id, amount):
+    moves, alone = _moves(session)
+    if alone and not _hold(session, render.job_id, team, team_budget_id, amount):
         return None
     number = render.attempts + 1
     attempt_id = session.connection().execute(INSERT_ATTEMPT, {
@@ -246,9 +248,12 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
         "team": team, "team_budget_id": team_budget_id,
         "price_per_image_cents": render.price_per_image_cents,
     }).scalar_one()
-    _append(session, render.job_id, render.id, render.model, render.n, team, attempt_id,
-            team_budget_id, LedgerKind.RESERVE, amount, render.price_per_image_cents)
-    if moves is not None:
+    moves.ledger_rows.append(_ledger_row(
+        render.job_id, render.id, render.model, render.n, team, attempt_id, team_budget_id,
+        LedgerKind.RESERVE, amount, render.price_per_image_cents))
+    if alone:
+        moves.apply(session)  # the ledger row: the holds came first
+    else:
         moves.hold(render.job_id, team, team_budget_id, amount)
     return Reservation(attempt_id, number, amount, team_budget_id)
 
@@ -327,33 +332,25 @@ def apply_settlement(session: Session, claim: Settlement, *, render_ended: bool 
     """Move the money: the ledger row, then the counters (the job's hot row) last. With
     `render_ended` the render is also taken off its job's open count, and the job closed if
     it was the last. In a committer's group this happens at the group's end."""
-    _append(session, claim.job_id, claim.render_id, claim.model, claim.images, claim.team,
-            claim.attempt_id, claim.team_budget_id, SETTLE_KIND[claim.outcome],
-            claim.amount_cents, claim.price_per_image_cents)
-    _move(session, lambda moves: _settle_and_end(moves, claim, render_ended))
+    moves, alone = _moves(session)
+    moves.ledger_rows.append(_ledger_row(
+        claim.job_id, claim.render_id, claim.model, claim.images, claim.team,
+        claim.attempt_id, claim.team_budget_id, SETTLE_KIND[claim.outcome],
+        claim.amount_cents, claim.price_per_image_cents))
+    moves.settle(claim)
+    if render_ended:
+        moves.render_ended(claim.job_id)
+    if alone:
+        moves.apply(session)
 
 
 def render_ended(session: Session, job_id: int) -> None:
     """A render of the job ended with no money to move: one open render less, and the job
     closed if it was the last. In a committer's group this happens at the group's end."""
-    _move(session, lambda moves: moves.render_ended(job_id))
-
-
-def _settle_and_end(moves: Moves, claim: Settlement, render_ended: bool) -> None:
-    moves.settle(claim)
-    if render_ended:
-        moves.render_ended(claim.job_id)
-
-
-def _move(session: Session, record: Callable[[Moves], None]) -> None:
-    """Record a move in the group's moves, or apply it at once outside a group."""
-    moves = _group_moves(session)
-    if moves is not None:
-        record(moves)
-        return
-    alone = Moves()
-    record(alone)
-    alone.apply(session)
+    moves, alone = _moves(session)
+    moves.render_ended(job_id)
+    if alone:
+        moves.apply(session)
 
 
 def settle(
@@ -372,21 +369,15 @@ def settle(
     return True
 
 
-def _append(session: Session, job_id: int, render_id: int, model: str, images: int, team: str,
-            attempt_id: int, team_budget_id: int | None, kind: LedgerKind, amount: int,
-            price: int) -> None:
-    """A ledger row: at once, or in a committer's group with the group's moves."""
-    row = {
+def _ledger_row(job_id: int, render_id: int, model: str, images: int, team: str,
+                attempt_id: int, team_budget_id: int | None, kind: LedgerKind, amount: int,
+                price: int) -> dict[str, Any]:
+    return {
         "job_id": job_id, "render_id": render_id, "attempt_id": attempt_id,
         "team_budget_id": team_budget_id, "team": team, "model": model, "kind": kind.value,
         "amount_cents": amount, "images": images, "price_per_image_cents": price,
         "created_at": utcnow(),
     }
-    moves = _group_moves(session)
-    if moves is None:
-        session.connection().execute(INSERT_LEDGER, row)
-    else:
-        moves.ledger_rows.append(row)
 
 
 @dataclass(frozen=True)

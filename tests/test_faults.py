@@ -134,8 +134,8 @@ def test_a_worker_killed_mid_render_is_charged_unknown_once_and_the_job_complete
     """Two workers of 8 calls in flight each (and 4 renders ahead: 12 renders), 40 renders of
     2 s. SIGKILL one while both have calls in flight: its renders' leases run out, the
     sweeper (on the survivor) settles each open attempt as `unknown` once and queues the
-    render again; the messages it had prefetched
-    come back through the stale-queued requeue. The survivor finishes the job.
+    render again; the messages it had prefetched come back through the stale-queued
+    requeue. The survivor finishes the job.
 
     Billed and spent differ legitimately here: the fake bills a call only when it produces a
     result, and a killed client usually leaves before that ('client_gone', not billed), while
