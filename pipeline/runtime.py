@@ -78,7 +78,7 @@ class Services:
         self.media_slots = asyncio.Semaphore(slots)
         self.store_threads = ThreadPoolExecutor(slots, thread_name_prefix="imagebatch-store")
         self.leases = LeaseKeeper(self.sessions, self.settings.lease_seconds)
-        self.commits = GroupCommit(self.sessions, committers=self.settings.committer_threads)
+        self.commits = GroupCommit(self.sessions, committers=max(1, self.settings.committers))
 
     def close(self) -> None:
         self.leases.stop()

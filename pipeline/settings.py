@@ -8,9 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DEFAULT_API_BASE = "https://api.airforce/v1"
-# distributed-1 at concurrency 50: efficiency 0.64 with one committer, 0.69 with 4, no more
-# with 8 or 16 (bench/README.md).
-POSTGRES_COMMITTERS = 4
 
 
 class SettingsError(ValueError):
@@ -43,9 +40,11 @@ class Settings:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     media_concurrency: int = 32
-    # Threads committing the renders' transactions in groups; 0: one on SQLite (its one
-    # writer), POSTGRES_COMMITTERS on PostgreSQL (their groups overlap round trips).
-    committers: int = 0
+    # Threads committing the renders' transactions in groups. One on PostgreSQL too: more
+    # overlap their round trips, but split the work into smaller groups, each with its own
+    # COMMIT and job-row update; on 2 cores that cost more CPU than the overlap saved
+    # (bench/README.md: distributed-1 at latency 0, 112-119 against 79-80 renders/s with 4).
+    committers: int = 1
     max_in_flight: int = 0
     model_rates: str = ""
     redis_url: str = ""
@@ -114,12 +113,6 @@ class Settings:
         call slot waits on the database or the store."""
         ahead = self.concurrency // 2 if self.renders_ahead is None else self.renders_ahead
         return self.concurrency + ahead
-
-    @property
-    def committer_threads(self) -> int:
-        if self.committers:
-            return self.committers
-        return 1 if self.is_sqlite else POSTGRES_COMMITTERS
 
     @property
     def broker_dir(self) -> Path:
