@@ -7,8 +7,9 @@ its job's). The thread holding it had to win the GIL back after every statement,
 was held for several times the work done under it (bench/README.md). Here the renders, which
 are coroutines on the worker's event loop, hand their work to a committer thread instead:
 it runs whatever has queued up meanwhile in one transaction, one COMMIT for the lot, and each
-caller gets its result only once that COMMIT succeeded. SQLite needs one committer (one
-writer); on PostgreSQL a few overlap their round trips, and take turns on the job's row.
+caller gets its result only once that COMMIT succeeded. One committer is the default on
+both databases: SQLite has one writer, and on PostgreSQL more committers overlap their round
+trips but split the work into smaller groups, which cost more CPU than the overlap saves.
 
 A work must be a transaction's worth of database reads and writes and nothing else: it may
 run twice. If any work of a group raises (or the COMMIT fails), the whole group is rolled
