@@ -63,13 +63,17 @@ def git_revision(root: Path) -> str | None:
     return head + ("+dirty" if dirty.strip() else "")
 
 
-def load() -> list[dict[str, Any]]:
-    if not LATEST_JSON.exists():
+def load(path: Path = LATEST_JSON) -> list[dict[str, Any]]:
+    if not path.exists():
         return []
-    return json.loads(LATEST_JSON.read_text())
+    return json.loads(path.read_text())
 
 
-def append(record: dict[str, Any]) -> None:
+def append(record: dict[str, Any], path: Path | None = None) -> None:
+    """Add `record` to latest.json and rewrite latest.md; or only to the JSON file `path`."""
+    if path is not None:
+        path.write_text(json.dumps([*load(path), record], indent=1) + "\n")
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     records = [*load(), record]
     LATEST_JSON.write_text(json.dumps(records, indent=1) + "\n")

@@ -36,6 +36,9 @@ import results
 from procs import CpuWindow, Processes, Started, cpu_seconds, find_child, peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tree whose pipeline is measured (`--pipeline`; bench/ab.py points it at another
+# revision). The harness and the fake upstream always come from ROOT.
+PIPELINE = ROOT
 sys.path.insert(0, str(ROOT))  # tests.servers
 
 PYTHON = sys.executable
@@ -136,7 +139,7 @@ def base_env() -> dict[str, str]:
     other IMAGEBATCH_* (tuning knobs) passes through to the pipeline and is recorded."""
     own = {f"IMAGEBATCH_{name}" for name in OWN_VARS}
     env = {k: v for k, v in os.environ.items() if k not in own}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PIPELINE), env.get("PYTHONPATH")]))
     return env
 
 
@@ -165,7 +168,8 @@ def start_fake(procs: Processes, spec: Spec, workdir: Path,
     args = [PYTHON, "-m", "cli", "fake-upstream", "--port", str(port), "--latency",
             str(spec.latency), "--keepalive", str(spec.keepalive), "--media-bytes",
             str(spec.media_bytes), "--fail-rate", str(spec.fail_rate)]
-    fake = procs.start("fake-upstream", args, env=env, log=workdir / "fake.log", cwd=ROOT)
+    fake = procs.start("fake-upstream", args, env=env | {"PYTHONPATH": str(ROOT)},
+                       log=workdir / "fake.log", cwd=ROOT)
     origin = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{origin}/v1/models"), fake, 30, "fake upstream")
     return fake, origin
@@ -315,7 +319,7 @@ def run_embedded(spec: Spec, procs: Processes, workdir: Path, env: dict[str, str
     args = [PYTHON, "-m", "cli", "run", str(workdir / "jobs.jsonl"), "--budget-cents",
             str(budget_cents(spec)), "--json"]
     run = procs.start("run", args, env=env, log=workdir / "run.log", stdout=workdir / "run.out",
-                      cwd=ROOT)
+                      cwd=PIPELINE)
     others = CpuWindow({"upstream": fake.pid})
     state: dict[str, Any] = {"cpu0": None, "hwm": 0}
     spies: list[tuple[Started, Path]] = []
@@ -359,7 +363,7 @@ def job_status(env: dict[str, str], job_id: int | None, workdir: Path) -> dict[s
     if job_id is None:
         return {}
     out = subprocess.run([PYTHON, "-m", "cli", "status", str(job_id), "--json"], env=env,
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+                         cwd=PIPELINE, capture_output=True, text=True, timeout=120, check=False)
     if out.returncode != 0:
         (workdir / "status.log").write_text(out.stdout + out.stderr)
         return {}
@@ -387,7 +391,7 @@ class Cluster:
         self.pg_url = pg_url.rsplit("/", 1)[0]
         self.admin("CREATE DATABASE bench_template")
         migrate = env | {"IMAGEBATCH_DATABASE_URL": f"{self.pg_url}/bench_template"}
-        subprocess.run([PYTHON, "-m", "cli", "db", "upgrade"], env=migrate, cwd=ROOT,
+        subprocess.run([PYTHON, "-m", "cli", "db", "upgrade"], env=migrate, cwd=PIPELINE,
                        check=True, capture_output=True)
 
     def admin(self, statement: str) -> None:
@@ -509,7 +513,7 @@ def run_distributed(spec: Spec, procs: Processes, workdir: Path, env: dict[str, 
 def start_workers(procs: Processes, spec: Spec, workdir: Path, env: dict[str, str],
                   cluster: Cluster) -> list[Started]:
     workers = [procs.start(f"worker-{i + 1}", [PYTHON, "-m", "cli", "worker"], env=env,
-                           log=workdir / f"worker-{i + 1}.log", cwd=ROOT)
+                           log=workdir / f"worker-{i + 1}.log", cwd=PIPELINE)
                for i in range(spec.workers)]
 
     def ready() -> bool:
@@ -533,7 +537,7 @@ def _measure_distributed(spec: Spec, procs: Processes, workdir: Path, env: dict[
     args = [PYTHON, "-m", "cli", "submit", str(workdir / "jobs.jsonl"), "--budget-cents",
             str(budget_cents(spec)), "--json"]
     submit = procs.start("submit", args, env=env, log=workdir / "submit.log",
-                         stdout=workdir / "submit.out", cwd=ROOT)
+                         stdout=workdir / "submit.out", cwd=PIPELINE)
 
     def on_job() -> None:
         pipeline.begin()
@@ -625,7 +629,7 @@ def record(spec: Spec, m: Measured, env: dict[str, str]) -> dict[str, Any]:
         "knobs": knobs(env),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "machine": results.machine(),
-        "git": results.git_revision(ROOT),
+        "git": results.git_revision(PIPELINE),
     }
 
 
@@ -668,6 +672,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true",
                         help="start bench/results/latest.json and latest.md anew")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and data folders")
+    parser.add_argument("--pipeline", type=Path, metavar="DIR",
+                        help="measure the pipeline of this checkout (default: this one; "
+                             "bench/ab.py uses it)")
+    parser.add_argument("--results", type=Path, metavar="FILE",
+                        help="append the records to this JSON file only, not to "
+                             "bench/results (bench/ab.py uses it)")
     return parser.parse_args(argv)
 
 
@@ -685,12 +695,21 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PIPELINE
     args = parse_args(argv)
     specs = build_specs(args)
+    if args.pipeline is not None:
+        PIPELINE = args.pipeline.resolve()
+        if not (PIPELINE / "cli.py").is_file():
+            print(f"--pipeline {args.pipeline}: no cli.py there", file=sys.stderr)
+            return 2
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with `&`
     if args.fresh:
-        results.clear()
+        if args.results is not None:
+            args.results.unlink(missing_ok=True)
+        else:
+            results.clear()
     workdir = Path(tempfile.mkdtemp(prefix="imagebatch-bench-"))
     procs, env = Processes(), base_env()
     cluster: Cluster | None = None
@@ -713,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run failed: {exc}\nits logs: {keep_logs(rundir)}", file=sys.stderr)
                 continue
             r = record(spec, m, env)
-            results.append(r)
+            results.append(r, args.results)
             print(describe(r), flush=True)
             if not args.keep_temp:
                 clear_run_data(rundir)
@@ -728,8 +747,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"logs and data kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nresults: {results.LATEST_JSON.relative_to(ROOT)}, "
-          f"{results.LATEST_MD.relative_to(ROOT)}")
+    if args.results is not None:
+        print(f"\nresults: {args.results}")
+    else:
+        print(f"\nresults: {results.LATEST_JSON.relative_to(ROOT)}, "
+              f"{results.LATEST_MD.relative_to(ROOT)}")
     return 1 if failures else 0
 
 
