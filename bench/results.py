@@ -69,19 +69,17 @@ def load(path: Path = LATEST_JSON) -> list[dict[str, Any]]:
     return json.loads(path.read_text())
 
 
-def append(record: dict[str, Any], path: Path | None = None) -> None:
-    """Add `record` to latest.json and rewrite latest.md; or only to the JSON file `path`."""
-    if path is not None:
-        path.write_text(json.dumps([*load(path), record], indent=1) + "\n")
-        return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    records = [*load(), record]
-    LATEST_JSON.write_text(json.dumps(records, indent=1) + "\n")
-    LATEST_MD.write_text(markdown(records))
+def append(record: dict[str, Any], path: Path = LATEST_JSON) -> None:
+    """Add `record` to the JSON file `path`; latest.json also rewrites latest.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [*load(path), record]
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    if path == LATEST_JSON:
+        LATEST_MD.write_text(markdown(records))
 
 
-def clear() -> None:
-    for file in (LATEST_JSON, LATEST_MD):
+def clear(path: Path = LATEST_JSON) -> None:
+    for file in (path, LATEST_MD) if path == LATEST_JSON else (path,):
         file.unlink(missing_ok=True)
 
 

@@ -705,11 +705,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with `&`
+    records = args.results or results.LATEST_JSON
     if args.fresh:
-        if args.results is not None:
-            args.results.unlink(missing_ok=True)
-        else:
-            results.clear()
+        results.clear(records)
     workdir = Path(tempfile.mkdtemp(prefix="imagebatch-bench-"))
     procs, env = Processes(), base_env()
     cluster: Cluster | None = None
@@ -732,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run failed: {exc}\nits logs: {keep_logs(rundir)}", file=sys.stderr)
                 continue
             r = record(spec, m, env)
-            results.append(r, args.results)
+            results.append(r, records)
             print(describe(r), flush=True)
             if not args.keep_temp:
                 clear_run_data(rundir)
@@ -747,11 +745,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"logs and data kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.results is not None:
-        print(f"\nresults: {args.results}")
-    else:
-        print(f"\nresults: {results.LATEST_JSON.relative_to(ROOT)}, "
-              f"{results.LATEST_MD.relative_to(ROOT)}")
+    written = [records, results.LATEST_MD] if records == results.LATEST_JSON else [records]
+    print(f"\nresults: {', '.join(str(f) for f in written)}")
     return 1 if failures else 0
 
 
