@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -63,8 +62,6 @@ class Services:
     call_slots: asyncio.Semaphore = field(init=False)
     # Bounds renders holding media bytes at once, so memory does not grow with calls in flight.
     media_slots: asyncio.Semaphore = field(init=False)
-    # The store's clients block (boto3, file writes): they run on these threads, off the loop.
-    store_threads: ThreadPoolExecutor = field(init=False)
     limiter: Any = None
     leases: LeaseKeeper = field(init=False)
     # The renders' transactions, committed in groups by committer threads.
@@ -74,9 +71,7 @@ class Services:
 
     def __post_init__(self) -> None:
         self.call_slots = asyncio.Semaphore(max(1, self.settings.concurrency))
-        slots = max(1, self.settings.media_concurrency)
-        self.media_slots = asyncio.Semaphore(slots)
-        self.store_threads = ThreadPoolExecutor(slots, thread_name_prefix="imagebatch-store")
+        self.media_slots = asyncio.Semaphore(max(1, self.settings.media_concurrency))
         self.leases = LeaseKeeper(self.sessions, self.settings.lease_seconds)
         self.commits = GroupCommit(self.sessions, committers=max(1, self.settings.committers))
 
@@ -85,11 +80,11 @@ class Services:
         self.commits.stop()
         try:
             self.io.run(self.upstream.aclose())
+            self.io.run(self.store.aclose())
             if self.limiter is not None:
                 self.io.run(self.limiter.aclose())
         finally:
             self.io.stop()
-            self.store_threads.shutdown()
             self.engine.dispose()
 
 

@@ -3,6 +3,7 @@ DESIGN.md's money table, checked against what the fake upstream billed, to the c
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import replace
@@ -46,6 +47,20 @@ def test_delivered_results_are_stored_and_charged(svc, fake):
     assert all(k.startswith(f"job-{s['id']:06d}/") for k in keys)
     assert all(part not in ("", ".", "..") for k in keys for part in k.split("/"))
     assert all(k.endswith(".png") for k in keys)
+
+
+def test_large_media_is_stored_whole_with_its_digest(svc, fake):
+    """Media past the size hashed on the event loop is hashed on a thread: same record."""
+    s = run_job(svc, [{**FLUX, "n": 2, "fake": {"media_bytes": 600_000}},
+                      {**FLUX, "response_format": "b64_json", "fake": {"media_bytes": 600_000}}])
+    assert (s["status"], s["images"]) == ("succeeded", 3)
+    assert s["spent_cents"] == 9 == fake.stats()["billed_cents"]
+    with svc.sessions() as session:
+        images = list(session.scalars(select(Image)))
+    for image in images:
+        data = svc.store.get(image.key)
+        assert len(data) == image.bytes >= 600_000
+        assert hashlib.sha256(data).hexdigest() == image.sha256
 
 
 def test_bytes_that_are_not_media_are_charged_and_fail_the_render(svc, fake):

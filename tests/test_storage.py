@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import threading
@@ -197,6 +199,22 @@ def test_file_store_round_trip(tmp_path: Path) -> None:
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
 
 
+def test_file_store_put_async_from_a_loop(tmp_path: Path) -> None:
+    store = open_store((tmp_path / "media").as_uri())
+    keys = [media_key(1, line, None, 0, 0, "png") for line in range(40)]
+
+    async def upload_all() -> list[str]:
+        try:
+            return await asyncio.gather(*(store.put_async(key, key.encode(), "image/png")
+                                          for key in keys))
+        finally:
+            await store.aclose()
+
+    uris = asyncio.run(upload_all())
+    assert uris == [store.uri(key) for key in keys]
+    assert [store.get(key) for key in keys] == [key.encode() for key in keys]
+
+
 def test_file_store_missing(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     assert store.size("job-000001/nothing.png") is None
@@ -337,6 +355,86 @@ def test_s3_round_trip(s3: S3Store) -> None:
     assert head["ContentType"] == "image/png"
 
 
+def _put_async(store: S3Store, key: str, data: bytes, content_type: str = "image/png") -> str:
+    async def upload() -> str:
+        try:
+            return await store.put_async(key, data, content_type)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(upload())
+
+
+def test_s3_put_async_round_trip(s3: S3Store, caplog: pytest.LogCaptureFixture) -> None:
+    """The loop's upload stores what `put` stores, without falling back to boto3."""
+    caplog.set_level(logging.DEBUG, logger="imagebatch.storage")
+    key = media_key(42, 7, "Cat", 3, 1, "webp")
+    assert _put_async(s3, key, b"RIFF bytes", "image/webp") == s3.uri(key)
+    assert s3.get(key) == b"RIFF bytes"
+    head = _raw_client().head_object(Bucket=BUCKET, Key=f"{s3.prefix}/{key}")
+    assert head["ContentType"] == "image/webp"
+    assert "presigned upload" not in caplog.text
+
+
+def test_s3_put_async_is_signed_with_sigv4_over_the_content_type(s3_endpoint: str) -> None:
+    """SigV2 presigned URLs are refused by S3 regions opened since 2014 and by other servers."""
+    url = storage.s3_client().generate_presigned_url(
+        "put_object", Params={"Bucket": BUCKET, "Key": "k.png", "ContentType": "image/png"})
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url
+    assert "X-Amz-SignedHeaders=content-type%3Bhost" in url
+
+
+def test_s3_put_async_many_at_once(s3: S3Store) -> None:
+    keys = [f"loop/k{i:03d}.png" for i in range(100)]
+
+    async def upload_all() -> list[str]:
+        try:
+            return await asyncio.gather(*(s3.put_async(key, bytes([i]) * 5_000, "image/png")
+                                          for i, key in enumerate(keys)))
+        finally:
+            await s3.aclose()
+
+    assert asyncio.run(upload_all()) == [s3.uri(key) for key in keys]
+    assert s3.keys("loop/") == keys
+    assert s3.get(keys[7]) == bytes([7]) * 5_000
+
+
+def test_s3_put_async_failure_is_reported_by_boto3(
+    s3_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused upload gets boto3's message, and the presigned URL (a credential) is not
+    logged."""
+    caplog.set_level(logging.DEBUG)
+    store = open_store("s3://no-such-bucket-here/media")
+    assert isinstance(store, S3Store)
+    with pytest.raises(StorageError, match="'no-such-bucket-here' does not exist"):
+        _put_async(store, "a/b.png", b"x")
+    assert "presigned upload to s3://no-such-bucket-here/media/a/b.png failed (HTTP 404)" \
+        in caplog.text
+    assert "X-Amz-Signature" not in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_s3_put_async_unreachable_endpoint(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _point_at_nothing(monkeypatch)
+    store = open_store(f"s3://{BUCKET}/x")
+    assert isinstance(store, S3Store)
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
+        _put_async(store, "a/b.png", b"x")
+
+
+def _point_at_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the S3 client at a loopback port where nothing listens, with no retries."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+
+
 def test_s3_missing_object(s3: S3Store) -> None:
     assert s3.size("job-000001/missing.png") is None
     with pytest.raises(ObjectNotFound):
@@ -442,12 +540,7 @@ def test_s3_no_credentials(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_s3_unreachable_endpoint(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    _point_at_nothing(monkeypatch)
     store = open_store(f"s3://{BUCKET}/x")
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
         store.size("a/b.png")
