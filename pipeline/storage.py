@@ -11,6 +11,7 @@ import stat
 import tempfile
 import threading
 import unicodedata
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -415,24 +416,25 @@ class S3Store:
         import aiohttp
 
         try:
-            async with self._session().put(url, data=data, allow_redirects=False,
+            async with self._session(url).put(url, data=data, allow_redirects=False,
                                            headers={"Content-Type": content_type}) as response:
                 await response.read()
                 return None if 200 <= response.status < 300 else f"HTTP {response.status}"
         except (aiohttp.ClientError, OSError) as exc:  # timeouts are OSErrors too
             return exc.__class__.__name__
 
-    def _session(self) -> Any:
+    def _session(self, url: str) -> Any:
         import aiohttp
 
         loop = asyncio.get_running_loop()
         if self._http is None or self._http.closed or self._http_loop is not loop:
-            # AWS_CA_BUNDLE as boto3 reads it; proxies from the environment, as boto3's.
+            # AWS_CA_BUNDLE and the *_PROXY variables as boto3 reads them, once: aiohttp's
+            # trust_env would look them (and ~/.netrc) up again on every request.
             context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=64, ssl=context),
                 timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=60),
-                trust_env=True,
+                proxy=_proxy_for(url),
             )
             self._http_loop = loop
         return self._http
@@ -530,6 +532,14 @@ def _client_error(exc: Any, action: str, where: str, bucket: str) -> StorageErro
         return StorageError(f"S3 rejected the AWS credentials ({code}) for {action} {where}")
     message = _scrub(str(error.get("Message", "")))
     return StorageError(f"S3 {action} {where} failed: {code or 'error'}: {message}".rstrip(": "))
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url`'s host (HTTPS_PROXY, NO_PROXY...), if any."""
+    parts = urlsplit(url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def _scrub(text: str) -> str:

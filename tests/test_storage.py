@@ -425,6 +425,19 @@ def test_s3_put_async_unreachable_endpoint(
         _put_async(store, "a/b.png", b"x")
 
 
+def test_s3_put_async_takes_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1,.internal")
+    assert storage._proxy_for("https://b.s3.amazonaws.com/k?X-Amz-Signature=1") \
+        == "http://proxy.example:3128"
+    assert storage._proxy_for("https://minio.internal/b/k") is None
+    assert storage._proxy_for("http://127.0.0.1:9000/b/k") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert storage._proxy_for("https://b.s3.amazonaws.com/k") is None
+
+
 def _point_at_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Point the S3 client at a loopback port where nothing listens, with no retries."""
     sock = socket.socket()
