@@ -142,20 +142,27 @@ _renders, _items = Render.__table__, JobItem.__table__
 
 def _settle_items_where(which: ColumnElement[bool]) -> Any:
     """One UPDATE giving each chosen item with renders, none of them open, its final status:
-    succeeded when all its renders did, failed when any failed, else cancelled."""
-    def renders_of_item(*conditions: ColumnElement[bool]) -> Any:
-        return exists().where(_renders.c.item_id == _items.c.id, *conditions)
+    succeeded when all its renders did, failed when any failed, else cancelled.
+
+    The item's renders are counted by status inside aggregates, never filtered by status in
+    a WHERE: PostgreSQL could then serve `status IN (open...)` from the status index, and
+    did whenever its statistics (taken before a job was planned) said few renders were open.
+    Each settlement then read every open render of the database, 3,160 index entries a
+    settlement in a 4,000-render job, and more the bigger the job."""
+    def renders_of_item(condition: ColumnElement[bool]) -> Any:
+        counted = func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+        return select(counted).where(_renders.c.item_id == _items.c.id).scalar_subquery()
 
     final = case(
-        (~renders_of_item(_renders.c.status != RenderStatus.SUCCEEDED.value),
+        (renders_of_item(_renders.c.status != RenderStatus.SUCCEEDED.value) == 0,
          ItemStatus.SUCCEEDED.value),
-        (renders_of_item(_renders.c.status == RenderStatus.FAILED.value), ItemStatus.FAILED.value),
+        (renders_of_item(_renders.c.status == RenderStatus.FAILED.value) > 0,
+         ItemStatus.FAILED.value),
         else_=ItemStatus.CANCELLED.value,
     )
-    return update(_items).where(
-        which, renders_of_item(),
-        ~renders_of_item(_renders.c.status.in_([s.value for s in OPEN_RENDER])),
-    ).values(status=final)
+    has_renders = exists().where(_renders.c.item_id == _items.c.id)
+    open_renders = renders_of_item(_renders.c.status.in_([s.value for s in OPEN_RENDER]))
+    return update(_items).where(which, has_renders, open_renders == 0).values(status=final)
 
 
 SETTLE_ITEM = _settle_items_where(_items.c.id == bindparam("item"))
