@@ -357,16 +357,22 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
     from workers.tasks import shutdown_services
 
     with database(settings) as sessions:
-        job_id, planned = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
         app = create_app(settings, broker_url="memory://localhost//")
         worker = InProcessWorker(app, settings.render_slots)
-        ticker = Ticker(app, interval=1.0)
+        # Celery's worker takes about a quarter of a second to start: while the file is
+        # submitted, not between the job's commit and its first call. The ticker starts
+        # after the submission, as its first tick plans the job at once.
         worker.start()
-        ticker.start()
         try:
-            summary = follow_job(sessions, job_id, planned, quiet=quiet)
+            job_id, planned = submit_job(settings, sessions, file, team, cap, name,
+                                         allow_invalid)
+            ticker = Ticker(app, interval=1.0)
+            ticker.start()
+            try:
+                summary = follow_job(sessions, job_id, planned, quiet=quiet)
+            finally:
+                ticker.stop()
         finally:
-            ticker.stop()
             worker.stop()
             shutdown_services()
         if not quiet:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 
 from celery import Celery
@@ -63,6 +64,11 @@ def enqueue_renders(app: Celery, render_ids: Iterable[int]) -> int:
         for render_id in render_ids:
             task.apply_async((render_id,), producer=producer)
             count += 1
+            if count % 50 == 0:
+                # Queueing thousands is seconds of pure Python that keeps the GIL from the
+                # worker's own threads, so a job's first renders would wait for its last
+                # message: let them in.
+                time.sleep(0)
     return count
 
 
