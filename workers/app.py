@@ -10,18 +10,21 @@ from kombu.transport import memory
 from pipeline.settings import Settings
 
 # Polling transports wait this long between reads of an empty queue; Celery's default of
-# 1 s costs a tenth of the efficiency of 1 s renders (shared/PERFORMANCE.md). The folder
-# broker lists a directory per read; the in-memory one (`run`) only takes a queue's lock.
+# 1 s costs a tenth of the efficiency of 1 s renders (shared/PERFORMANCE.md).
 POLLING_INTERVAL = 0.1
-MEMORY_POLLING_INTERVAL = 0.02
 # How long the in-memory broker keeps the consumer's loop waiting for a message.
 DRAIN_TIMEOUT = 0.2
 
 
 class MemoryTransport(memory.Transport):
-    """kombu's in-memory broker (`run`), handing the worker's consumer loop back every
+    """kombu's in-memory broker (`run`), with the timing of an in-process queue.
+
+    It is polled every 0.02 s (a read only takes a queue's lock), so a job's first message
+    is taken within 20 ms of being queued. It hands the worker's consumer loop back every
     DRAIN_TIMEOUT when no message comes, not every 2 s (Celery's synloop asks for 2 s):
     stopping the worker waits for that loop, so every `run` lasted up to 2 s past its job."""
+
+    polling_interval = 0.02
 
     def drain_events(self, connection: object, timeout: float | None = None) -> object:
         if timeout is not None:
@@ -59,6 +62,8 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
 
 
 def _transport_options(settings: Settings, broker: str) -> dict[str, object]:
+    if broker.startswith("memory://"):
+        return {}  # MemoryTransport's own timing
     if broker.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacked task after visibility_timeout even while it still runs;
         # it must outlast the longest render (deadline, media, retries) or we pay twice.
@@ -75,5 +80,4 @@ def _transport_options(settings: Settings, broker: str) -> dict[str, object]:
             "control_folder": str(control),
             "polling_interval": POLLING_INTERVAL,
         }
-    # A job's first message is taken within 20 ms of being queued, not 100.
-    return {"polling_interval": MEMORY_POLLING_INTERVAL}
+    return {"polling_interval": POLLING_INTERVAL}
