@@ -28,12 +28,14 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(enum.StrEnum):
+    SUBMITTING = "submitting"  # `submit`/`run` is still writing its items; nobody plans it
     PENDING = "pending"  # written by submit or by another program's INSERT; not planned yet
     RUNNING = "running"  # planned: its renders are queued or under way
     SUCCEEDED = "succeeded"  # every item delivered all its images
     PARTIAL = "partial"  # some items delivered, some failed
     FAILED = "failed"  # nothing delivered
     CANCELLED = "cancelled"  # cancelled by a user; in-flight renders finished first
+    PAUSED = "paused"  # nothing new is sent; in-flight renders finish; `resume` continues it
 
 
 TERMINAL_JOB = frozenset(
@@ -50,7 +52,7 @@ class ItemStatus(enum.StrEnum):
 
 
 class RenderStatus(enum.StrEnum):
-    QUEUED = "queued"  # planned and enqueued; no attempt holds it
+    QUEUED = "queued"  # planned; waits in SQL (enqueued_at NULL) or in the broker's window
     RUNNING = "running"  # an attempt holds the lease and may be calling the upstream
     SUCCEEDED = "succeeded"  # its images are stored and charged
     FAILED = "failed"  # gave up: budget, a non-retryable refusal, or attempts exhausted
@@ -91,6 +93,10 @@ class Job(Base):
     # down by one as each render ends (under the job's row lock), so closing needs no scan.
     open_renders: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     source: Mapped[str] = mapped_column(String(20), server_default=text("'sql'"))
+    # Planned in chunks: the last line planned so far, NULL once every item is planned.
+    plan_cursor: Mapped[int | None] = mapped_column(Integer)
+    # sha256 of the submitted file: `run` of the same file finds this job if it is unfinished.
+    source_digest: Mapped[str | None] = mapped_column(String(64), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -118,7 +124,9 @@ class Render(Base):
     __tablename__ = "renders"
     __table_args__ = (
         UniqueConstraint("item_id", "render_index", name="uq_renders_item_index"),
-        Index("ix_renders_job_status", "job_id", "status"),
+        # The window: a job's renders sent and not started, and its next unsent ones in id
+        # order, both read from the index alone.
+        Index("ix_renders_job_queue", "job_id", "status", "enqueued_at", "id"),
         Index("ix_renders_status_lease", "status", "lease_until"),
     )
 
@@ -135,6 +143,7 @@ class Render(Base):
     # Attempts made before the last `retry JOB`: the attempt limit counts from here.
     retry_from: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    # When its broker message was sent; NULL while it waits in SQL (SQL is the queue).
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime)
     deliveries: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     error: Mapped[str | None] = mapped_column(Text)
@@ -159,6 +168,9 @@ class Attempt(Base):
     http_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))
+    # Committed before the call: an attempt that lost its worker with no send recorded never
+    # reached the upstream, so it is released, not charged as unknown.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
     settled_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
@@ -206,6 +218,17 @@ class Image(Base):
     revised_prompt: Mapped[str | None] = mapped_column(Text)
     cost_cents: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Worker(Base):
+    """A live worker process: its render slots, renewed with its leases. The broker's window
+    is sized from the workers seen lately."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)
+    seen_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class ModelCaps(Base):
