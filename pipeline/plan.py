@@ -173,14 +173,19 @@ def reject_duplicate_ids(lines: Iterable[JobLine | LineError]) -> list[JobLine |
     for entry in lines:
         cid = entry.custom_id
         if cid is not None and cid in first_seen:
-            entry = LineError(
-                entry.line, f"custom_id {cid!r} repeats line {first_seen[cid]}", cid,
-                entry.raw if isinstance(entry, LineError) else "",
-            )
+            entry = repeated_id(entry, first_seen[cid])
         elif cid is not None:
             first_seen[cid] = entry.line
         out.append(entry)
     return out
+
+
+def repeated_id(entry: JobLine | LineError, first_line: int) -> LineError:
+    """The error of a line whose custom_id an earlier line (first_line) already has."""
+    return LineError(
+        entry.line, f"custom_id {entry.custom_id!r} repeats line {first_line}", entry.custom_id,
+        entry.raw if isinstance(entry, LineError) else "",
+    )
 
 
 # --- validation against caps ---------------------------------------------------------------
@@ -260,22 +265,28 @@ def plan_lines(entries: Iterable[JobLine | LineError], caps: Mapping[str, Caps])
     errors: list[LineError] = []
     summary: dict[str, ModelSummary] = {}
     for entry in entries:
-        if isinstance(entry, LineError):
-            errors.append(entry)
+        planned = plan_line(entry, caps)
+        if isinstance(planned, LineError):
+            errors.append(planned)
             continue
-        reason = check_caps(entry, caps)
-        if reason is not None:
-            errors.append(LineError(entry.line, reason, entry.custom_id))
-            continue
-        model = caps[entry.model]
-        renders = split_into_renders(entry.n, model.max_n, entry.body.get("seed"))
-        item = PlannedItem(entry, renders, int(model.price_per_image_cents or 0))
-        items.append(item)
-        _add_to_summary(summary, item)
+        items.append(planned)
+        add_to_summary(summary, planned)
     return Plan(tuple(items), tuple(errors), summary)
 
 
-def _add_to_summary(summary: dict[str, ModelSummary], item: PlannedItem) -> None:
+def plan_line(entry: JobLine | LineError, caps: Mapping[str, Caps]) -> PlannedItem | LineError:
+    """One line validated against caps, split into renders and priced (or why it cannot)."""
+    if isinstance(entry, LineError):
+        return entry
+    reason = check_caps(entry, caps)
+    if reason is not None:
+        return LineError(entry.line, reason, entry.custom_id)
+    model = caps[entry.model]
+    renders = split_into_renders(entry.n, model.max_n, entry.body.get("seed"))
+    return PlannedItem(entry, renders, int(model.price_per_image_cents or 0))
+
+
+def add_to_summary(summary: dict[str, ModelSummary], item: PlannedItem) -> None:
     entry = summary.setdefault(item.line.model, ModelSummary(item.line.model))
     entry.items += 1
     entry.images += item.line.n
