@@ -1,4 +1,4 @@
-"""The dispatcher: claims pending jobs (CLI or plain SQL INSERTs) and plans them into renders."""
+"""The dispatcher: plans jobs (CLI or plain SQL INSERTs) in chunks and fills the broker's window."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from sqlalchemy import select
 
 from pipeline.caps import Caps, load_caps
 from pipeline.db import transaction
-from pipeline.jobs import claim_pending_jobs, plan_job
+from pipeline.jobs import jobs_to_plan, plan_job
 from pipeline.models import Job, JobStatus
+from pipeline.queue import fill_window
 from pipeline.runtime import Services
 
 log = logging.getLogger("imagebatch.dispatch")
@@ -25,23 +26,42 @@ def current_caps(svc: Services, *, refresh: bool = False) -> dict[str, Caps]:
     )
 
 
-def dispatch_pending(svc: Services) -> list[int]:
-    """Plan every pending job; returns the render ids to enqueue (after the commit)."""
-    if not has_pending_jobs(svc):
-        return []
+def plan_pending(svc: Services) -> int:
+    """Plan every job with items left to plan, a chunk per job in turn, each chunk its own
+    transaction (renders of the first chunks run while the rest is planned). Returns how many
+    items it planned."""
+    if not has_jobs_to_plan(svc):
+        return 0
     caps = current_caps(svc)  # network, so before any transaction holds locks
-    render_ids: list[int] = []
+    total = 0
     while True:
-        with transaction(svc.sessions) as session:
-            job_ids = claim_pending_jobs(session)
-            for job_id in job_ids:
-                render_ids.extend(plan_job(session, job_id, caps))
-        if not job_ids:
-            return render_ids
-        log.info("planned jobs %s: %d renders", job_ids, len(render_ids))
+        with svc.sessions() as session:
+            job_ids = jobs_to_plan(session)
+        planned = 0
+        for job_id in job_ids:
+            with transaction(svc.sessions) as session:
+                planned += plan_job(session, job_id, caps)
+        if not planned:
+            if total:
+                log.info("planned %d items", total)
+            return total
+        total += planned
 
 
-def has_pending_jobs(svc: Services) -> bool:
+def dispatch_pending(svc: Services) -> list[int]:
+    """Plan what is pending, then claim the renders the broker's window has room for;
+    returns their ids, to send (after the commit)."""
+    plan_pending(svc)
+    return feed_window(svc)
+
+
+def feed_window(svc: Services) -> list[int]:
+    settings = svc.settings
+    return fill_window(svc.sessions, settings.broker_window, live_within=settings.lease_seconds)
+
+
+def has_jobs_to_plan(svc: Services) -> bool:
     with svc.sessions() as session:
-        query = select(Job.id).where(Job.status == JobStatus.PENDING).limit(1)
+        query = select(Job.id).where(
+            (Job.status == JobStatus.PENDING) | Job.plan_cursor.is_not(None)).limit(1)
         return session.scalars(query).first() is not None

@@ -7,7 +7,18 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, case, exists, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from pipeline.caps import Caps
@@ -22,7 +33,7 @@ from pipeline.models import (
     RenderStatus,
     utcnow,
 )
-from pipeline.plan import JobLine, LineError, line_from_object, plan_lines, reject_duplicate_ids
+from pipeline.plan import JobLine, LineError, line_from_object, plan_lines
 
 OPEN_RENDER = (RenderStatus.QUEUED, RenderStatus.RUNNING)
 
@@ -64,62 +75,122 @@ def _item_row(job_id: int, entry: JobLine | LineError) -> dict[str, Any]:
 
 # --- planning ------------------------------------------------------------------------------
 
-
-def claim_pending_jobs(session: Session, limit: int = 20) -> list[int]:
-    """Pending jobs this dispatcher may plan. On PostgreSQL the rows stay locked (SKIP LOCKED)
-    until the transaction ends, so two dispatchers never plan one job twice."""
-    query = select(Job.id).where(Job.status == JobStatus.PENDING).order_by(Job.id).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(session.scalars(query))
+# Items planned per transaction: a job of any size has its first renders queued within a
+# chunk's time, and SQLite's one write lock is never held for a whole job.
+PLAN_CHUNK = 2000
+# Planning locks a job with a PostgreSQL advisory lock in this namespace, not its row: the
+# row is the job's hot row, written by every render that settles meanwhile.
+PLAN_LOCK_NAMESPACE = 0x1B0B
 
 
-def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps]) -> list[int]:
-    """Validate the job's pending items, write their renders, and return every render of the
-    job that is queued (to enqueue). Invalid items fail with their reason; the rest goes on."""
-    job = session.get_one(Job, job_id, with_for_update=True)
-    if job.status != JobStatus.PENDING:
-        return []
-    items = session.scalars(
-        select(JobItem)
-        .where(JobItem.job_id == job_id, JobItem.status == ItemStatus.PENDING)
-        .order_by(JobItem.line)
-    ).all()
-    entries = reject_duplicate_ids(_line_of(item) for item in items)
-    plan = plan_lines(entries, caps)
-    by_line = {item.line: item for item in items}
-    for error in plan.errors:
-        item = by_line[error.line]
-        item.status, item.error = ItemStatus.FAILED, error.reason
+def jobs_to_plan(session: Session, limit: int = 20) -> list[int]:
+    """Jobs with items to plan: pending ones, and running or paused ones planned part way."""
+    return list(session.scalars(
+        select(Job.id).where(or_(
+            Job.status == JobStatus.PENDING,
+            and_(Job.plan_cursor.is_not(None),
+                 Job.status.in_([JobStatus.RUNNING, JobStatus.PAUSED])),
+        )).order_by(Job.id).limit(limit)
+    ))
+
+
+_jobs_t, _items_t, _renders_t = Job.__table__, JobItem.__table__, Render.__table__
+PLAN_STATE = select(_jobs_t.c.status, _jobs_t.c.plan_cursor, _jobs_t.c.source).where(
+    _jobs_t.c.id == bindparam("job"))
+ITEMS_AFTER = (
+    select(_items_t.c.id, _items_t.c.line, _items_t.c.custom_id, _items_t.c.body,
+           _items_t.c.metadata.label("meta"))
+    .where(_items_t.c.job_id == bindparam("job"), _items_t.c.line > bindparam("cursor"),
+           _items_t.c.status == ItemStatus.PENDING.value)
+    .order_by(_items_t.c.line).limit(bindparam("chunk"))
+)
+ITEM_PLANNED = update(_items_t).where(_items_t.c.id == bindparam("item")).values(
+    status=bindparam("new_status"), model=bindparam("model"), error=bindparam("reason"))
+INSERT_RENDERS = insert(_renders_t)
+JOB_PLANNED = (
+    update(_jobs_t).where(_jobs_t.c.id == bindparam("job"))
+    .values(status=bindparam("new_status"), plan_cursor=bindparam("cursor"),
+            open_renders=_jobs_t.c.open_renders + bindparam("added"),
+            started_at=func.coalesce(_jobs_t.c.started_at, bindparam("now")))
+    .returning(_jobs_t.c.open_renders)
+)
+REPEATED_IDS = (
+    select(_items_t.c.custom_id, func.min(_items_t.c.line))
+    .where(_items_t.c.job_id == bindparam("job"), _items_t.c.custom_id.is_not(None))
+    .group_by(_items_t.c.custom_id).having(func.count() > 1)
+)
+FAIL_REPEATS = update(_items_t).where(
+    _items_t.c.job_id == bindparam("job"), _items_t.c.custom_id == bindparam("cid"),
+    _items_t.c.line != bindparam("first"), _items_t.c.status == ItemStatus.PENDING.value,
+).values(status=ItemStatus.FAILED.value, error=bindparam("reason"))
+
+
+def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
+             chunk: int = PLAN_CHUNK) -> int:
+    """Plan the job's next `chunk` pending items: validate them, write their renders (they
+    wait in SQL for the broker's window), fail the invalid ones with their reason. Returns
+    how many items it took; 0 when there is nothing (left) to plan. The job runs from its
+    first chunk on; it cannot close until its last chunk is planned."""
+    db = session.connection()
+    if db.dialect.name == "postgresql" and not db.execute(
+            select(func.pg_try_advisory_xact_lock(PLAN_LOCK_NAMESPACE, job_id))).scalar():
+        return 0  # another dispatcher is planning it
+    state = db.execute(PLAN_STATE, {"job": job_id}).one_or_none()
+    if state is None:
+        return 0
+    starting = state.status == JobStatus.PENDING
+    if not starting and (state.plan_cursor is None
+                         or state.status not in (JobStatus.RUNNING, JobStatus.PAUSED)):
+        return 0
+    if starting and state.source != "cli":  # the CLI refused repeated ids when it submitted
+        _fail_repeated_ids(session, job_id)
+    rows = db.execute(ITEMS_AFTER, {"job": job_id, "cursor": 0 if starting else
+                                    state.plan_cursor, "chunk": chunk}).all()
+    plan = plan_lines([_line_of(row) for row in rows], caps)
+    ids = {row.line: row.id for row in rows}
     now = utcnow()
-    rows = []
+    changes = [{"item": ids[e.line], "new_status": ItemStatus.FAILED.value, "model": None,
+                "reason": e.reason} for e in plan.errors]
+    renders = []
     for planned in plan.items:
-        item = by_line[planned.line.line]
-        item.status, item.model, item.error = ItemStatus.RUNNING, planned.line.model, None
-        rows.extend(
-            {"job_id": job_id, "item_id": item.id, "render_index": spec.index,
+        item_id = ids[planned.line.line]
+        changes.append({"item": item_id, "new_status": ItemStatus.RUNNING.value,
+                        "model": planned.line.model, "reason": None})
+        renders.extend(
+            {"job_id": job_id, "item_id": item_id, "render_index": spec.index,
              "model": planned.line.model, "n": spec.n, "seed": spec.seed,
              "price_per_image_cents": planned.price_per_image_cents,
-             "status": RenderStatus.QUEUED, "enqueued_at": now}
+             "status": RenderStatus.QUEUED.value, "enqueued_at": None}
             for spec in planned.renders
         )
-    if rows:
-        session.execute(insert(Render), rows)
-    job.status = JobStatus.RUNNING
-    job.started_at = job.started_at or now
-    job.finished_at = None
-    session.flush()
-    close_job_if_done(session, job_id, recount_open_renders(session, job_id))
-    return list(
-        session.scalars(
-            select(Render.id)
-            .where(Render.job_id == job_id, Render.status == RenderStatus.QUEUED)
-            .order_by(Render.id)
-        )
-    )
+    if changes:
+        db.execute(ITEM_PLANNED, changes)
+    if renders:
+        db.execute(INSERT_RENDERS, renders)
+    more = len(rows) == chunk
+    open_renders = db.execute(JOB_PLANNED, {
+        "job": job_id, "new_status": JobStatus.RUNNING.value if starting else state.status,
+        "cursor": rows[-1].line if more else None, "added": len(renders), "now": now,
+    }).scalar_one()
+    if starting:
+        # A job planned again (`retry`) may have renders of its own queued: count them all.
+        db.execute(update(_jobs_t).where(_jobs_t.c.id == job_id).values(finished_at=None))
+        open_renders = recount_open_renders(session, job_id)
+    if not more:
+        close_job_if_done(session, job_id, open_renders)
+    return len(rows)
 
 
-def _line_of(item: JobItem) -> JobLine | LineError:
+def _fail_repeated_ids(session: Session, job_id: int) -> None:
+    """A job written by another program's INSERTs: a custom_id used twice keeps its first
+    line; the others fail, as the CLI would have refused them."""
+    db = session.connection()
+    for cid, first in db.execute(REPEATED_IDS, {"job": job_id}).all():
+        db.execute(FAIL_REPEATS, {"job": job_id, "cid": cid, "first": first,
+                                  "reason": f"custom_id {cid!r} repeats line {first}"})
+
+
+def _line_of(item: Any) -> JobLine | LineError:
     """An item row (ours or another program's INSERT) back as a job line, checked."""
     try:
         body = json.loads(item.body)
@@ -205,7 +276,8 @@ def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
     if open_renders > 0:
         return False
     job = session.get_one(Job, job_id)
-    if job.finished_at is not None or job.status == JobStatus.PENDING:
+    if (job.finished_at is not None or job.plan_cursor is not None
+            or job.status in (JobStatus.PENDING, JobStatus.SUBMITTING)):
         return False
     counts = item_counts(session, job_id)
     if job.status != JobStatus.CANCELLED:
@@ -287,7 +359,7 @@ def retry_job(session: Session, job_id: int, budget_cents: int | None = None) ->
         update(Render)
         .where(Render.job_id == job_id, Render.status == RenderStatus.FAILED)
         .values(status=RenderStatus.QUEUED, retry_from=Render.attempts, deliveries=0,
-                error=None, enqueued_at=now, lease_until=None, updated_at=now)
+                error=None, enqueued_at=None, lease_until=None, updated_at=now)
     )
     # Pending lets the dispatcher plan the re-opened items and enqueue the queued renders.
     job.status = JobStatus.PENDING

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
 from pipeline.models import Render, RenderStatus, utcnow
+from pipeline.queue import announce_worker, forget_worker
 
 log = logging.getLogger("imagebatch.leases")
 
@@ -30,6 +31,9 @@ class LeaseKeeper:
         self._held: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # This process as a worker (name, render slots), announced with every beat so the
+        # broker's window is sized from the workers alive (pipeline/queue.py).
+        self._worker: tuple[str, int] | None = None
         self._thread = threading.Thread(target=self._beat, name="imagebatch-leases", daemon=True)
         self._thread.start()
 
@@ -63,12 +67,24 @@ class LeaseKeeper:
                 renewed += result.rowcount
         return renewed
 
+    def announce(self, name: str, slots: int) -> None:
+        """Say, now and with every beat, that this process renders with `slots` slots."""
+        self._worker = (name, slots)
+        announce_worker(self.sessions, name, slots)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
             try:
                 self.renew()
+                if self._worker is not None:
+                    announce_worker(self.sessions, *self._worker)
             except Exception as exc:  # the database may be briefly away; try again next beat
                 log.warning("renewing render leases failed: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()
+        if self._worker is not None:
+            try:
+                forget_worker(self.sessions, self._worker[0])
+            except Exception as exc:  # it is forgotten anyway once its beats stop
+                log.warning("unregistering the worker failed: %s", exc)

@@ -35,8 +35,11 @@ class Settings:
     read_timeout: float = 120.0
     connect_timeout: float = 30.0
     allow_private_media: bool = False
-    # Renders queued longer than this with no worker on them are enqueued again by the sweeper.
-    requeue_after: float = 600.0
+    # A render sent to the broker this long ago and still not started, when renders sent after
+    # it have started (or none has for this long), lost its message: it goes back to SQL.
+    requeue_after: float = 60.0
+    # Broker messages at most (renders sent, not started). 0: twice the live workers' slots.
+    broker_window: int = 0
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     media_concurrency: int = 32
@@ -78,6 +81,7 @@ class Settings:
             "max_media_bytes": "MAX_MEDIA_BYTES", "models_ttl": "MODELS_TTL",
             "media_concurrency": "MEDIA_CONCURRENCY", "max_in_flight": "MAX_IN_FLIGHT",
             "committers": "COMMITTERS", "renders_ahead": "RENDERS_AHEAD",
+            "broker_window": "BROKER_WINDOW",
         }
         for attr, name in ints.items():
             if (value := get(name)) is not None:

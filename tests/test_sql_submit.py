@@ -13,6 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from pipeline.db import schema_revisions
 from pipeline.dispatch import dispatch_pending
 from pipeline.jobs import job_summary
 from tests.helpers import render_all
@@ -126,8 +127,9 @@ def test_a_worker_refuses_a_schema_that_is_behind(tmp_path, fake, postgres_url):
     assert refused.returncode == 2
     assert "run `imagebatch db upgrade`" in refused.stderr and "Traceback" not in refused.stderr
     upgraded = imagebatch("db", "upgrade")
-    assert upgraded.returncode == 0 and "schema at revision 0002" in upgraded.stdout
-    assert "database: 0002; this imagebatch: 0002" in imagebatch("db", "current").stdout
+    head = schema_revisions(sa.create_engine(postgres_url))[1]
+    assert upgraded.returncode == 0 and f"schema at revision {head}" in upgraded.stdout
+    assert f"database: {head}; this imagebatch: {head}" in imagebatch("db", "current").stdout
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()

@@ -6,21 +6,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from celery import Celery
 
-from pipeline.dispatch import dispatch_pending
+from pipeline.dispatch import feed_window, plan_pending
 from pipeline.schedules import fire_due
 from pipeline.sweep import sweep
-from workers.tasks import enqueue_renders, services
+from workers.tasks import announce_worker, enqueue_renders, services
 
 log = logging.getLogger("imagebatch.worker")
+
+FEED_INTERVAL = 0.1
+# A round that sent this many goes again at once: the workers are taking messages fast.
+FEED_BUSY = 64
 
 
 class InProcessWorker:
     """A Celery threads-pool worker on a daemon thread of this process."""
 
     def __init__(self, app: Celery, concurrency: int) -> None:
+        self.app, self.concurrency = app, concurrency
         app.set_default()  # or tasks run under an implicit app (shared/PERFORMANCE.md)
         self.controller = app.WorkController(
             pool="threads",
@@ -35,6 +41,7 @@ class InProcessWorker:
 
     def start(self) -> None:
         self._thread.start()
+        announce_worker(self.app, self.concurrency)
 
     def stop(self) -> None:
         self.controller.stop(in_sighandler=False)
@@ -42,23 +49,29 @@ class InProcessWorker:
 
 
 def tick(app: Celery) -> int:
-    """Fire due schedules, plan pending jobs, bring back stuck renders; returns how many
-    renders it enqueued."""
+    """Fire due schedules, plan pending jobs, bring back stuck renders, fill the window;
+    returns how many renders it enqueued."""
     svc = services(app)
     fire_due(svc.sessions)
-    render_ids = dispatch_pending(svc)
-    render_ids += sweep(svc.sessions, svc.settings)
-    return enqueue_renders(app, render_ids)
+    plan_pending(svc)
+    sent = enqueue_renders(app, sweep(svc.sessions, svc.settings))
+    return sent + feed(app)
 
 
-class Ticker:
-    """Calls `tick` every `interval` seconds on a daemon thread until stopped."""
+def feed(app: Celery) -> int:
+    """Send the renders the broker's window has room for; returns how many."""
+    return enqueue_renders(app, feed_window(services(app)))
 
-    def __init__(self, app: Celery, interval: float) -> None:
-        self.app = app
-        self.interval = interval
+
+class Every:
+    """Calls `work(app)` every `interval` seconds on a daemon thread until stopped; sooner
+    again when it reports a full round of work (the window drained faster than its beat)."""
+
+    def __init__(self, app: Celery, interval: float, work: Callable[[Celery], int],
+                 name: str, busy_at: int | None = None) -> None:
+        self.app, self.interval, self.work, self.busy_at = app, interval, work, busy_at
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="imagebatch-ticker", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -70,8 +83,27 @@ class Ticker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
+            wait = self.interval
             try:
-                tick(self.app)
-            except Exception as exc:  # one bad tick (upstream down for /models) must not stop it
-                log.warning("dispatch/sweep failed: %s", exc)
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+                done = self.work(self.app)
+                if self.busy_at is not None and done >= self.busy_at:
+                    wait = 0.0
+            except Exception as exc:  # one bad round (upstream down for /models) must not stop it
+                log.warning("%s failed: %s", self._thread.name, exc)
+                wait = max(self.interval, 1.0)
+            self._stop.wait(max(0.0, wait - (time.monotonic() - started)))
+
+
+class Ticker(Every):
+    """Schedules, planning, sweeping and the window, every `interval` seconds."""
+
+    def __init__(self, app: Celery, interval: float) -> None:
+        super().__init__(app, interval, tick, "imagebatch-ticker")
+
+
+class Feeder(Every):
+    """The window topped up every FEED_INTERVAL as renders start (at 400 renders/s a window
+    of 2 x 96 slots lasts half a second)."""
+
+    def __init__(self, app: Celery) -> None:
+        super().__init__(app, FEED_INTERVAL, feed, "imagebatch-feeder", busy_at=FEED_BUSY)

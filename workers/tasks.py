@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -44,9 +46,7 @@ def register(app: Celery) -> None:
 
     @app.task(name="imagebatch.dispatch", ignore_result=True)
     def dispatch() -> int:
-        render_ids = dispatch_pending(services(app))
-        enqueue_renders(app, render_ids)
-        return len(render_ids)
+        return enqueue_renders(app, dispatch_pending(services(app)))
 
     @app.task(name="imagebatch.sweep", ignore_result=True)
     def sweep() -> int:
@@ -70,6 +70,13 @@ def enqueue_renders(app: Celery, render_ids: Iterable[int]) -> int:
                 # its last message: let them in.
                 time.sleep(0)
     return count
+
+
+def announce_worker(app: Celery, slots: int) -> str:
+    """Register this process as a worker with `slots` render slots; returns its name."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    services(app).leases.announce(name, slots)
+    return name
 
 
 def nudge_dispatcher(app: Celery) -> None:
