@@ -30,15 +30,21 @@ from pipeline.db import (
 from pipeline.jobs import (
     JobNotFound,
     cancel_job,
-    create_job,
     item_errors,
     job_is_finished,
     job_summary,
     list_jobs,
     retry_job,
 )
-from pipeline.plan import JobLine, LineError, Plan, parse_dollars, parse_lines, plan_lines
+from pipeline.plan import Plan, parse_dollars
 from pipeline.settings import Settings, SettingsError
+from pipeline.submission import (
+    JobFileError,
+    Submission,
+    check_file,
+    check_readable,
+    submit_file,
+)
 
 EXIT_OK, EXIT_JOB_NOT_OK, EXIT_USAGE = 0, 1, 2
 FINAL_OK = "succeeded"
@@ -143,13 +149,20 @@ def read_job_text(path: str) -> tuple[str, str]:
     """(text, a name for it). '-' reads standard input."""
     if path == "-":
         return sys.stdin.read(), "stdin"
+    readable(path)
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{path}: no such file")
     try:
         return file.read_text(encoding="utf-8"), file.name
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def readable(path: str) -> None:
+    """A missing file, a directory or an unreadable one: one line, exit 2."""
+    try:
+        check_readable(path)
+    except JobFileError as exc:
+        raise UserError(str(exc)) from None
 
 
 def cap_from_options(budget: str | None, cents: int | None) -> int:
@@ -208,31 +221,36 @@ def models(refresh: bool, as_json: bool) -> None:
     out.print(table)
 
 
-def plan_file(settings: Settings, sessions: Any, path: str
-              ) -> tuple[list[JobLine | LineError], Plan]:
-    text, _ = read_job_text(path)
-    entries = parse_lines(text)
-    if not entries:
-        raise UserError(f"{path}: no job lines (the file is empty)")
+def plan_file(settings: Settings, sessions: Any, path: str) -> Submission:
+    """Validate and price the file, streamed (nothing is written)."""
+    readable(path)
     caps = model_caps(settings, sessions)
-    return entries, plan_lines(entries, caps)
+    try:
+        return check_file(path, caps)
+    except JobFileError as exc:
+        raise UserError(str(exc)) from None
 
 
-def print_plan_errors(plan: Plan, path: str) -> None:
+def print_plan_errors(plan: Submission, path: str) -> None:
+    """The first MAX_ERRORS invalid lines as FILE:LINE (custom_id): reason, then a count."""
     for error in plan.errors:
         cid = f" ({error.custom_id})" if error.custom_id else ""
         err.print(f"{path}:{error.line}{cid}: {error.reason}", highlight=False, markup=False)
+    if plan.error_count > len(plan.errors):
+        err.print(f"... and {plan.error_count - len(plan.errors):,} more invalid lines",
+                  highlight=False, markup=False)
 
 
-def plan_dict(plan: Plan) -> dict[str, Any]:
+def plan_dict(plan: Submission) -> dict[str, Any]:
     return {
-        "items": len(plan.items),
+        "items": plan.items,
         "images": plan.images,
         "calls": plan.calls,
         "max_cost_cents": plan.max_cost_cents,
         "by_model": [m.__dict__ for m in plan.by_model.values()],
         "errors": [{"line": e.line, "custom_id": e.custom_id, "reason": e.reason}
                    for e in plan.errors],
+        "error_count": plan.error_count,
     }
 
 
@@ -243,10 +261,10 @@ def plan(file: str, as_json: bool) -> None:
     """Validate FILE and show what it would cost, without generating anything.
 
     Per model: items, images, upstream calls (n split into calls of at most max_n) and the
-    maximum cost. Exits 2 when any line is invalid."""
+    maximum cost. Exits 2 when any line is invalid (the first 100 are listed)."""
     settings = load_settings()
     with database(settings) as sessions:
-        _, planned = plan_file(settings, sessions, file)
+        planned = plan_file(settings, sessions, file)
     if as_json:
         print_json(plan_dict(planned))
     else:
@@ -256,11 +274,11 @@ def plan(file: str, as_json: bool) -> None:
         for m in planned.by_model.values():
             table.add_row(m.model, str(m.items), str(m.images), str(m.calls),
                           money(m.max_cost_cents))
-        table.add_row("total", str(len(planned.items)), str(planned.images), str(planned.calls),
+        table.add_row("total", str(planned.items), str(planned.images), str(planned.calls),
                       money(planned.max_cost_cents), style="bold")
         out.print(table)
         print_plan_errors(planned, file)
-    if planned.errors:
+    if planned.error_count:
         sys.exit(EXIT_USAGE)
 
 
@@ -286,18 +304,24 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def submit_job(settings: Settings, sessions: Any, file: str, team: str, cap: int,
-               name: str | None, allow_invalid: bool) -> tuple[int, Plan]:
-    entries, planned = plan_file(settings, sessions, file)
-    if planned.errors:
+               name: str | None, allow_invalid: bool) -> tuple[int, Submission]:
+    """Validate, price and write FILE as a pending job in one streamed pass."""
+    readable(file)
+    caps = model_caps(settings, sessions)
+    try:
+        planned = submit_file(sessions, file, caps, team=team, budget_cents=cap,
+                              name=name or ("stdin" if file == "-" else Path(file).name),
+                              allow_invalid=allow_invalid)
+    except JobFileError as exc:
+        raise UserError(str(exc)) from None
+    if planned.error_count:
         print_plan_errors(planned, file)
-        if not allow_invalid:
-            raise UserError(
-                f"{len(planned.errors)} invalid line(s) in {file}; nothing was submitted "
-                "(fix them, or pass --allow-invalid to run the rest)"
-            )
-    with transaction(sessions) as session:
-        job_id = create_job(session, team=team, budget_cents=cap, entries=entries,
-                            name=name or Path(file).name)
+    if planned.job_id is None:
+        raise UserError(
+            f"{planned.error_count:,} invalid line(s) in {file}; nothing was submitted "
+            "(fix them, or pass --allow-invalid to run the rest)"
+        )
+    job_id = planned.job_id
     if planned.max_cost_cents > cap:
         err.print(f"note: the plan costs up to {money(planned.max_cost_cents)} but the cap is "
                   f"{money(cap)}: renders that do not fit will fail with reason 'budget'")

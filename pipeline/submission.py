@@ -1,0 +1,291 @@
+"""Submitting a job file, streamed: read, validate, price and write its items in chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import delete, insert, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.caps import Caps
+from pipeline.db import transaction
+from pipeline.models import ItemStatus, Job, JobItem, JobStatus
+from pipeline.plan import (
+    JobLine,
+    LineError,
+    ModelSummary,
+    PlannedItem,
+    add_to_summary,
+    parse_line,
+    plan_line,
+    repeated_id,
+)
+
+# Invalid lines kept (to show); all of them are counted.
+MAX_ERRORS = 100
+# Items per transaction: SQLite's one write lock is held for a chunk, never for a whole file.
+CHUNK_ROWS = 5000
+STDIN = "-"
+
+_items = JobItem.__table__
+# job_id comes first; a row built by item_row is the rest, in this order.
+ITEM_COLUMNS = ("job_id", "line", "custom_id", "body", "model", "metadata", "status", "error")
+INSERT_ITEMS = insert(_items)
+_PENDING, _FAILED = ItemStatus.PENDING.value, ItemStatus.FAILED.value
+
+
+class JobFileError(ValueError):
+    """The job file cannot be read, or holds no job lines: one line for the user."""
+
+
+@dataclass
+class Submission:
+    """What a job file holds (valid items, their images, calls and maximum cost per model)
+    and, once submitted, its job (None when nothing was written)."""
+
+    job_id: int | None = None
+    items: int = 0
+    by_model: dict[str, ModelSummary] = field(default_factory=dict)
+    errors: list[LineError] = field(default_factory=list)  # the first MAX_ERRORS only
+    error_count: int = 0
+    digest: str = ""  # sha256 of the bytes read
+
+    @property
+    def images(self) -> int:
+        return sum(m.images for m in self.by_model.values())
+
+    @property
+    def calls(self) -> int:
+        return sum(m.calls for m in self.by_model.values())
+
+    @property
+    def max_cost_cents(self) -> int:
+        return sum(m.max_cost_cents for m in self.by_model.values())
+
+    def add(self, outcome: PlannedItem | LineError) -> None:
+        if isinstance(outcome, LineError):
+            self.error_count += 1
+            if len(self.errors) < MAX_ERRORS:
+                self.errors.append(outcome)
+        else:
+            self.items += 1
+            add_to_summary(self.by_model, outcome)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of the file's bytes, read in blocks."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def check_readable(path: str) -> None:
+    """Raise JobFileError with a one-line reason when `path` cannot be read as a job file."""
+    if path != STDIN:
+        with open_job_file(path):
+            pass
+
+
+@contextmanager
+def open_job_file(path: str) -> Iterator[IO[bytes]]:
+    """The job file as a binary stream ('-': standard input, left open)."""
+    if path == STDIN:
+        yield sys.stdin.buffer
+        return
+    file = Path(path)
+    if file.is_dir():
+        raise JobFileError(f"{path}: is a directory, not a job file")
+    try:
+        stream = file.open("rb")
+    except FileNotFoundError:
+        raise JobFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise JobFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    with stream:
+        yield stream
+
+
+def read_lines(stream: IO[bytes], digest: Any = None) -> Iterator[tuple[int, str] | LineError]:
+    """The non-blank lines of a binary stream as (line number, text), one at a time.
+
+    Lines end at LF only, a CR before it dropped: str.splitlines would also split at U+2028
+    and U+2029, which JSON strings may carry raw. Each line is decoded on its own, so a line
+    that is not UTF-8 is a LineError naming the byte (counted from 1 within the line), not
+    the end of the file. `digest` (a hashlib object), when given, is fed every byte read."""
+    for number, raw in enumerate(stream, start=1):
+        if digest is not None:
+            digest.update(raw)
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield LineError(number, f"not UTF-8 text (byte {exc.start + 1})",
+                            raw=raw.decode("utf-8", "replace"))
+            continue
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte order mark some editors write
+        if text.strip():
+            yield number, text
+
+
+def plan_stream(stream: IO[bytes], caps: Mapping[str, Caps], digest: Any = None
+                ) -> Iterator[tuple[JobLine | LineError, PlannedItem | LineError]]:
+    """Each job line parsed, then planned: (the parsed line, its PlannedItem or LineError).
+
+    A custom_id seen on an earlier line makes the line an error (the only state kept per
+    line is the custom_id -> first line dict)."""
+    first_line: dict[str, int] = {}
+    for read in read_lines(stream, digest):
+        entry = read if isinstance(read, LineError) else parse_line(*read)
+        cid = entry.custom_id
+        if cid is not None:
+            first = first_line.setdefault(cid, entry.line)
+            if first != entry.line:
+                yield entry, repeated_id(entry, first)
+                continue
+        yield entry, plan_line(entry, caps)
+
+
+def check_file(path: str, caps: Mapping[str, Caps]) -> Submission:
+    """Validate and price a job file without writing anything (`imagebatch plan`)."""
+    result = Submission()
+    digest = hashlib.sha256()
+    with open_job_file(path) as stream:
+        for _, outcome in plan_stream(stream, caps, digest):
+            result.add(outcome)
+    result.digest = digest.hexdigest()
+    _require_lines(result, path)
+    return result
+
+
+def _require_lines(result: Submission, path: str) -> None:
+    if result.items == 0 and result.error_count == 0:
+        raise JobFileError(f"{path}: no job lines (the file is empty)")
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def item_row(entry: JobLine | LineError, outcome: PlannedItem | LineError) -> tuple[Any, ...]:
+    """A job_items row without its job_id (ITEM_COLUMNS[1:]). A valid line is pending with
+    its request body; an invalid one is failed with its reason, and keeps its body (or, when
+    it did not parse, its text) so `retry` can plan it again."""
+    if isinstance(entry, LineError):
+        return (entry.line, entry.custom_id, entry.raw, None, None, _FAILED, outcome.reason)
+    meta = None if entry.metadata is None else json.dumps(entry.metadata)
+    body = json.dumps(entry.body, ensure_ascii=False)
+    if isinstance(outcome, LineError):
+        return (entry.line, entry.custom_id, body, entry.model, meta, _FAILED, outcome.reason)
+    return (entry.line, entry.custom_id, body, entry.model, meta, _PENDING, None)
+
+
+def insert_items(session: Session, job_id: int, rows: list[tuple[Any, ...]]) -> None:
+    """Write item rows in bulk: COPY on PostgreSQL, one executemany elsewhere."""
+    if not rows:
+        return
+    connection = session.connection()
+    if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
+        _copy_items(connection.connection.driver_connection, job_id, rows)
+        return
+    names = ITEM_COLUMNS
+    connection.execute(INSERT_ITEMS, [dict(zip(names, (job_id, *row), strict=True))
+                                      for row in rows])
+
+
+def _copy_items(driver_connection: Any, job_id: int, rows: list[tuple[Any, ...]]) -> None:
+    import psycopg
+
+    statement = f"COPY job_items ({', '.join(ITEM_COLUMNS)}) FROM STDIN"
+    try:
+        with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row((job_id, *row))
+    except psycopg.Error as exc:
+        # The server's message names the row's values (prompts): keep only its first line.
+        reason = exc.diag.message_primary or type(exc).__name__
+        raise RuntimeError(f"writing job items failed: {reason}") from None
+
+
+class _JobWriter:
+    """The job row, created with its first chunk of items (status submitting: nobody plans
+    it), then chunks of items, each its own transaction; `finish` makes it pending."""
+
+    def __init__(self, sessions: sessionmaker[Session], job: dict[str, Any]) -> None:
+        self.sessions, self.job, self.job_id = sessions, job, None
+        self.rows: list[tuple[Any, ...]] = []
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= CHUNK_ROWS:
+            with transaction(self.sessions) as session:
+                self._write(session)
+
+    def _write(self, session: Session) -> int:
+        if self.job_id is None:
+            job = Job(**self.job, status=JobStatus.SUBMITTING.value)
+            session.add(job)
+            session.flush()
+            self.job_id = job.id
+        insert_items(session, self.job_id, self.rows)
+        self.rows = []
+        return self.job_id
+
+    def finish(self, digest: str) -> int:
+        with transaction(self.sessions) as session:
+            job_id = self._write(session)
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(status=JobStatus.PENDING.value, source_digest=digest))
+        return job_id
+
+    def discard(self) -> None:
+        """Forget the rows not written and delete the job, if any (its items cascade)."""
+        self.rows = []
+        if self.job_id is not None:
+            with transaction(self.sessions) as session:
+                session.execute(delete(Job).where(Job.id == self.job_id))
+            self.job_id = None
+
+
+def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
+                team: str, budget_cents: int, name: str | None, allow_invalid: bool,
+                source: str = "cli") -> Submission:
+    """Validate, price and write a job file as one pass over it, in bounded memory.
+
+    The job is written as `submitting` with its items in chunks, then made `pending` (the
+    dispatcher plans it) in one last transaction that also records the file's digest. With
+    an invalid line and not `allow_invalid`, writing stops there, the rest is still read to
+    count and collect the errors, the job is deleted and job_id is None. With
+    `allow_invalid`, invalid lines become failed items carrying their reason."""
+    result = Submission()
+    digest = hashlib.sha256()
+    writer = _JobWriter(sessions, {"team": team, "name": name, "budget_cents": budget_cents,
+                                   "source": source})
+    writing = True
+    try:
+        with open_job_file(path) as stream:
+            for entry, outcome in plan_stream(stream, caps, digest):
+                result.add(outcome)
+                if not writing:
+                    continue
+                if isinstance(outcome, LineError) and not allow_invalid:
+                    writing = False
+                    writer.discard()
+                    continue
+                writer.add(item_row(entry, outcome))
+        result.digest = digest.hexdigest()
+        _require_lines(result, path)
+        if writing:
+            result.job_id = writer.finish(result.digest)
+    except BaseException:
+        writer.discard()
+        raise
+    return result

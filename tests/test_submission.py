@@ -1,0 +1,267 @@
+"""Submitting a job file, streamed: the line reader and per-line planning (no server), the
+chunked writes on SQLite and PostgreSQL, and what `imagebatch submit` prints for bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+import pipeline.submission as submission
+from pipeline.caps import Caps
+from pipeline.db import make_engine, session_factory
+from pipeline.models import Job, JobItem
+from pipeline.plan import JobLine, LineError, PlannedItem, plan_line
+from pipeline.submission import (
+    JobFileError,
+    check_file,
+    file_digest,
+    plan_stream,
+    read_lines,
+    submit_file,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPS = {
+    "flux": Caps("flux", max_n=4, aspect_ratios=("1:1", "16:9"), price_per_image_cents=3),
+    "gpt": Caps("gpt", max_n=10, price_per_image_cents=4),
+}
+
+
+def jsonl(*objs: object) -> bytes:
+    return "".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs).encode()
+
+
+def write(tmp_path: Path, data: bytes, name: str = "jobs.jsonl") -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def flux(i: int, **extra: object) -> dict[str, object]:
+    return {"custom_id": f"c{i}", "model": "flux", "prompt": f"otter {i}", **extra}
+
+
+# --- reading and planning, no server -------------------------------------------------------
+
+
+def test_lines_end_at_lf_only_crlf_and_blank_lines_are_handled():
+    data = (b'{"model": "flux", "prompt": "a\xe2\x80\xa8b"}\r\n'  # raw U+2028 inside a string
+            b"\r\n   \n"
+            b'{"model": "flux", "prompt": "c\xe2\x80\xa9d"}')  # U+2029, and no final newline
+    read = list(read_lines(io.BytesIO(data)))
+    assert [number for number, _ in read] == [1, 4]
+    parsed = [entry for entry, _ in plan_stream(io.BytesIO(data), CAPS)]
+    assert [p.body["prompt"] for p in parsed] == ["a\u2028b", "c\u2029d"]
+
+
+def test_a_line_that_is_not_utf8_is_an_error_naming_it_and_the_rest_is_read():
+    data = jsonl(flux(1)) + b'{"model": "flux", "prompt": "caf\xe9"}\n' + jsonl(flux(3))
+    outcomes = [outcome for _, outcome in plan_stream(io.BytesIO(data), CAPS)]
+    assert isinstance(outcomes[0], PlannedItem) and isinstance(outcomes[2], PlannedItem)
+    error = outcomes[1]
+    assert isinstance(error, LineError)
+    assert (error.line, error.reason) == (2, "not UTF-8 text (byte 33)")
+
+
+def test_a_repeated_custom_id_fails_the_later_line_with_the_first_ones_number():
+    data = jsonl(flux(1), {**flux(2), "custom_id": "c1"}, "{oops", flux(3))
+    outcomes = [outcome for _, outcome in plan_stream(io.BytesIO(data), CAPS)]
+    assert outcomes[1].reason == "custom_id 'c1' repeats line 1"
+    assert "not valid JSON" in outcomes[2].reason
+    assert isinstance(outcomes[3], PlannedItem)
+
+
+def test_plan_line_splits_prices_and_explains_a_caps_violation():
+    item = plan_line(JobLine(7, {"model": "flux", "prompt": "p", "n": 9, "seed": 10}), CAPS)
+    assert isinstance(item, PlannedItem)
+    assert [(r.n, r.seed) for r in item.renders] == [(4, 10), (4, 14), (1, 18)]
+    assert item.max_cost_cents == 27
+    bad = plan_line(JobLine(8, {"model": "flux", "prompt": "p", "aspect_ratio": "5:4"}), CAPS)
+    assert isinstance(bad, LineError) and bad.line == 8 and "aspect_ratio '5:4'" in bad.reason
+
+
+def test_check_file_keeps_the_first_100_errors_and_counts_them_all(tmp_path):
+    lines = [flux(i, n=2) if i % 2 else {"model": "nope", "prompt": "x"} for i in range(1, 501)]
+    path = write(tmp_path, jsonl(*lines))
+    result = check_file(path, CAPS)
+    assert (result.items, result.images, result.calls, result.max_cost_cents) == (
+        250, 500, 250, 1500)
+    assert result.error_count == 250 and len(result.errors) == 100
+    assert [e.line for e in result.errors[:3]] == [2, 4, 6]
+    assert result.job_id is None
+    assert result.digest == file_digest(path) == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_unreadable_and_empty_files_are_one_line_errors(tmp_path):
+    with pytest.raises(JobFileError, match="no such file"):
+        check_file(str(tmp_path / "missing.jsonl"), CAPS)
+    with pytest.raises(JobFileError, match="is a directory"):
+        check_file(str(tmp_path), CAPS)
+    with pytest.raises(JobFileError, match="no job lines"):
+        check_file(write(tmp_path, b"\n  \r\n"), CAPS)
+
+
+# --- writing, on SQLite and PostgreSQL -----------------------------------------------------
+
+
+@pytest.fixture
+def sessions(database_url):
+    engine = make_engine(database_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 7 rows, so a file of a few dozen lines is written in several transactions."""
+    monkeypatch.setattr(submission, "CHUNK_ROWS", 7)
+
+
+def counts(sessions) -> tuple[int, int]:
+    with sessions() as session:
+        return (session.scalar(select(func.count()).select_from(Job)),
+                session.scalar(select(func.count()).select_from(JobItem)))
+
+
+def submit(sessions, path: str, allow_invalid: bool = False):
+    return submit_file(sessions, path, CAPS, team="data", budget_cents=500, name="jobs.jsonl",
+                       allow_invalid=allow_invalid)
+
+
+def test_a_file_is_written_in_chunks_as_a_pending_job(sessions, tmp_path, small_chunks):
+    lines = [flux(i, metadata={"i": i}, n=5) for i in range(1, 31)]
+    lines[3] = {"model": "gpt", "prompt": "caf\u00e9 \u2028", "custom_id": "g"}
+    path = write(tmp_path, jsonl(*lines))
+    result = submit(sessions, path)
+    assert (result.items, result.error_count, result.calls) == (30, 0, 29 * 2 + 1)
+    with sessions() as session:
+        job = session.get_one(Job, result.job_id)
+        items = session.scalars(select(JobItem).order_by(JobItem.line)).all()
+    assert (job.status, job.team, job.budget_cents, job.name, job.source) == (
+        "pending", "data", 500, "jobs.jsonl", "cli")
+    assert job.source_digest == file_digest(path) == result.digest
+    assert [i.line for i in items] == list(range(1, 31))
+    assert {i.status for i in items} == {"pending"} and {i.job_id for i in items} == {job.id}
+    assert (items[0].custom_id, json.loads(items[0].meta), items[0].model) == ("c1", {"i": 1},
+                                                                              "flux")
+    assert json.loads(items[0].body) == {"model": "flux", "prompt": "otter 1", "n": 5}
+    assert json.loads(items[3].body)["prompt"] == "caf\u00e9 \u2028"
+
+
+def test_an_invalid_line_leaves_no_job_and_no_items(sessions, tmp_path, small_chunks):
+    lines = [flux(i) for i in range(1, 41)]
+    lines[24] = {"model": "flux"}  # line 25: after three chunks were written
+    lines[35] = flux(1)  # line 36: a repeated custom_id, found after writing stopped
+    result = submit(sessions, write(tmp_path, jsonl(*lines)))
+    assert result.job_id is None
+    assert [(e.line, e.reason) for e in result.errors] == [
+        (25, "missing prompt"), (36, "custom_id 'c1' repeats line 1")]
+    assert counts(sessions) == (0, 0)
+
+
+def test_allow_invalid_keeps_failed_items_with_their_reasons(sessions, tmp_path, small_chunks):
+    lines = [flux(i) for i in range(1, 21)]
+    lines[1] = "{oops"
+    lines[9] = flux(10, aspect_ratio="5:4")
+    lines[14] = flux(3)
+    result = submit(sessions, write(tmp_path, jsonl(*lines)), allow_invalid=True)
+    assert (result.items, result.error_count) == (17, 3)
+    with sessions() as session:
+        job = session.get_one(Job, result.job_id)
+        failed = session.execute(
+            select(JobItem.line, JobItem.status, JobItem.error, JobItem.body)
+            .where(JobItem.status == "failed").order_by(JobItem.line)).all()
+        pending = session.scalar(select(func.count()).where(JobItem.status == "pending"))
+    assert job.status == "pending" and pending == 17
+    assert [(f.line, f.status) for f in failed] == [(2, "failed"), (10, "failed"),
+                                                   (15, "failed")]
+    assert "not valid JSON" in failed[0].error and failed[0].body == "{oops"
+    assert "aspect_ratio '5:4'" in failed[1].error
+    assert json.loads(failed[1].body)["aspect_ratio"] == "5:4"  # `retry` can plan it again
+    assert failed[2].error == "custom_id 'c3' repeats line 3"
+
+
+def test_a_submission_interrupted_midway_leaves_nothing(sessions, tmp_path, small_chunks):
+    class Interrupting(dict):
+        def get(self, model, default=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 20:
+                raise KeyboardInterrupt
+            return super().get(model, default)
+
+    with pytest.raises(KeyboardInterrupt):
+        submit_file(sessions, write(tmp_path, jsonl(*[flux(i) for i in range(1, 31)])),
+                    Interrupting(CAPS), team="t", budget_cents=1, name=None,
+                    allow_invalid=False)
+    assert counts(sessions) == (0, 0)
+
+
+def test_an_empty_file_creates_nothing(sessions, tmp_path):
+    with pytest.raises(JobFileError, match="no job lines"):
+        submit(sessions, write(tmp_path, b"\n\n"))
+    assert counts(sessions) == (0, 0)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path, fake) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
+    environ.update(IMAGEBATCH_DATA_DIR=str(tmp_path / "data"), IMAGEBATCH_API_BASE=fake.base_url)
+    return environ
+
+
+def imagebatch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_submit_prints_the_first_100_invalid_lines_and_how_many_more(env, tmp_path):
+    lines = [{"model": "flux-2-dev", "prompt": f"p{i}", "custom_id": f"c{i}"}
+             for i in range(1, 301)]
+    for i in range(1, 301, 2):
+        lines[i] = {"model": "flux-2-dev", "custom_id": f"c{i + 1}"}  # 150 lines with no prompt
+    path = write(tmp_path, jsonl(*lines))
+    result = imagebatch(env, "submit", path, "--budget", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith(f"{path}:")]
+    assert len(shown) == 100
+    assert shown[0] == f"{path}:2 (c2): missing prompt"
+    assert "... and 50 more invalid lines" in result.stderr
+    assert "150 invalid line(s)" in result.stderr and "nothing was submitted" in result.stderr
+    assert json.loads(imagebatch(env, "status", "--json").stdout) == {"jobs": []}
+
+    planned = json.loads(imagebatch(env, "plan", path, "--json").stdout)
+    assert (planned["items"], planned["error_count"], len(planned["errors"])) == (150, 150, 100)
+    assert planned["max_cost_cents"] == 150 * 3
+
+
+def test_submit_of_a_directory_or_an_unreadable_file_is_one_line(env, tmp_path):
+    for target in (str(tmp_path), str(tmp_path / "missing.jsonl")):
+        result = imagebatch(env, "submit", target, "--budget", "1")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1 and target in result.stderr
+    if os.geteuid() != 0:  # root reads any file
+        locked = Path(write(tmp_path, jsonl(flux(1)), "locked.jsonl"))
+        locked.chmod(0)
+        result = imagebatch(env, "plan", str(locked))
+        assert result.returncode == 2 and "cannot be read" in result.stderr
+
+
+def test_submit_writes_a_pending_job_with_every_line(env, tmp_path):
+    path = write(tmp_path, jsonl(*[{"model": "flux-2-dev", "prompt": f"p{i}", "n": 5}
+                                   for i in range(12)]))
+    result = imagebatch(env, "submit", path, "--budget", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["items_total"] == 12 and job["name"] == "jobs.jsonl"
+    assert job["status"] in ("pending", "running")  # a dispatcher may already have planned it
