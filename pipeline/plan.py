@@ -287,7 +287,10 @@ def plan_line(entry: JobLine | LineError, caps: Mapping[str, Caps]) -> PlannedIt
 
 
 def add_to_summary(summary: dict[str, ModelSummary], item: PlannedItem) -> None:
-    entry = summary.setdefault(item.line.model, ModelSummary(item.line.model))
+    model = item.line.model
+    entry = summary.get(model)
+    if entry is None:
+        entry = summary[model] = ModelSummary(model)
     entry.items += 1
     entry.images += item.line.n
     entry.calls += len(item.renders)
