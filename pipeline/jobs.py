@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -19,11 +21,14 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.caps import Caps
+from pipeline.db import transaction
 from pipeline.models import (
     TERMINAL_JOB,
+    Attempt,
+    AttemptOutcome,
     Image,
     ItemStatus,
     Job,
@@ -176,6 +181,10 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
         # A job planned again (`retry`) may have renders of its own queued: count them all.
         db.execute(update(_jobs_t).where(_jobs_t.c.id == job_id).values(finished_at=None))
         open_renders = recount_open_renders(session, job_id)
+    if starting:
+        recount_items(session, job_id)
+    elif plan.errors:
+        db.execute(ADD_FAILED, {"job": job_id, "failed": len(plan.errors)})
     if not more:
         close_job_if_done(session, job_id, open_renders)
     return len(rows)
@@ -233,10 +242,13 @@ def _settle_items_where(which: ColumnElement[bool]) -> Any:
     )
     has_renders = exists().where(_renders.c.item_id == _items.c.id)
     open_renders = renders_of_item(_renders.c.status.in_([s.value for s in OPEN_RENDER]))
-    return update(_items).where(which, has_renders, open_renders == 0).values(status=final)
+    # An item reaches its final status once: the job's counters count it then.
+    not_final = _items.c.status.in_([ItemStatus.RUNNING.value, ItemStatus.PENDING.value])
+    return (update(_items).where(which, not_final, has_renders, open_renders == 0)
+            .values(status=final))
 
 
-SETTLE_ITEM = _settle_items_where(_items.c.id == bindparam("item"))
+SETTLE_ITEM = _settle_items_where(_items.c.id == bindparam("item")).returning(_items.c.status)
 SETTLE_JOB_ITEMS = _settle_items_where(_items.c.job_id == bindparam("job"))
 _jobs = Job.__table__
 # FOR NO KEY UPDATE, not FOR UPDATE: every ledger, attempt or image insert takes a KEY SHARE
@@ -264,9 +276,36 @@ def recount_open_renders(session: Session, job_id: int) -> int:
     return db.execute(RECOUNT_OPEN, {"job": job_id}).scalar_one()
 
 
-def settle_item(session: Session, item_id: int) -> None:
-    """An item's status once none of its renders is open."""
-    session.connection().execute(SETTLE_ITEM, {"item": item_id})
+def settle_item(session: Session, item_id: int) -> str | None:
+    """An item's final status once none of its renders is open; None while one is (or when
+    it had its final status already). The caller counts it on the job (ledger.item_ended)."""
+    return session.connection().execute(SETTLE_ITEM, {"item": item_id}).scalar()
+
+
+ITEMS_BY_STATUS = (select(_items.c.status, func.count()).where(_items.c.job_id == bindparam("job"))
+                   .group_by(_items.c.status))
+SET_SHOWN = update(_jobs).where(_jobs.c.id == bindparam("job")).values(
+    items_total=bindparam("total"), items_succeeded=bindparam("succeeded"),
+    items_failed=bindparam("failed"), items_cancelled=bindparam("cancelled"),
+    images=select(func.count()).select_from(Image.__table__)
+    .where(Image.__table__.c.job_id == bindparam("job")).scalar_subquery())
+
+
+def recount_items(session: Session, job_id: int) -> None:
+    """Count the job's items by status and its files anew, onto the counters `status` shows
+    (after planning starts, cancelling, retrying, resuming: whole-job changes). Reads the
+    whole job, so never per render."""
+    db = session.connection()
+    counts = dict(db.execute(ITEMS_BY_STATUS, {"job": job_id}).all())
+    db.execute(SET_SHOWN, {
+        "job": job_id, "total": sum(counts.values()),
+        "succeeded": counts.get(ItemStatus.SUCCEEDED.value, 0),
+        "failed": counts.get(ItemStatus.FAILED.value, 0),
+        "cancelled": counts.get(ItemStatus.CANCELLED.value, 0)})
+
+
+ADD_FAILED = update(_jobs).where(_jobs.c.id == bindparam("job")).values(
+    items_failed=_jobs.c.items_failed + bindparam("failed"))
 
 
 def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
@@ -283,6 +322,9 @@ def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
     if job.status != JobStatus.CANCELLED:
         job.status = final_status(counts)
     job.finished_at = utcnow()
+    # Exact at the end whatever happened on the way (one read of the job, once).
+    session.flush()
+    recount_items(session, job_id)
     return True
 
 
@@ -304,7 +346,13 @@ def item_counts(session: Session, job_id: int) -> Counter[str]:
     return Counter({status: count for status, count in rows})
 
 
-# --- cancel and retry ----------------------------------------------------------------------
+# --- pause, resume, cancel and retry -------------------------------------------------------
+
+# Rows per transaction when a job is cancelled or resumed: SQLite's one write lock is held for
+# a chunk, never for a whole job, and renders settle between chunks.
+CHUNK = 20_000
+ALL = 2**31 - 1  # "no chunks": one transaction does it all (cancel_job, small jobs and tests)
+RETRY_CHOICES = ("failed", "cancelled", "budget", "unknown")
 
 
 def get_job(session: Session, job_id: int, *, lock: bool = False) -> Job:
@@ -314,60 +362,334 @@ def get_job(session: Session, job_id: int, *, lock: bool = False) -> Job:
     return job
 
 
-def cancel_job(session: Session, job_id: int) -> bool:
-    """Stop sending anything new: queued renders are cancelled at once, in-flight ones finish
-    and settle as usual (a reservation is only ever held by an attempt in flight)."""
-    job = get_job(session, job_id, lock=True)
-    if job.status in TERMINAL_JOB:
+JOB_STATE = select(_jobs.c.status, _jobs.c.finished_at, _jobs.c.started_at,
+                   _jobs.c.plan_cursor).where(_jobs.c.id == bindparam("job"))
+SET_JOB = update(_jobs).where(_jobs.c.id == bindparam("job"))
+HOLD_OPEN = SET_JOB.values(open_renders=_jobs.c.open_renders + 1)
+
+
+def lock_job_state(session: Session, job_id: int) -> Any:
+    """The job's status, its row locked for the rest of the transaction, and no chunk of its
+    planning under way (PostgreSQL: planning reads the status when its chunk starts and
+    writes it back when it ends, under the advisory lock taken here too; SQLite's BEGIN
+    IMMEDIATE already excludes it). Then a status set here is the one planning sees next."""
+    db = session.connection()
+    if db.dialect.name == "postgresql":
+        db.execute(select(func.pg_advisory_xact_lock(PLAN_LOCK_NAMESPACE, job_id)))
+    db.execute(LOCK_JOB, {"job": job_id})
+    state = db.execute(JOB_STATE, {"job": job_id}).one_or_none()
+    if state is None:
+        raise JobNotFound(f"no job {job_id}")
+    return state
+
+
+def pause_job(session: Session, job_id: int) -> bool:
+    """Send nothing new: the job's renders go back to waiting in SQL when they are delivered
+    or about to call (render.py), renders in flight finish and settle. False when the job was
+    neither running nor pending (paused already, ended, or still being submitted)."""
+    state = lock_job_state(session, job_id)
+    if state.status not in (JobStatus.RUNNING, JobStatus.PENDING):
         return False
-    job.status = JobStatus.CANCELLED
-    now = utcnow()
-    session.execute(
-        update(Render)
-        .where(Render.job_id == job_id, Render.status == RenderStatus.QUEUED)
-        .values(status=RenderStatus.CANCELLED, error="cancelled", updated_at=now)
-    )
-    session.execute(
-        update(JobItem)
-        .where(JobItem.job_id == job_id, JobItem.status == ItemStatus.PENDING)
-        .values(status=ItemStatus.CANCELLED, error="cancelled")
-    )
-    session.connection().execute(SETTLE_JOB_ITEMS, {"job": job_id})
-    close_job_if_done(session, job_id, recount_open_renders(session, job_id))
+    session.connection().execute(SET_JOB, {"job": job_id, "status": JobStatus.PAUSED.value})
     return True
 
 
-def retry_job(session: Session, job_id: int, budget_cents: int | None = None) -> int:
-    """Put the job's failed items back: failed renders queued again (each retry attempt gets
-    its own reservation), items that failed validation planned again. Returns how many items."""
-    job = get_job(session, job_id, lock=True)
-    if job.status not in TERMINAL_JOB:
-        raise ValueError(f"job {job_id} is still {job.status}; retry it once it has ended")
-    failed_items = session.scalars(
-        select(JobItem).where(JobItem.job_id == job_id, JobItem.status == ItemStatus.FAILED)
-    ).all()
-    if budget_cents is not None:
-        job.budget_cents = budget_cents
+_QUEUED, _CANCELLED = RenderStatus.QUEUED.value, RenderStatus.CANCELLED.value
+RUNNING_RENDERS = select(func.count()).select_from(_renders).where(
+    _renders.c.job_id == bindparam("job"), _renders.c.status == RenderStatus.RUNNING.value)
+
+
+def renders_running(session: Session, job_id: int) -> int:
+    """The job's renders holding a lease (in flight, or waiting to retry), from the index."""
+    return session.connection().execute(RUNNING_RENDERS, {"job": job_id}).scalar_one()
+
+
+def unfinished_job_of(session: Session, digest: str) -> Job | None:
+    """The latest job submitted from a file with this sha256 that has not ended (a job still
+    being submitted is not one: there is nothing to continue)."""
+    return session.scalars(
+        select(Job).where(Job.source_digest == digest,
+                          Job.status.not_in([*TERMINAL_JOB, JobStatus.SUBMITTING]))
+        .order_by(Job.id.desc()).limit(1)
+    ).first()
+
+
+# Each chunk picks its rows through ix_renders_job_queue (job_id, status); the outer WHERE
+# checks the status again, so a render that started meanwhile is left alone (PostgreSQL
+# re-reads a row changed under it against the outer WHERE only).
+def _renders_of_job(status: str, *conditions: ColumnElement[bool]) -> Any:
+    chosen = (select(_renders.c.id)
+              .where(_renders.c.job_id == bindparam("job"), _renders.c.status == status,
+                     *conditions)
+              .limit(bindparam("chunk")))
+    return update(_renders).where(_renders.c.id.in_(chosen), _renders.c.status == status)
+
+
+CANCEL_QUEUED = _renders_of_job(_QUEUED).values(
+    status=_CANCELLED, error="cancelled", updated_at=bindparam("now"))
+# Items go by ranges of lines: (job_id, status, line) and (job_id, line) are both indexed, so
+# each chunk reads its own rows only, whatever the job's size.
+LINE_RANGE = select(func.min(_items.c.line), func.max(_items.c.line)).where(
+    _items.c.job_id == bindparam("job"))
+_IN_RANGE = and_(_items.c.job_id == bindparam("job"), _items.c.line >= bindparam("lo"),
+                 _items.c.line < bindparam("hi"))
+CANCEL_PENDING_ITEMS = update(_items).where(
+    _IN_RANGE, _items.c.status == ItemStatus.PENDING.value,
+).values(status=ItemStatus.CANCELLED.value, error="cancelled")
+SETTLE_RUNNING_ITEMS = _settle_items_where(
+    and_(_IN_RANGE, _items.c.status == ItemStatus.RUNNING.value))
+
+
+def begin_cancel(session: Session, job_id: int) -> bool:
+    """The first, short transaction of a cancel: the job is cancelled (every render reads its
+    job's status before it starts and again, committing its send, just before it calls: from
+    this commit on nothing new is sent), nothing more of it is planned, and it is held open
+    (one more open render) until `finish_cancel` recounts it. False when it had ended (a
+    cancel that was interrupted is taken up again)."""
+    state = lock_job_state(session, job_id)
+    if state.status in TERMINAL_JOB and not (
+            state.status == JobStatus.CANCELLED and state.finished_at is None):
+        return False
+    db = session.connection()
+    db.execute(SET_JOB, {"job": job_id, "status": JobStatus.CANCELLED.value,
+                         "plan_cursor": None})
+    db.execute(HOLD_OPEN, {"job": job_id})
+    return True
+
+
+def finish_cancel(transactions: Callable[[], AbstractContextManager[Session]], job_id: int,
+                  chunk: int = CHUNK) -> None:
+    """The rest of a cancel, each step a transaction of `transactions()`: queued renders
+    cancelled, `chunk` at a time; pending items cancelled and items whose renders have all
+    ended settled, by ranges of `chunk` lines; then the job recounted (its open renders and
+    the counters `status` shows) and closed if nothing of it is in flight (else its last
+    render closes it)."""
+    while True:
+        with transactions() as session:
+            done = session.connection().execute(
+                CANCEL_QUEUED, {"job": job_id, "chunk": chunk, "now": utcnow()}).rowcount
+        if done < chunk:
+            break
+    for lo, hi in _line_ranges(transactions, job_id, chunk):
+        with transactions() as session:
+            db = session.connection()
+            db.execute(CANCEL_PENDING_ITEMS, {"job": job_id, "lo": lo, "hi": hi})
+            db.execute(SETTLE_RUNNING_ITEMS, {"job": job_id, "lo": lo, "hi": hi})
+    with transactions() as session:
+        _recount_and_close(session, job_id)
+
+
+def _recount_and_close(session: Session, job_id: int) -> None:
+    """After a whole-job change: open renders and the counters `status` shows counted anew
+    (under the job's row lock, taken first), and the job closed if nothing of it is open."""
+    open_renders = recount_open_renders(session, job_id)
+    session.get(Job, job_id, populate_existing=True)  # what the statements above wrote
+    if not close_job_if_done(session, job_id, open_renders):  # closing recounts items itself
+        recount_items(session, job_id)
+
+
+def _line_ranges(transactions: Callable[[], AbstractContextManager[Session]], job_id: int,
+                 chunk: int) -> list[tuple[int, int]]:
+    with transactions() as session:
+        lo, hi = session.connection().execute(LINE_RANGE, {"job": job_id}).one()
+    if lo is None:
+        return []
+    return [(start, min(start + chunk, hi + 1)) for start in range(lo, hi + 1, chunk)]
+
+
+def cancel_job(session: Session, job_id: int) -> bool:
+    """Cancel in this one transaction (small jobs, tests): nothing new is sent, queued renders
+    and pending items are cancelled, in-flight renders finish and settle as usual (a
+    reservation is only ever held by an attempt in flight). `cancel_in_chunks` does the same
+    in short transactions, for jobs of any size."""
+    if not begin_cancel(session, job_id):
+        return False
+    finish_cancel(lambda: nullcontext(session), job_id, ALL)
+    return True
+
+
+def cancel_in_chunks(sessions: sessionmaker[Session], job_id: int, chunk: int = CHUNK) -> bool:
+    """`cancel_job` for jobs of any size: the status first, in a short transaction of its
+    own, then the rest `chunk` rows a transaction. Interrupted, it is taken up again by
+    running it again."""
+    with transaction(sessions) as session:
+        if not begin_cancel(session, job_id):
+            return False
+    finish_cancel(lambda: transaction(sessions), job_id, chunk)
+    return True
+
+
+@dataclass
+class Resumed:
+    """What `resume_job` found and did."""
+
+    before: str  # the job's status when asked
+    status: str  # its status now
+    renders: int = 0  # cancelled renders queued again
+    items: int = 0  # cancelled items opened again
+
+    @property
+    def resumed(self) -> bool:
+        return self.before not in TERMINAL_JOB or self.before == JobStatus.CANCELLED
+
+
+RESTORE_CANCELLED = _renders_of_job(
+    _CANCELLED,
+    # Renders of items that did not end otherwise: a failed item stays failed (`retry`).
+    select(_items.c.status).where(_items.c.id == _renders.c.item_id).scalar_subquery().in_(
+        [ItemStatus.CANCELLED.value, ItemStatus.RUNNING.value]),
+).values(status=_QUEUED, retry_from=_renders.c.attempts, deliveries=0, error=None,
+         enqueued_at=None, lease_until=None, updated_at=bindparam("now"))
+FORGET_SENT = _renders_of_job(_QUEUED, _renders.c.enqueued_at.is_not(None)).values(
+    enqueued_at=None)
+REOPEN_ITEMS = update(_items).where(
+    _IN_RANGE, _items.c.status == ItemStatus.CANCELLED.value,
+).values(status=case((exists().where(_renders.c.item_id == _items.c.id),
+                      ItemStatus.RUNNING.value), else_=ItemStatus.PENDING.value), error=None)
+ANY_PENDING_ITEM = select(_items.c.id).where(
+    _items.c.job_id == bindparam("job"), _items.c.status == ItemStatus.PENDING.value).limit(1)
+
+
+def resume_job(sessions: sessionmaker[Session], job_id: int, *, budget_cents: int | None = None,
+               in_process: bool = True, chunk: int = CHUNK) -> Resumed:
+    """Continue a paused job, one whose process died (still running), or a cancelled one.
+
+    Items that ended are never rendered again; a render running under a live lease is left
+    to it (the sweeper revives it once the lease runs out). Cancelled renders of unfinished
+    items are queued again with a fresh attempt budget (as `retry`), cancelled items opened
+    again (those never planned are planned), and, `in_process`, renders whose broker message
+    was sent are put back in the SQL queue (the message died with its process's in-memory
+    broker). Meanwhile a paused or cancelled job is held paused and open, so nothing sends,
+    plans or closes it half restored. A job that ended otherwise (succeeded, partial,
+    failed) is left as it is: `retry_job` renders failed items again."""
+    with transaction(sessions) as session:
+        state = lock_job_state(session, job_id)
+        before = state.status
+        if before == JobStatus.SUBMITTING:
+            raise ValueError(f"job {job_id} is still being submitted (or its submission was "
+                             "interrupted): there is nothing to continue yet")
+        if before in TERMINAL_JOB and before != JobStatus.CANCELLED:
+            return Resumed(before, before)
+        db = session.connection()
+        if budget_cents is not None:
+            db.execute(SET_JOB, {"job": job_id, "budget_cents": budget_cents})
+        held = before in (JobStatus.PAUSED, JobStatus.CANCELLED)
+        if held:
+            db.execute(SET_JOB, {"job": job_id, "status": JobStatus.PAUSED.value,
+                                 "finished_at": None})
+            db.execute(HOLD_OPEN, {"job": job_id})
+    done = Resumed(before, before)
+    done.renders = _repeat(sessions, RESTORE_CANCELLED, job_id, chunk)
+    if in_process:
+        _repeat(sessions, FORGET_SENT, job_id, chunk)
+    for lo, hi in _line_ranges(lambda: transaction(sessions), job_id, chunk):
+        with transaction(sessions) as session:
+            done.items += session.connection().execute(
+                REOPEN_ITEMS, {"job": job_id, "lo": lo, "hi": hi}).rowcount
+    with transaction(sessions) as session:
+        state = lock_job_state(session, job_id)
+        if held and state.status != JobStatus.PAUSED:
+            done.status = state.status  # cancelled (or ended) meanwhile: left so
+            _recount_and_close(session, job_id)  # the hold let go
+            return done
+        db = session.connection()
+        values: dict[str, Any] = {"finished_at": None}
+        if state.started_at is None:  # never planned: the dispatcher plans it from the start
+            values["status"] = JobStatus.PENDING.value
+        else:
+            values["status"] = JobStatus.RUNNING.value
+            if db.execute(ANY_PENDING_ITEM, {"job": job_id}).first() is not None:
+                values["plan_cursor"] = 0  # planned again from its first line: pending ones
+        db.execute(SET_JOB, {"job": job_id, **values})
+        done.status = values["status"]
+        # The hold let go; with nothing left to send (a cancelled job whose every item had
+        # ended meanwhile), the job closes.
+        _recount_and_close(session, job_id)
+    return done
+
+
+def _repeat(sessions: sessionmaker[Session], statement: Any, job_id: int, chunk: int) -> int:
+    """Run a chunked statement until a chunk finds fewer rows than `chunk`; how many rows."""
+    total = 0
+    while True:
+        with transaction(sessions) as session:
+            done = session.connection().execute(
+                statement, {"job": job_id, "chunk": chunk, "now": utcnow()}).rowcount
+        total += done
+        if done < chunk:
+            return total
+
+
+_attempts = Attempt.__table__
+_RETRY_ITEMS: dict[str, ColumnElement[bool]] = {
+    "failed": _items.c.status == ItemStatus.FAILED.value,
+    "cancelled": _items.c.status == ItemStatus.CANCELLED.value,
+    "budget": and_(_items.c.status == ItemStatus.FAILED.value, exists().where(
+        _renders.c.item_id == _items.c.id, _renders.c.status == RenderStatus.FAILED.value,
+        _renders.c.error.like("budget:%"))),
+    "unknown": and_(
+        _items.c.status.in_([ItemStatus.FAILED.value, ItemStatus.CANCELLED.value]),
+        exists().where(_renders.c.item_id == _items.c.id, _attempts.c.render_id == _renders.c.id,
+                       _attempts.c.number == _renders.c.attempts,
+                       _attempts.c.outcome == AttemptOutcome.UNKNOWN.value)),
+}
+REQUEUE_RENDERS = update(_renders).where(
+    _renders.c.item_id.in_(bindparam("items", expanding=True)),
+    _renders.c.status.in_([RenderStatus.FAILED.value, _CANCELLED]),
+).values(status=_QUEUED, retry_from=_renders.c.attempts, deliveries=0, error=None,
+         enqueued_at=None, lease_until=None, updated_at=bindparam("now"))
+REOPEN_CHOSEN_ITEMS = update(_items).where(
+    _items.c.id.in_(bindparam("items", expanding=True)),
+).values(status=case((exists().where(_renders.c.item_id == _items.c.id),
+                      ItemStatus.RUNNING.value), else_=ItemStatus.PENDING.value), error=None)
+
+
+def retry_job(session: Session, job_id: int, budget_cents: int | None = None,
+              only: Iterable[str] = ("failed",)) -> int:
+    """Put the job's chosen items back: `only` any of RETRY_CHOICES: failed (every failed
+    item), cancelled, budget (failed items whose render failed for budget), unknown (items
+    with a render whose last attempt's outcome is unknown). Their failed and cancelled
+    renders are queued again (each retry attempt gets its own reservation; the attempt limit
+    counts from here, `retry_from`), items that failed validation are planned again. Returns
+    how many items."""
+    chosen = set(only)
+    if not chosen or chosen - set(RETRY_CHOICES):
+        raise ValueError(f"retry: choose among {', '.join(RETRY_CHOICES)}, not "
+                         f"{', '.join(sorted(chosen - set(RETRY_CHOICES))) or 'nothing'}")
+    state = lock_job_state(session, job_id)
+    if state.status not in TERMINAL_JOB:
+        hint = (f" (continue it with `imagebatch resume {job_id}`)"
+                if state.status == JobStatus.PAUSED else "")
+        raise ValueError(f"job {job_id} is still {state.status}; retry it once it has "
+                         f"ended{hint}")
+    db = session.connection()
+    items = sorted(set(db.execute(
+        select(_items.c.id).where(_items.c.job_id == job_id,
+                                  or_(*(_RETRY_ITEMS[c] for c in chosen)))).scalars()))
     now = utcnow()
-    for item in failed_items:
-        has_renders = session.scalars(
-            select(Render.id).where(Render.item_id == item.id).limit(1)
-        ).first()
-        item.status = ItemStatus.RUNNING if has_renders else ItemStatus.PENDING
-        item.error = None
-    session.execute(
-        update(Render)
-        .where(Render.job_id == job_id, Render.status == RenderStatus.FAILED)
-        .values(status=RenderStatus.QUEUED, retry_from=Render.attempts, deliveries=0,
-                error=None, enqueued_at=None, lease_until=None, updated_at=now)
-    )
-    # Pending lets the dispatcher plan the re-opened items and enqueue the queued renders.
-    job.status = JobStatus.PENDING
-    job.finished_at = None
-    return len(failed_items)
+    for start in range(0, len(items), 1000):
+        batch = {"items": items[start:start + 1000], "now": now}
+        db.execute(REQUEUE_RENDERS, batch)
+        db.execute(REOPEN_CHOSEN_ITEMS, batch)
+    values: dict[str, Any] = {"status": JobStatus.PENDING.value, "finished_at": None}
+    if budget_cents is not None:
+        values["budget_cents"] = budget_cents
+    # Pending lets the dispatcher plan the re-opened items and count the queued renders.
+    db.execute(SET_JOB, {"job": job_id, **values})
+    recount_items(session, job_id)
+    session.get(Job, job_id, populate_existing=True)
+    return len(items)
 
 
 # --- reading -------------------------------------------------------------------------------
+
+
+def job_state(session: Session, job_id: int) -> Any:
+    """The job's status and finished_at (one row, no counting)."""
+    state = session.connection().execute(JOB_STATE, {"job": job_id}).one_or_none()
+    if state is None:
+        raise JobNotFound(f"no job {job_id}")
+    return state
 
 
 def job_is_finished(session: Session, job_id: int) -> bool:
@@ -378,9 +700,16 @@ def job_is_finished(session: Session, job_id: int) -> bool:
 
 
 def job_summary(session: Session, job_id: int) -> dict[str, Any]:
+    """The job as `status` shows it: one row, whatever the job's size (its counters)."""
     job = get_job(session, job_id)
-    counts = item_counts(session, job_id)
-    images = session.scalar(select(func.count()).where(Image.job_id == job_id)) or 0
+    if job.status in (JobStatus.PENDING, JobStatus.SUBMITTING):
+        counts = item_counts(session, job_id)  # not planned yet: counted, once
+        items_total, images = sum(counts.values()), job.images
+    else:
+        counts = Counter({ItemStatus.SUCCEEDED: job.items_succeeded,
+                          ItemStatus.FAILED: job.items_failed,
+                          ItemStatus.CANCELLED: job.items_cancelled})
+        items_total, images = job.items_total, job.images
     return {
         "id": job.id,
         "name": job.name,
@@ -390,7 +719,7 @@ def job_summary(session: Session, job_id: int) -> dict[str, Any]:
         "spent_cents": job.spent_cents,
         "reserved_cents": job.reserved_cents,
         "unknown_cents": job.unknown_cents,
-        "items_total": sum(counts.values()),
+        "items_total": items_total,
         "items_succeeded": counts.get(ItemStatus.SUCCEEDED, 0),
         "items_failed": counts.get(ItemStatus.FAILED, 0),
         "items_cancelled": counts.get(ItemStatus.CANCELLED, 0),
@@ -405,6 +734,7 @@ def _iso(value: Any) -> str | None:
 
 
 def item_errors(session: Session, job_id: int, limit: int = 50) -> list[dict[str, Any]]:
+    """The job's first failed items (by line) with their reasons."""
     rows = session.execute(
         select(JobItem.line, JobItem.custom_id, JobItem.error)
         .where(JobItem.job_id == job_id, JobItem.status == ItemStatus.FAILED)

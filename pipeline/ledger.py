@@ -67,6 +67,12 @@ HOLD_TEAM = (
 )
 
 
+# The job's counters that `status` shows, moved with its money (see Moves.item_ended).
+SHOWN = ("items_succeeded", "items_failed", "items_cancelled", "images")
+ITEM_COUNTER = {"succeeded": "items_succeeded", "failed": "items_failed",
+                "cancelled": "items_cancelled"}
+
+
 def _moved(table: Table) -> dict[str, ColumnElement[Any]]:
     """The counters of a job or team budget row, each moved by its delta."""
     return {"reserved_cents": table.c.reserved_cents + bindparam("d_reserved"),
@@ -88,7 +94,9 @@ def _after_moves(table: Table) -> ColumnElement[Any]:
 # closes the job.
 MOVE_JOB = (
     update(_jobs).where(_jobs.c.id == bindparam("job"))
-    .values(**_moved(_jobs), open_renders=_jobs.c.open_renders + bindparam("d_open"))
+    .values(**_moved(_jobs), open_renders=_jobs.c.open_renders + bindparam("d_open"),
+            # What `status` shows rides on the same UPDATE: items ended, files stored.
+            **{column: _jobs.c[column] + bindparam(f"d_{column}") for column in SHOWN})
     .returning(_jobs.c.open_renders)
 )
 MOVE_TEAM = update(_budgets).where(_budgets.c.id == bindparam("budget")).values(**_moved(_budgets))
@@ -144,10 +152,14 @@ class _RowMove:
     d_open: int = 0
     holds: bool = False  # conditional on the budget (and, for a job, on it running)
     team: str = ""
+    shown: dict[str, int] = field(default_factory=dict)  # a job's SHOWN counters' deltas
 
     def deltas(self) -> dict[str, int]:
         return {"d_reserved": self.d_reserved, "d_spent": self.d_spent,
                 "d_unknown": self.d_unknown}
+
+    def shown_deltas(self) -> dict[str, int]:
+        return {f"d_{column}": self.shown.get(column, 0) for column in SHOWN}
 
 
 @dataclass
@@ -189,6 +201,10 @@ class Moves:
         self.jobs.setdefault(job_id, _RowMove()).d_open -= 1
         self.ended.add(job_id)
 
+    def count(self, job_id: int, column: str, delta: int) -> None:
+        shown = self.jobs.setdefault(job_id, _RowMove()).shown
+        shown[column] = shown.get(column, 0) + delta
+
     def apply(self, session: Session) -> None:
         """Raises HoldRefused if a hold does not fit (the caller's transaction must then roll
         back). Closes a job whose last render ended here."""
@@ -199,6 +215,7 @@ class Moves:
             move = self.jobs[job_id]
             statement = HOLD_AND_MOVE_JOB if move.holds else MOVE_JOB
             still_open = db.execute(statement, {"job": job_id, **move.deltas(),
+                                                **move.shown_deltas(),
                                                 "d_open": move.d_open}).scalar()
             if still_open is None:  # only a conditional UPDATE finds no row
                 raise HoldRefused(job_id)
@@ -270,7 +287,7 @@ def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,
     ).rowcount == 1:
         return True
     db.execute(MOVE_JOB, {"job": job_id, "d_reserved": -amount, "d_spent": 0, "d_unknown": 0,
-                          "d_open": 0})
+                          "d_open": 0, **_RowMove().shown_deltas()})
     return False
 
 
@@ -349,6 +366,22 @@ def render_ended(session: Session, job_id: int) -> None:
     closed if it was the last. In a committer's group this happens at the group's end."""
     moves, alone = _moves(session)
     moves.render_ended(job_id)
+    if alone:
+        moves.apply(session)
+
+
+def item_ended(session: Session, job_id: int, status: str) -> None:
+    """An item of the job reached its final status: counted for `status`, with the money."""
+    moves, alone = _moves(session)
+    moves.count(job_id, ITEM_COUNTER[status], 1)
+    if alone:
+        moves.apply(session)
+
+
+def files_stored(session: Session, job_id: int, count: int) -> None:
+    """`count` files of the job were recorded (negative: removed), counted for `status`."""
+    moves, alone = _moves(session)
+    moves.count(job_id, "images", count)
     if alone:
         moves.apply(session)
 

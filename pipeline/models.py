@@ -92,6 +92,13 @@ class Job(Base):
     # Renders queued or running: recounted when the job is planned or cancelled, and taken
     # down by one as each render ends (under the job's row lock), so closing needs no scan.
     open_renders: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # What `status` shows, kept with the money (ledger.Moves) as items end and files are
+    # stored, and recounted whole when a job is planned, cancelled, retried or resumed.
+    items_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    items_succeeded: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    items_failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    items_cancelled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    images: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     source: Mapped[str] = mapped_column(String(20), server_default=text("'sql'"))
     # Planned in chunks: the last line planned so far, NULL once every item is planned.
     plan_cursor: Mapped[int | None] = mapped_column(Integer)
@@ -105,7 +112,10 @@ class Job(Base):
 
 class JobItem(Base):
     __tablename__ = "job_items"
-    __table_args__ = (UniqueConstraint("job_id", "line", name="uq_job_items_job_line"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "line", name="uq_job_items_job_line"),
+        Index("ix_job_items_job_status", "job_id", "status", "line"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

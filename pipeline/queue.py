@@ -41,9 +41,10 @@ NEXT_UNSENT = (
            _renders.c.enqueued_at.is_(None))
     .order_by(_renders.c.id).limit(bindparam("take"))
 )
-MARK_SENT = (update(_renders)
-             .where(_renders.c.id.in_(bindparam("ids", expanding=True)),
-                    _renders.c.status == QUEUED, _renders.c.enqueued_at.is_(None))
+# By id alone: the transaction that read them as unsent holds them (SQLite's write lock,
+# PostgreSQL's row locks). A status condition here made SQLite walk every queued render of
+# the status index (180 ms for 20 renders behind a 1,000,000-render job).
+MARK_SENT = (update(_renders).where(_renders.c.id.in_(bindparam("ids", expanding=True)))
              .values(enqueued_at=bindparam("now")))
 
 

@@ -1,10 +1,16 @@
 """One render, start to end: reserve, call the upstream, store the media, settle.
 
 A render runs as a loop of attempts, a coroutine on the worker's one event loop (the thread
-that received its task waits for it). Each attempt is two transactions: `begin_attempt`
-(lease + reservation) and `finish_attempt` (settlement, image rows, render, item and job
-state), each run by the group committer (groupcommit.py) with other renders' transactions.
-Between them nothing holds a transaction while the call runs.
+that received its task waits for it). Each attempt is three transactions: `begin_attempt`
+(lease + reservation), `record_send` once a call slot is free (the job still running? then
+the send is recorded, committed before the call) and `finish_attempt` (settlement, image
+rows, render, item and job state), each run by the group committer (groupcommit.py) with
+other renders' transactions. Nothing holds a transaction while the call runs.
+
+A render whose job is paused (or not running yet: pending, submitting) goes back to the SQL
+queue (`queued`, `enqueued_at` NULL) instead of starting or calling: the dispatcher sends it
+again once the job runs. It stays open (the job's `open_renders` does not move) and keeps its
+item running.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pipeline import ledger
 from pipeline.jobs import settle_item
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
+    TERMINAL_JOB,
     TERMINAL_RENDER,
     Attempt,
     AttemptOutcome,
@@ -46,9 +53,9 @@ from pipeline.upstream import Delivered, MediaRefused, Refused, Unknown, decode_
 log = logging.getLogger("imagebatch.render")
 
 MAX_RETRY_WAIT = 600.0
-# A render that waited longer than this for its call slot asks again whether its job is
-# still running: one read for renders held back by busy slots, none for the others.
-RECHECK_AFTER_WAIT = 1.0
+# Job statuses in which a render neither starts nor calls: it waits in SQL until the job runs.
+WAIT_IN_SQL = frozenset({JobStatus.PAUSED, JobStatus.PENDING, JobStatus.SUBMITTING})
+PAUSED = "paused"  # what a render put back in the SQL queue returns
 HASH_ON_LOOP_MAX = 256 * 1024  # about 0.15 ms of SHA-256
 
 
@@ -104,8 +111,8 @@ async def render_to_end(svc: Services, render_id: int) -> str:
                 return step
             holder = step.number
             outcome = await call_upstream(svc, step)
-            if outcome is None:
-                return "cancelled"
+            if isinstance(outcome, str):  # nothing was sent: cancelled, paused or swept
+                return outcome
             collected = (await collect_media(svc, step, outcome)
                          if isinstance(outcome, Delivered) else None)
             delay = await svc.commits.run(partial(finish_attempt, svc, step, outcome,
@@ -119,7 +126,7 @@ async def render_to_end(svc: Services, render_id: int) -> str:
 
 
 _renders, _jobs, _items = Render.__table__, Job.__table__, JobItem.__table__
-_teams = Team.__table__
+_teams, _attempts = Team.__table__, Attempt.__table__
 # Statements built once (see ledger.py). FOR UPDATE locks the row on PostgreSQL; SQLite's
 # BEGIN IMMEDIATE already holds the database's one write lock.
 # The render's item is locked with it: two renders of one item ending at once are ordered by
@@ -155,6 +162,24 @@ END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values
 INSERT_IMAGE = insert(Image.__table__)
 WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
     error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"))
+# Back in the SQL queue: the dispatcher sends it again once its job runs. `forgiven` (0 or 1)
+# takes back an attempt released unsent and the delivery that began it: a pause costs the
+# render neither an attempt of its MAX_ATTEMPTS (counted from retry_from) nor a delivery.
+BACK_TO_SQL_QUEUE = update(_renders).where(_renders.c.id == bindparam("render")).values(
+    status=RenderStatus.QUEUED.value, enqueued_at=None, lease_until=None,
+    retry_from=_renders.c.retry_from + bindparam("forgiven"),
+    deliveries=_renders.c.deliveries - bindparam("forgiven"), updated_at=bindparam("now"))
+# The send, recorded before the call, in one statement while the job still runs (one round
+# trip for every render that goes on). No row: the job is not running, or the attempt was
+# settled already (its lease ran out and the sweeper took it).
+RECORD_SEND = (
+    update(_attempts)
+    .where(_attempts.c.id == bindparam("attempt"),
+           _attempts.c.outcome == AttemptOutcome.RESERVED.value,
+           select(_jobs.c.status).where(_jobs.c.id == bindparam("job")).scalar_subquery()
+           == JobStatus.RUNNING.value)
+    .values(sent_at=bindparam("now"))
+)
 
 
 def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session
@@ -177,6 +202,8 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
         return "busy"
     if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
         settle_abandoned_attempt(session, render)
+    if render.job_status in WAIT_IN_SQL:
+        return _back_to_sql_queue(db, render.id, forgiven=0)  # no delivery counted
     delivered = render.deliveries + (1 if holder is None else 0)
     reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
     if reason is None:
@@ -185,6 +212,8 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
         if reservation is None:
             job = db.execute(JOB_STATE, {"job": render.job_id}).one()
             reason = _no_reservation_reason(render, job)
+            if reason == PAUSED:  # the job was paused since START_FACTS read it
+                return _back_to_sql_queue(db, render.id, forgiven=0)
     if reason is not None:
         db.execute(COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
         status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
@@ -218,16 +247,35 @@ def _start_attempt(db: Any, render: Any, delivered: int, now: datetime, lease_se
     })
 
 
+def _back_to_sql_queue(db: Any, render_id: int, *, forgiven: int) -> str:
+    """The render waits in SQL (queued, no broker message) until its job runs again."""
+    db.execute(BACK_TO_SQL_QUEUE, {"render": render_id, "forgiven": forgiven,
+                                   "now": utcnow()})
+    return PAUSED
+
+
 def settle_abandoned_attempt(session: Session, render: Any) -> None:
-    """An attempt still 'reserved' whose lease has run out lost its worker: charge it unknown."""
+    """An attempt still 'reserved' whose lease has run out lost its worker. With its send
+    recorded it is charged unknown (the provider may have billed it); with none it never
+    reached the upstream (its worker died between the reservation and `record_send`), so it
+    is released.
+
+    The attempt's row is locked before its send is read (PostgreSQL; SQLite's BEGIN
+    IMMEDIATE already excludes every other writer): a worker recording the send just as its
+    lease is swept either commits first, and the send is seen here, or finds the attempt
+    settled and calls nobody."""
     last = session.scalars(
         select(Attempt).where(Attempt.render_id == render.id).order_by(Attempt.number.desc())
+        .limit(1).with_for_update().execution_options(populate_existing=True)
     ).first()
-    if last is not None and last.outcome == AttemptOutcome.RESERVED:
-        ledger.settle(
-            session, last.id, AttemptOutcome.UNKNOWN,
-            error="the worker was lost during the call; the provider may have billed it",
-        )
+    if last is None or last.outcome != AttemptOutcome.RESERVED:
+        return
+    if last.sent_at is None:
+        ledger.settle(session, last.id, AttemptOutcome.RELEASED,
+                      error="the worker was lost before the call was sent; nothing was billed")
+    else:
+        ledger.settle(session, last.id, AttemptOutcome.UNKNOWN,
+                      error="the worker was lost during the call; the provider may have billed it")
 
 
 def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: int
@@ -245,6 +293,8 @@ def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: in
 def _no_reservation_reason(render: Any, job: Any) -> str:
     if job.status == JobStatus.CANCELLED:
         return "cancelled"
+    if job.status in WAIT_IN_SQL:
+        return PAUSED
     if job.status != JobStatus.RUNNING:
         return f"job: the job is {job.status}"
     price = render.n * render.price_per_image_cents
@@ -268,7 +318,9 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
         db.execute(LOCK_ITEM, {"item": render.item_id})
     db.execute(END_RENDER, {"render": render.id, "new_status": status.value, "message": error,
                             "now": utcnow()})
-    settle_item(session, render.item_id)
+    final = settle_item(session, render.item_id)
+    if final is not None:
+        ledger.item_ended(session, render.job_id, final)
     if claim is None:
         ledger.render_ended(session, render.job_id)
     else:
@@ -278,39 +330,57 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
 # --- the call and the media, outside any transaction ----------------------------------------
 
 
-async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | None:
+async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | str:
     """The call, once one of the worker's call slots is free (the render has its reservation
-    by then, so the slot goes straight to the upstream). None: the job was cancelled while
-    the render waited for its slot; its reservation is released and nothing was sent."""
-    loop = asyncio.get_running_loop()
-    waiting_since = loop.time()
+    by then, so the slot goes straight to the upstream) and its send is recorded. A string
+    when nothing was sent: 'cancelled' or 'paused' (the job was, while the render waited;
+    its reservation is released), or 'swept' (its lease ran out meanwhile: the sweeper
+    settled the attempt and owns the render)."""
     async with svc.call_slots:
-        if (loop.time() - waiting_since > RECHECK_AFTER_WAIT
-                and await svc.commits.run(partial(release_if_cancelled, begun))):
-            return None
         return await _call_in_slot(svc, begun)
 
 
-def release_if_cancelled(begun: Begun, session: Session) -> bool:
-    """If the render's job was cancelled, release its reservation and end it cancelled
-    (a render waiting for a call slot has sent nothing yet)."""
+async def _send_or_not(svc: Services, begun: Begun) -> str | None:
+    """`record_send`, committed with other renders' writes: None to go on and call."""
+    return await svc.commits.run(partial(record_send, begun))
+
+
+def record_send(begun: Begun, session: Session) -> str | None:
+    """Just before the call: if the job still runs, record the send (committed before the
+    call is made: an attempt whose worker dies with no send recorded is released, not
+    charged unknown) and return None. Otherwise nothing is sent and the reservation is
+    released: a cancelled job's render ends cancelled; a paused job's render goes back to
+    the SQL queue, the attempt and its delivery not counted against it (BACK_TO_SQL_QUEUE).
+    Every render reads its job's state here once, in the statement that records the send."""
     db = session.connection()
-    if db.execute(JOB_STATE, {"job": begun.job_id}).one().status != JobStatus.CANCELLED:
-        return False
+    if db.execute(RECORD_SEND, {"attempt": begun.attempt_id, "job": begun.job_id,
+                                "now": utcnow()}).rowcount == 1:
+        return None
     render = db.execute(LOCK_RENDER_AND_ITEM, {"render": begun.render_id}).one()
+    status = db.execute(JOB_STATE, {"job": begun.job_id}).one().status
+    cancelled = status == JobStatus.CANCELLED
+    # A job running again by now (resumed between the two reads) is treated as paused: the
+    # render waits in SQL and is sent again, which is always safe.
+    why = "cancelled" if cancelled else (
+        "paused" if status == JobStatus.RUNNING else str(status))
     claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.RELEASED,
-                                    error="the job was cancelled before the call was sent",
+                                    error=f"the job was {why} before the call was sent",
                                     render=render)
-    if claim is not None:  # else the sweeper settled it first and owns the render
+    if claim is None:
+        return "swept"  # the sweeper settled the attempt first and owns the render
+    if cancelled:
         end_render(session, render, RenderStatus.CANCELLED, None, claim=claim,
                    item_locked=True)
-    return True
+        return "cancelled"
+    ledger.apply_settlement(session, claim)  # the render is still open: no render_ended
+    return _back_to_sql_queue(db, render.id, forgiven=1)
 
 
-async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | str:
     limiter = svc.limiter
     if limiter is None:
-        return await svc.upstream.generate(begun.request)
+        stop = await _send_or_not(svc, begun)
+        return stop if stop is not None else await svc.upstream.generate(begun.request)
     model = str(begun.request.get("model", ""))
     try:
         slot = await _enter_slot(limiter, model, svc.settings.render_deadline)
@@ -320,6 +390,11 @@ async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Un
         return Refused(f"the shared limits are unavailable: {exc.__class__.__name__}", None,
                        retryable=True)
     try:
+        # Recorded once the shared limits let the call go (a rate or a 429 pause may have
+        # held it): a worker lost while it waited there sent nothing either.
+        stop = await _send_or_not(svc, begun)
+        if stop is not None:
+            return stop
         outcome = await svc.upstream.generate(begun.request)
     finally:
         try:
@@ -468,8 +543,11 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
         return
     if begun.number > 1:
         # An earlier attempt of this render (before `retry JOB`) may have stored some files.
-        session.execute(delete(Image).where(Image.render_id == render.id))
+        removed = session.execute(delete(Image).where(Image.render_id == render.id)).rowcount
+        if removed:
+            ledger.files_stored(session, render.job_id, -removed)
     if collected.stored:
+        ledger.files_stored(session, render.job_id, len(collected.stored))
         session.connection().execute(INSERT_IMAGE,
                                      [_image_row(render, begun, m) for m in collected.stored])
     error = "; ".join(collected.problems) or None
@@ -497,8 +575,10 @@ def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
         return False
     if render.attempts - render.retry_from >= max_attempts:
         return False
+    # A paused job's render retries too: its next begin_attempt puts it back in the SQL
+    # queue, so the pause costs it nothing.
     job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
-    return job.status == JobStatus.RUNNING
+    return job.status not in TERMINAL_JOB
 
 
 def _describe(outcome: Refused | Unknown) -> str:

@@ -14,7 +14,7 @@ from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
 from pipeline.jobs import create_job, job_summary
 from pipeline.ledger import job_ledger_totals
-from pipeline.models import Attempt, Image, LedgerEntry, Render
+from pipeline.models import Attempt, Image, JobItem, LedgerEntry, Render
 from pipeline.plan import parse_lines
 from pipeline.render import run_render
 from pipeline.runtime import Services
@@ -64,10 +64,23 @@ def assert_books_balance(svc: Services, job_id: int, *, within_cap: bool = True)
         if s["finished_at"] is not None:
             assert s["reserved_cents"] == 0
             assert entries == 2 * attempts  # one reserve and one settlement per attempt
+        assert_status_counts(session, job_id)
         for image in session.scalars(select(Image).where(Image.job_id == job_id)):
             data = svc.store.get(image.key)
             assert hashlib.sha256(data).hexdigest() == image.sha256
             assert len(data) == image.bytes
+
+
+def assert_status_counts(session: Any, job_id: int) -> None:
+    """What `status` shows (the job's counters) equals what its rows say."""
+    s = job_summary(session, job_id)
+    by_status = dict(session.execute(select(JobItem.status, func.count())
+                                     .where(JobItem.job_id == job_id)
+                                     .group_by(JobItem.status)).all())
+    images = session.scalar(select(func.count()).where(Image.job_id == job_id))
+    assert (s["items_total"], s["items_succeeded"], s["items_failed"], s["items_cancelled"],
+            s["images"]) == (sum(by_status.values()), by_status.get("succeeded", 0),
+                             by_status.get("failed", 0), by_status.get("cancelled", 0), images)
 
 
 def wait_until_blocked(svc: Services, timeout: float = 10.0) -> None:

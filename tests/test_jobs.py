@@ -1,4 +1,4 @@
-"""Jobs: settling an item reads that item's renders only, however many others there are."""
+"""Jobs: settling an item reads that item's renders only; status reads the job's counters."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
 from pipeline.jobs import SETTLE_ITEM
 from pipeline.runtime import Services
-from tests.helpers import submit
+from tests.helpers import (
+    assert_books_balance,
+    assert_status_counts,
+    render_all,
+    submit,
+    summary,
+)
 
 FLUX = {"model": "flux-2-dev", "prompt": "an otter"}
+ONE = {"model": "flux-2-klein-4b", "prompt": "an otter"}
 
 
 def _rows_read(plan: dict[str, Any], indexes: set[str]) -> int:
@@ -67,3 +74,21 @@ def test_settling_an_item_reads_its_own_renders_only(
         db.rollback()
     assert status == "cancelled"
     assert _rows_read(plan, set(indexes)) <= 8
+
+
+def test_status_counts_items_and_files_as_they_end_without_reading_the_job(svc, fake):
+    """`status` reads the job's row: its item and file counts move with each render (a
+    million-line job shows its progress as fast as a small one) and equal the rows."""
+    job_id = submit(svc, [{"model": "flux-2-dev", "prompt": "p", "n": 6}, ONE, ONE,
+                          {"model": "nope", "prompt": "p"}])
+    first, *rest = dispatch_pending(svc)
+    s = summary(svc, job_id)
+    assert (s["items_total"], s["items_failed"], s["items_succeeded"], s["images"]) == (4, 1, 0, 0)
+    render_all(svc, [first])
+    with svc.sessions() as session:
+        assert_status_counts(session, job_id)
+    render_all(svc, rest)
+    s = summary(svc, job_id)
+    assert (s["status"], s["items_succeeded"], s["items_failed"], s["images"]) == (
+        "partial", 3, 1, 8)
+    assert_books_balance(svc, job_id)

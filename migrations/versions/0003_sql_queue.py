@@ -13,6 +13,9 @@ Create Date: 2026-12-03 13:20:00
 - `jobs.source_digest`: sha256 of the submitted file, so `run` finds an unfinished copy.
 - `workers`: each live worker's render slots and last beat, so the window is sized from
   what the live workers can run at once.
+- `jobs.items_*` and `jobs.images`: counters kept with the job's money, so `status` reads one
+  row however big the job; `ix_job_items_job_status` finds a job's failed (or pending) items
+  without walking the others.
 """
 
 from collections.abc import Sequence
@@ -25,6 +28,8 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+COUNTERS = ("items_total", "items_succeeded", "items_failed", "items_cancelled", "images")
+
 
 def upgrade() -> None:
     op.drop_index("ix_renders_job_status", table_name="renders")
@@ -35,6 +40,18 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("plan_cursor", sa.Integer(), nullable=True))
     op.add_column("jobs", sa.Column("source_digest", sa.String(length=64), nullable=True))
     op.create_index("ix_jobs_source_digest", "jobs", ["source_digest"])
+    for column in COUNTERS:
+        op.add_column("jobs", sa.Column(column, sa.Integer(), server_default=sa.text("0"),
+                                        nullable=False))
+    for column, status in (("items_succeeded", "succeeded"), ("items_failed", "failed"),
+                           ("items_cancelled", "cancelled")):
+        op.execute(f"UPDATE jobs SET {column} = (SELECT count(*) FROM job_items "
+                   f"WHERE job_items.job_id = jobs.id AND job_items.status = '{status}')")
+    op.execute("UPDATE jobs SET items_total = (SELECT count(*) FROM job_items "
+               "WHERE job_items.job_id = jobs.id)")
+    op.execute("UPDATE jobs SET images = (SELECT count(*) FROM images "
+               "WHERE images.job_id = jobs.id)")
+    op.create_index("ix_job_items_job_status", "job_items", ["job_id", "status", "line"])
     op.create_table(
         "workers",
         sa.Column("name", sa.String(length=200), nullable=False),
@@ -46,6 +63,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("workers")
+    op.drop_index("ix_job_items_job_status", table_name="job_items")
+    for column in COUNTERS:
+        op.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
     op.drop_index("ix_jobs_source_digest", table_name="jobs")
     # Not batch mode (see 0002): SQLite 3.35+ drops a column itself.
     op.execute("ALTER TABLE jobs DROP COLUMN source_digest")
