@@ -37,7 +37,9 @@ class Settings:
     allow_private_media: bool = False
     # A render sent to the broker this long ago and still not started, when renders sent after
     # it have started (or none has for this long), lost its message: it goes back to SQL.
-    requeue_after: float = 60.0
+    # None: lease_seconds, so a dead worker's received messages come back as soon as its
+    # leases would (with sweep_interval, within 1.5 x lease_seconds).
+    requeue_after: float | None = None
     # Broker messages at most (renders sent, not started). 0: twice the live workers' slots.
     broker_window: int = 0
     backoff_base: float = 1.0
@@ -51,7 +53,8 @@ class Settings:
     max_in_flight: int = 0
     model_rates: str = ""
     redis_url: str = ""
-    sweep_interval: float = 30.0
+    # None: half of lease_seconds (a dead worker's renders run again within 1.5 leases).
+    sweep_interval: float | None = None
     # A worker renews the leases of the renders it holds every lease_seconds / 3; a render
     # whose lease ran out lost its worker and is swept.
     lease_seconds: float = 60.0
@@ -105,6 +108,10 @@ class Settings:
         return replace(
             self,
             api_base=self.api_base.rstrip("/"),
+            requeue_after=(self.lease_seconds if self.requeue_after is None
+                           else self.requeue_after),
+            sweep_interval=(self.lease_seconds / 2 if self.sweep_interval is None
+                            else self.sweep_interval),
             database_url=self.database_url or f"sqlite:///{self.data_dir / 'imagebatch.db'}",
             storage_url=self.storage_url or (self.data_dir / "media").as_uri(),
             broker_url=self.broker_url or "filesystem://localhost//",
