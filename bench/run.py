@@ -656,7 +656,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=[*MODES, "all"],
                         help="default: the preset's modes, or all without a preset")
-    parser.add_argument("--preset", choices=[*PRESETS, "all"])
+    parser.add_argument("--preset", choices=[*PRESETS, "big", "all"],
+                        help="big: a 1,000,000-line job against a 2,000-line one (bench/big.py;"
+                             " not part of all)")
     parser.add_argument("-n", type=int, help="renders per run (linear: the largest size)")
     parser.add_argument("--concurrency", type=int,
                         help="total upstream calls in flight (IMAGEBATCH_CONCURRENCY, "
@@ -672,6 +674,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true",
                         help="start bench/results/latest.json and latest.md anew")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and data folders")
+    parser.add_argument("--no-run", action="store_true",
+                        help="big: skip `imagebatch run` of the big job (embedded)")
     parser.add_argument("--pipeline", type=Path, metavar="DIR",
                         help="measure the pipeline of this checkout (default: this one; "
                              "bench/ab.py uses it)")
@@ -697,6 +701,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     global PIPELINE
     args = parse_args(argv)
+    if args.preset == "big":
+        import big
+
+        return big.main(args)
     specs = build_specs(args)
     if args.pipeline is not None:
         PIPELINE = args.pipeline.resolve()
