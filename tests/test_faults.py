@@ -133,9 +133,10 @@ def test_a_worker_killed_mid_render_is_charged_unknown_once_and_the_job_complete
         stack: Stack, fake: FakeServer) -> None:
     """Two workers of 8 calls in flight each (and 4 renders ahead: 12 renders), 40 renders of
     2 s. SIGKILL one while both have calls in flight: its renders' leases run out, the
-    sweeper (on the survivor) settles each open attempt as `unknown` once and queues the
-    render again; the messages it had prefetched come back through the stale-queued
-    requeue. The survivor finishes the job.
+    sweeper (on the survivor) settles each open attempt once, `unknown` if its send was
+    recorded, `released` if not (a render ahead that held its reservation waiting for a call
+    slot), and queues the render again; the messages it had prefetched come back through the
+    lost-message requeue. The survivor finishes the job.
 
     Billed and spent differ legitimately here: the fake bills a call only when it produces a
     result, and a killed client usually leaves before that ('client_gone', not billed), while
@@ -160,20 +161,28 @@ def test_a_worker_killed_mid_render_is_charged_unknown_once_and_the_job_complete
     assert (summary["status"], summary["items_succeeded"], summary["images"]) == (
         "succeeded", 40, 40)
     unknown = books.with_outcome("unknown")
-    # A render ahead killed while it held its reservation, waiting for a call slot, is
-    # charged unknown too: nothing tells the sweeper its call was never sent.
-    assert 1 <= len(unknown) <= 12, books.outcomes()
-    assert {a.id for a in unknown} <= in_flight_at_kill
-    assert all("worker was lost" in (a.error or "") for a in unknown)
+    unsent = books.with_outcome("released")
+    # Only calls the victim sent are charged unknown (at most its 8 call slots); a render
+    # ahead killed while it held its reservation, waiting for a slot, sent nothing (no send
+    # recorded) and is released.
+    assert 1 <= len(unknown) <= 8, books.outcomes()
+    assert len(unsent) <= 4, books.outcomes()
+    assert {a.id for a in unknown + unsent} <= in_flight_at_kill
+    assert all("worker was lost during the call" in (a.error or "") for a in unknown)
+    assert all("worker was lost before the call was sent" in (a.error or "") for a in unsent)
     # Exactly one 'unknown' ledger row per killed attempt, and no other settlement of it.
     assert ledger_kinds_per_attempt(stack.engine, job_id, "unknown") == {
         a.id: 1 for a in unknown}
     assert set(ledger_kinds_per_attempt(stack.engine, job_id, "charge")).isdisjoint(
         a.id for a in unknown)
     assert books.unknown == sum(a.amount_cents for a in unknown) == 3 * len(unknown)
-    assert books.outcomes() == {"charged": 40, "unknown": len(unknown)}
+    assert books.outcomes() == {"charged": 40, "unknown": len(unknown), "released": len(unsent)}
     assert books.charged <= billed <= books.spent
     assert books.spent - billed <= books.unknown
+    # Every attempt charged unknown is a call the fake received: the victim's calls it saw
+    # the client leave (not billed), and any it billed just before the kill.
+    left = fake.stats()["by_outcome"].get("client_gone", 0)
+    assert len(unknown) == left + (billed - books.charged) // 3, (left, billed, books.charged)
 
 
 # --- 2. a render task delivered twice while its first copy runs -------------------------------

@@ -159,7 +159,9 @@ def test_connection_refused_is_released(tmp_path, settings):
         caps = caps_by_model([{"id": "flux-2-dev", "image_caps": {"max_n": 4,
                                                                  "price_per_image_cents": 3}}])
         with transaction(svc.sessions) as session:
-            render_ids = plan_job(session, job_id, caps)
+            assert plan_job(session, job_id, caps) == 1
+        with svc.sessions() as session:
+            render_ids = list(session.scalars(select(Render.id).where(Render.job_id == job_id)))
         render_all(svc, render_ids)
         s = summary(svc, job_id)
         assert s["status"] == "failed" and s["spent_cents"] == 0
@@ -248,8 +250,9 @@ def test_renders_waiting_for_a_call_slot_when_the_job_is_cancelled_call_nobody(s
         workers = [threading.Thread(target=run_render, args=(svc, r)) for r in renders]
         for worker in workers:
             worker.start()
+        # All four reserved and the first one's call sent (its send recorded first).
         deadline = time.monotonic() + 10
-        while summary(svc, job_id)["reserved_cents"] < 4 * 3:
+        while summary(svc, job_id)["reserved_cents"] < 4 * 3 or fake.stats()["calls"] < 1:
             assert time.monotonic() < deadline, "the renders ahead never reserved"
             time.sleep(0.05)
         with transaction(svc.sessions) as session:
