@@ -168,10 +168,7 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
              "status": RenderStatus.QUEUED.value, "enqueued_at": None}
             for spec in planned.renders
         )
-    if changes:
-        db.execute(ITEM_PLANNED, changes)
-    if renders:
-        db.execute(INSERT_RENDERS, renders)
+    _write_plan(db, changes, renders)
     more = len(rows) == chunk
     open_renders = db.execute(JOB_PLANNED, {
         "job": job_id, "new_status": JobStatus.RUNNING.value if starting else state.status,
@@ -188,6 +185,30 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
     if not more:
         close_job_if_done(session, job_id, open_renders)
     return len(rows)
+
+
+# SQLite through the driver's own executemany: SQLAlchemy's handling of 2,000 parameter
+# dicts cost a third of a chunk's time (1M items: 100 s of planning on a loaded machine).
+SQLITE_ITEM_PLANNED = "UPDATE job_items SET status = ?, model = ?, error = ? WHERE id = ?"
+RENDER_COLUMNS = ("job_id", "item_id", "render_index", "model", "n", "seed",
+                  "price_per_image_cents", "status", "enqueued_at")
+SQLITE_INSERT_RENDERS = (f"INSERT INTO renders ({', '.join(RENDER_COLUMNS)}) "
+                         f"VALUES ({', '.join('?' * len(RENDER_COLUMNS))})")
+
+
+def _write_plan(db: Any, changes: list[dict[str, Any]], renders: list[dict[str, Any]]) -> None:
+    if db.dialect.name == "sqlite":
+        if changes:
+            db.exec_driver_sql(SQLITE_ITEM_PLANNED, [
+                (c["new_status"], c["model"], c["reason"], c["item"]) for c in changes])
+        if renders:
+            db.exec_driver_sql(SQLITE_INSERT_RENDERS, [
+                tuple(r[column] for column in RENDER_COLUMNS) for r in renders])
+        return
+    if changes:
+        db.execute(ITEM_PLANNED, changes)
+    if renders:
+        db.execute(INSERT_RENDERS, renders)
 
 
 def _fail_repeated_ids(session: Session, job_id: int) -> None:
