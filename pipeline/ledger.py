@@ -239,7 +239,7 @@ def _moves(session: Session) -> tuple[Moves, bool]:
 
 
 def reserve(session: Session, render: RenderLike, team: str, now: datetime | None = None,
-            *, team_period: str | None = UNREAD) -> Reservation | None:
+            *, team_period: str | None = UNREAD, sent: bool = True) -> Reservation | None:
     """Hold the render's full price on its job and on its team's period, or on neither.
 
     Each hold is one conditional UPDATE (`spent + reserved + amount <= limit`), so the
@@ -252,6 +252,11 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     moves at its end (`Moves`), so the job's hot row is locked only from there to the
     COMMIT; a refused hold then raises HoldRefused there. `team_period`: see
     `current_team_budget`.
+
+    `sent`: whether the attempt is taken as sent from the start. A render (`begin_attempt`)
+    reserves with False and records the send just before its call, so an attempt whose worker
+    died before it is released; anywhere else an attempt is taken as possibly sent, so a lost
+    one is charged unknown, never under-charged.
     """
     now = now or utcnow()
     amount = render.n * render.price_per_image_cents
@@ -262,6 +267,7 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     number = render.attempts + 1
     attempt_id = session.connection().execute(INSERT_ATTEMPT, {
         "render_id": render.id, "number": number, "amount_cents": amount, "started_at": now,
+        "sent_at": now if sent else None,
         "team": team, "team_budget_id": team_budget_id,
         "price_per_image_cents": render.price_per_image_cents,
     }).scalar_one()

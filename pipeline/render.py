@@ -208,7 +208,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
     if reason is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),
-                                     team_period=render.team_period)
+                                     team_period=render.team_period, sent=False)
         if reservation is None:
             job = db.execute(JOB_STATE, {"job": render.job_id}).one()
             reason = _no_reservation_reason(render, job)

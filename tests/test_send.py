@@ -160,12 +160,11 @@ def test_a_task_for_a_paused_job_reserves_nothing_and_waits_in_sql(svc, fake, st
     assert_books_balance(svc, job_id)
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_hold_refused_because_the_job_was_paused_meanwhile_waits_in_sql(svc, fake):
-    """PostgreSQL: the job is paused after begin_attempt read it running, while its hold
-    waits for the job's row; the hold finds the job paused, and the render waits in SQL
-    instead of failing."""
-    if svc.engine.dialect.name != "postgresql":
-        pytest.skip("needs a row lock another session can hold (PostgreSQL)")
+    """PostgreSQL (a row lock another session can hold): the job is paused after
+    begin_attempt read it running, while its hold waits for the job's row; the hold finds
+    the job paused, and the render waits in SQL instead of failing."""
     job_id = submit(svc, [FLUX])
     (render_id,) = dispatch_pending(svc)
     other = sa.create_engine(svc.settings.database_url, poolclass=NullPool)
