@@ -356,7 +356,7 @@ def big_job(shape: Shape, rundir: Path, jobfile: Path, n: int) -> dict[str, Any]
             with suppress(BigError):
                 wait_for(lambda: "done" in plan, PLAN_WAIT, "planning", up.workers, watch_plan)
         if "done" in plan:  # every render queued in SQL: the steady state of a big job
-            f |= after_plan_window(up, plan["done"])
+            f |= after_plan_window(shape, rundir, up, plan["done"])
             shape.say(f"after planning: {f['after_plan_renders_per_s']:.1f}/s")
         upstream = harness.fake_stats(up.origin)
         rss = [peak_rss_bytes(w.pid) or 0 for w in up.workers]
@@ -389,18 +389,28 @@ def big_job(shape: Shape, rundir: Path, jobfile: Path, n: int) -> dict[str, Any]
     return f
 
 
-def after_plan_window(up: Up, planned: float) -> dict[str, Any]:
+def after_plan_window(shape: Shape, rundir: Path, up: Up, planned: float) -> dict[str, Any]:
     """renders/s, CPU and SQL growth per render over AFTER_PLAN seconds once planned."""
     wait_for(lambda: time.monotonic() >= planned + 2.0, 5.0, "the plan's end", up.workers)
     cpu = CpuWindow({w.name: w.pid for w in up.workers})
+    others = CpuWindow(up.servers)
+    spec = shape.spec
+    stamp = f"{shape.stamp}-planned"
+    spies = (harness.attach_profilers(shape.procs, up.workers, rundir, up.env, stamp, spec)
+             if spec.profile else [])
     t1, c1, b1 = time.monotonic(), settled(up.db), up.db.sql_bytes()
     cpu.begin()
+    others.begin()
     wait_for(lambda: time.monotonic() >= t1 + AFTER_PLAN, AFTER_PLAN + 5, "the window",
              up.workers)
     t2, c2, b2 = time.monotonic(), settled(up.db), up.db.sql_bytes()
     known_cpu = [c for c in cpu.end().values() if c is not None]
+    other_cpu = others.end()
+    profile = harness.finish_profilers(shape.procs, spies, rundir, stamp, spec)
     done = c2 - c1
-    return {"after_plan_renders_per_s": done / (t2 - t1), "after_plan_renders": done,
+    return {**{f"after_plan_{k}": v for k, v in profile.items()},
+            "after_plan_other_cpu_s": other_cpu,
+            "after_plan_renders_per_s": done / (t2 - t1), "after_plan_renders": done,
             "after_plan_cpu_ms_per_render": (1000 * sum(known_cpu) / done
                                              if done and known_cpu else None),
             "after_plan_sql_bytes_per_render": (b2 - b1) / done if done else None}
