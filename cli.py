@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -28,15 +31,21 @@ from pipeline.db import (
     upgrade_schema,
 )
 from pipeline.jobs import (
+    RETRY_CHOICES,
     JobNotFound,
-    cancel_job,
+    begin_cancel,
+    finish_cancel,
     item_errors,
-    job_is_finished,
+    job_state,
     job_summary,
     list_jobs,
+    pause_job,
+    renders_running,
+    resume_job,
     retry_job,
+    unfinished_job_of,
 )
-from pipeline.plan import Plan, parse_dollars
+from pipeline.plan import parse_dollars
 from pipeline.settings import Settings, SettingsError
 from pipeline.submission import (
     JobFileError,
@@ -359,89 +368,177 @@ def submit(file: str, team: str, budget: str | None, budget_cents: int | None,
 @job_options
 @click.option("--concurrency", type=click.IntRange(min=1),
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
+@click.option("--new", is_flag=True,
+              help="Start a new job even if this file's earlier job is unfinished.")
 def run(file: str, team: str, budget: str | None, budget_cents: int | None, name: str | None,
-        allow_invalid: bool, as_json: bool, concurrency: int | None) -> None:
+        allow_invalid: bool, as_json: bool, concurrency: int | None, new: bool) -> None:
     """Submit FILE and render it in this process until the job ends, with progress.
 
-    Exit code 0 when every item succeeded, 1 when the job ended partial, failed or
-    cancelled, 2 for usage errors and invalid input. Ctrl-C cancels the job (in-flight
-    renders finish and are settled); a second Ctrl-C leaves at once."""
+    Ctrl-C pauses the job: nothing new is sent, in-flight renders finish and are settled,
+    and `imagebatch resume JOB` continues it later. A second Ctrl-C leaves at once (exit
+    130; renders in flight are taken back by the sweeper once their leases run out).
+
+    A file whose earlier job is unfinished (paused, or its process killed) is refused with
+    the command that continues it; --new starts another job anyway.
+
+    Exit code 0 when every item succeeded, 1 when the job ended partial, failed or cancelled
+    or was paused, 2 for usage errors, invalid input and an unfinished earlier job."""
     settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
     cap = cap_from_options(budget, budget_cents)
-    summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json)
+    summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json,
+                           new=new)
     if as_json:
         print_json(summary)
     exit_for(summary["status"])
 
 
 def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
-                 allow_invalid: bool, *, quiet: bool) -> dict[str, Any]:
-    from workers.app import create_app
-    from workers.embedded import InProcessWorker, Ticker
-    from workers.tasks import shutdown_services
-
+                 allow_invalid: bool, *, quiet: bool, new: bool = True) -> dict[str, Any]:
+    """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished."""
     with database(settings) as sessions:
-        app = create_app(settings, broker_url="memory://localhost//")
-        worker = InProcessWorker(app, settings.render_slots)
+        if not new:
+            refuse_unfinished(sessions, file)
         # Celery's worker takes about a quarter of a second to start: while the file is
-        # submitted, not between the job's commit and its first call. The ticker starts
-        # after the submission, as its first tick plans the job at once.
-        worker.start()
-        try:
-            job_id, planned = submit_job(settings, sessions, file, team, cap, name,
-                                         allow_invalid)
-            ticker = Ticker(app, interval=1.0)
-            ticker.start()
-            try:
-                summary = follow_job(sessions, job_id, planned, quiet=quiet)
-            finally:
-                ticker.stop()
-        finally:
-            worker.stop()
-            shutdown_services()
+        # submitted, not between the job's commit and its first call.
+        with worker_here(settings) as app:
+            job_id, _ = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
+            summary = render_here(app, sessions, job_id, quiet=quiet)
         if not quiet:
             print_outcome(settings, sessions, summary)
     return summary
 
 
-def follow_job(sessions: Any, job_id: int, planned: Plan, *, quiet: bool) -> dict[str, Any]:
-    progress = JobProgress(err, job_id, planned, quiet=quiet)
-    cancelled = False
-    with progress:
+def refuse_unfinished(sessions: Any, file: str) -> None:
+    """Exit 2 naming `resume` when FILE (same sha256) was submitted as a job that has not
+    ended. Standard input is never matched."""
+    from pipeline.submission import file_digest
+
+    if file == "-":
+        return
+    readable(file)
+    digest = file_digest(file)
+    with sessions() as session:
+        job = unfinished_job_of(session, digest)
+        if job is None:
+            return
+        s = job_summary(session, job.id)
+    done = s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
+    raise UserError(
+        f"{Path(file).name} was submitted as job {job.id}, which is {s['status']} "
+        f"({done:,}/{s['items_total']:,} items done): continue it with "
+        f"`imagebatch resume {job.id}`, or pass --new to start another copy")
+
+
+@contextmanager
+def worker_here(settings: Settings):  # type: ignore[no-untyped-def]
+    """A Celery worker in this process on an in-memory broker, stopped on the way out."""
+    from workers.app import create_app
+    from workers.embedded import InProcessWorker
+    from workers.tasks import shutdown_services
+
+    app = create_app(settings, broker_url="memory://localhost//")
+    worker = InProcessWorker(app, settings.render_slots)
+    worker.start()
+    try:
+        yield app
+    finally:
+        worker.stop()
+        shutdown_services()
+
+
+def render_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[str, Any]:
+    """Plan, send and sweep here (the ticker's first tick plans the job at once) and follow
+    the job until it ends or pauses; a paused job names the command that continues it."""
+    from workers.embedded import Feeder, Ticker
+
+    ticker, feeder = Ticker(app, interval=1.0), Feeder(app)
+    ticker.start()
+    feeder.start()
+    try:
+        summary = follow_job(sessions, job_id, quiet=quiet)
+    finally:
+        feeder.stop()
+        ticker.stop()
+    if summary["status"] == "paused":
+        err.print(f"job {job_id} is paused: continue it with `imagebatch resume {job_id}`",
+                  highlight=False, markup=False)
+    return summary
+
+
+class CtrlC:
+    """SIGINT while a job renders here: the first press is noted (the loop pauses the job,
+    outside any transaction), the second leaves the process at once."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self.pressed = threading.Event()
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.pressed.is_set():
+            self.pressed.set()
+            return
+        # Written straight to the descriptors: the interrupted code may hold a console lock.
+        os.write(2, (f"\nleaving now: job {self.job_id} is not finished; renders in flight "
+                     "are taken back by the sweeper once their leases run out; continue it "
+                     f"with `imagebatch resume {self.job_id}`\n").encode())
+        os._exit(130)
+
+
+def follow_job(sessions: Any, job_id: int, *, quiet: bool) -> dict[str, Any]:
+    """Show progress until the job ends, or is paused (by Ctrl-C here or `imagebatch pause`
+    anywhere) and none of its renders is in flight any more."""
+    progress = JobProgress(err, job_id, quiet=quiet)
+    asked = False
+    with progress, CtrlC(job_id) as ctrl_c:
         while True:
-            try:
-                # The whole summary counts every item: on a big job that is milliseconds, so
-                # it is read only as often as the display needs it; whether the job is done
-                # is one row.
-                with sessions() as session:
-                    finished = job_is_finished(session, job_id)
-                    if finished or progress.due():
-                        summary = job_summary(session, job_id)
-                        progress.update(summary)
-                if finished:
-                    return summary
-                time.sleep(0.25)
-            except KeyboardInterrupt:
-                if cancelled:
-                    raise
-                cancelled = True
-                err.print(f"cancelling job {job_id}: nothing new is sent, in-flight renders "
-                          "finish (Ctrl-C again to leave now)")
+            if ctrl_c.pressed.is_set() and not asked:
+                asked = True
                 with transaction(sessions) as session:
-                    cancel_job(session, job_id)
+                    paused = pause_job(session, job_id)
+                if paused:
+                    err.print(f"pausing job {job_id}: nothing new is sent, renders in flight "
+                              "finish and are settled (Ctrl-C again to leave now)")
+            # The whole summary is a row; whether the job is done is its status, and for a
+            # paused job whether any render is still running (read from an index).
+            with sessions() as session:
+                state = job_state(session, job_id)
+                finished = state.finished_at is not None
+                drained = (not finished and state.status == "paused"
+                           and renders_running(session, job_id) == 0)
+                if finished or drained or progress.due():
+                    summary = job_summary(session, job_id)
+                    progress.update(summary)
+            if finished or drained:
+                return summary
+            ctrl_c.pressed.wait(0.25) if not asked else time.sleep(0.25)
 
 
 def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) -> None:
     job_id = summary["id"]
-    colour = {"succeeded": "green", "partial": "yellow"}.get(summary["status"], "red")
+    colour = {"succeeded": "green", "partial": "yellow", "paused": "yellow"}.get(
+        summary["status"], "red")
+    done = summary["items_succeeded"] + summary["items_failed"] + summary["items_cancelled"]
     out.print(
         f"job {job_id} [bold {colour}]{summary['status']}[/]: "
-        f"{summary['items_succeeded']}/{summary['items_total']} items, "
-        f"{summary['images']} files, spent {money(summary['spent_cents'])} of "
+        f"{summary['items_succeeded']}/{summary['items_total']} items"
+        + (f" ({done} done)" if summary["status"] == "paused" else "")
+        + f", {summary['images']} files, spent {money(summary['spent_cents'])} of "
         f"{money(summary['budget_cents'])}"
         + (f" ({money(summary['unknown_cents'])} unknown)" if summary["unknown_cents"] else "")
     )
     out.print(f"files: {settings.storage_url.rstrip('/')}/job-{job_id:06d}/", highlight=False)
+    if summary["status"] == "paused":
+        out.print(f"continue it with: imagebatch resume {job_id}", highlight=False)
     with sessions() as session:
         errors = item_errors(session, job_id, limit=10)
     for e in errors:
@@ -456,7 +553,7 @@ class JobProgress:
 
     PLAIN_EVERY = 5.0
 
-    def __init__(self, console: Console, job_id: int, planned: Plan, *, quiet: bool) -> None:
+    def __init__(self, console: Console, job_id: int, *, quiet: bool) -> None:
         self.console, self.job_id, self.quiet = console, job_id, quiet
         self.live = console.is_terminal and not quiet
         self._last_plain = 0.0
@@ -562,22 +659,51 @@ def _print_summary(s: dict[str, Any]) -> None:
 @main.command()
 @click.argument("job", type=int)
 def cancel(job: int) -> None:
-    """Cancel JOB: nothing new is sent; in-flight renders finish and are settled."""
+    """Cancel JOB: nothing new is sent; in-flight renders finish and are settled.
+
+    The job is cancelled first (renders check it before they call), then its queued renders
+    and pending items, in chunks: on a job of any size nothing new is called within a
+    second. Interrupted, run it again. `imagebatch resume JOB` renders the cancelled items
+    after all."""
     settings = load_settings()
-    with database(settings) as sessions, transaction(sessions) as session:
-        changed = cancel_job(session, job)
-        state = job_summary(session, job)["status"]
-    out.print(f"job {job} cancelled" if changed else f"job {job} had already ended ({state})")
+    with database(settings) as sessions:
+        with transaction(sessions) as session:
+            changed = begin_cancel(session, job)
+        if not changed:
+            with sessions() as session:
+                state = job_summary(session, job)["status"]
+            out.print(f"job {job} had already ended ({state})")
+            return
+        finish_cancel(lambda: transaction(sessions), job)
+        with sessions() as session:
+            in_flight = renders_running(session, job)
+    out.print(f"job {job} cancelled" + (
+        f": {in_flight} render(s) in flight finish and are settled" if in_flight else ""))
+
+
+def parse_only(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    wrong = [v for v in chosen if v not in RETRY_CHOICES]
+    if wrong or not chosen:
+        raise click.BadParameter(f"{', '.join(wrong) or 'nothing'} is not among "
+                                 f"{', '.join(RETRY_CHOICES)}")
+    return chosen
 
 
 @main.command()
 @click.argument("job", type=int)
+@click.option("--only", default="failed", show_default=True, callback=parse_only,
+              help="Which items go again, comma-separated: failed (every failed item), "
+                   "cancelled, budget (failed for budget), unknown (a last attempt whose "
+                   "outcome is unknown).")
 @click.option("--budget", help="Raise (or set) the job's cap in dollars first.")
 @click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
-def retry(job: int, budget: str | None, budget_cents: int | None) -> None:
-    """Render JOB's failed items again (each attempt reserves anew), on the running workers.
+def retry(job: int, only: tuple[str, ...], budget: str | None, budget_cents: int | None
+          ) -> None:
+    """Render JOB's failed items again (each attempt reserves anew), once the job has ended.
 
-    Use `imagebatch run`'s in-process worker or an `imagebatch worker` to do the work."""
+    `imagebatch resume JOB` then renders them in this process; or `imagebatch worker`
+    processes do."""
     from workers.app import create_app
     from workers.tasks import nudge_dispatcher
 
@@ -586,9 +712,107 @@ def retry(job: int, budget: str | None, budget_cents: int | None) -> None:
                                                                                 budget_cents)
     with database(settings) as sessions:
         with transaction(sessions) as session:
-            count = retry_job(session, job, cap)
+            count = retry_job(session, job, cap, only)
         nudge_dispatcher(create_app(settings))
-    out.print(f"job {job}: {count} failed item(s) queued again")
+    out.print(f"job {job}: {count} {' or '.join(only)} item(s) queued again; render them "
+              f"here with `imagebatch resume {job}` or on `imagebatch worker` processes")
+
+
+@main.command()
+@click.argument("job", type=int)
+def pause(job: int) -> None:
+    """Pause JOB: nothing new is sent, renders in flight finish and are settled, the rest
+    waits queued. `imagebatch resume JOB` continues it in this process, `imagebatch resume
+    JOB --detach` on `imagebatch worker` processes."""
+    settings = load_settings()
+    with database(settings) as sessions:
+        with transaction(sessions) as session:
+            changed = pause_job(session, job)
+        with sessions() as session:
+            state = job_state(session, job).status
+    if changed:
+        out.print(f"job {job} paused: renders in flight finish; continue it with "
+                  f"`imagebatch resume {job}` (here) or `imagebatch resume {job} --detach` "
+                  "(on the workers)", highlight=False)
+    elif state == "paused":
+        out.print(f"job {job} is paused already", highlight=False)
+    else:
+        out.print(f"job {job} is {state}: nothing to pause", highlight=False)
+
+
+@main.command()
+@click.argument("job", type=int)
+@click.option("--budget", help="Raise (or set) the job's cap in dollars first.")
+@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
+@click.option("--detach", is_flag=True,
+              help="Set the job running and return: `imagebatch worker` processes continue it.")
+@click.option("--concurrency", type=click.IntRange(min=1),
+              help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def resume(job: int, budget: str | None, budget_cents: int | None, detach: bool,
+           concurrency: int | None, as_json: bool) -> None:
+    """Continue JOB in this process, as `run` does: a paused job, one whose `run` was killed,
+    or a cancelled one (its cancelled items are rendered after all).
+
+    Items that ended are never rendered again. A render another process may still be
+    calling keeps its lease; the sweeper here takes it back once the lease runs out
+    (IMAGEBATCH_LEASE_SECONDS). Ctrl-C pauses again, as in `run`.
+
+    Exit codes as `run`: 0 when every item succeeded (also when it had already: nothing to
+    resume), 1 when the job ended otherwise or was paused, 2 for usage errors."""
+    settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
+    cap = None if budget is None and budget_cents is None else cap_from_options(budget,
+                                                                                budget_cents)
+    with database(settings) as sessions:
+        if detach:
+            resumed = resume_job(sessions, job, budget_cents=cap, in_process=False)
+            if resumed.resumed:
+                from workers.app import create_app
+                from workers.tasks import nudge_dispatcher
+
+                nudge_dispatcher(create_app(settings))
+            summary = _job_summary(sessions, job)
+            if not resumed.resumed:
+                _nothing_to_resume(summary, as_json)
+            if as_json:
+                print_json(summary)
+            else:
+                out.print(f"job {job} is {summary['status']} again: `imagebatch worker` "
+                          f"processes continue it (follow it with `imagebatch status {job}`)",
+                          highlight=False)
+            return
+        with worker_here(settings) as app:
+            resumed = resume_job(sessions, job, budget_cents=cap, in_process=True)
+            if resumed.resumed:
+                if not as_json:
+                    err.print(f"resuming job {job} ({resumed.before})", highlight=False)
+                summary = render_here(app, sessions, job, quiet=as_json)
+        if not resumed.resumed:
+            _nothing_to_resume(_job_summary(sessions, job), as_json)
+        if not as_json:
+            print_outcome(settings, sessions, summary)
+    if as_json:
+        print_json(summary)
+    exit_for(summary["status"])
+
+
+def _job_summary(sessions: Any, job: int) -> dict[str, Any]:
+    with sessions() as session:
+        return job_summary(session, job)
+
+
+def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
+    job, status = summary["id"], summary["status"]
+    hint = "" if status == FINAL_OK else (
+        f"; `imagebatch retry {job} --only failed,budget,unknown` renders failed items again")
+    err.print(f"job {job} {status}: nothing to resume{hint}", highlight=False, markup=False)
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(f"job {job} {status}: {summary['items_succeeded']}/{summary['items_total']} "
+                  f"items, {summary['images']} files, spent {money(summary['spent_cents'])} "
+                  f"of {money(summary['budget_cents'])}", highlight=False)
+    exit_for(status)
 
 
 @main.command()

@@ -687,6 +687,8 @@ def retry_job(session: Session, job_id: int, budget_cents: int | None = None,
     items = sorted(set(db.execute(
         select(_items.c.id).where(_items.c.job_id == job_id,
                                   or_(*(_RETRY_ITEMS[c] for c in chosen)))).scalars()))
+    if not items:  # nothing goes again: the job stays as it ended
+        return 0
     now = utcnow()
     for start in range(0, len(items), 1000):
         batch = {"items": items[start:start + 1000], "now": now}

@@ -210,3 +210,120 @@ def test_team_budget_report_and_schedule_commands(env, tmp_path, fake):
                       "--budget", "1").returncode == 2
     assert imagebatch(env, "schedule", "remove", "nightly").returncode == 0
     assert imagebatch(env, "schedule", "remove", "nightly").returncode == 2
+
+
+# --- pause, resume, run of an unfinished file ----------------------------------------------
+
+
+def otters(count: int, latency: float) -> list[dict[str, object]]:
+    return [{**FLUX, "prompt": f"otter {i}", "fake": {"latency": latency}} for i in range(count)]
+
+
+def wait_for(check, timeout: float = 30.0, what: str = "it") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_pauses_run_and_resume_finishes_it(env, tmp_path, fake):
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "4"}
+    jobs = write(tmp_path, *otters(20, latency=0.8))
+    run = subprocess.Popen([sys.executable, "-m", "cli", "run", jobs, "--budget", "1", "--json"],
+                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    wait_for(lambda: fake.stats()["in_flight"] > 0, what="a first call")
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1, stderr
+    paused = json.loads(stdout)
+    job_id = paused["id"]
+    assert paused["status"] == "paused" and paused["reserved_cents"] == 0
+    # Every call that was made finished, was stored and charged; nothing else was sent.
+    assert 0 < paused["items_succeeded"] == fake.stats()["calls"] < 20
+    assert paused["spent_cents"] == 3 * paused["items_succeeded"]
+    assert f"imagebatch resume {job_id}" in stderr
+    status = json.loads(imagebatch(env, "status", str(job_id), "--json").stdout)
+    assert status["status"] == "paused"
+
+    again = imagebatch(env, "run", jobs, "--budget", "1")
+    assert again.returncode == 2
+    assert f"submitted as job {job_id}, which is paused" in again.stderr
+    assert f"imagebatch resume {job_id}" in again.stderr and "--new" in again.stderr
+    assert len(json.loads(imagebatch(env, "status", "--json").stdout)["jobs"]) == 1
+
+    resumed = imagebatch(env, "resume", str(job_id), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    job = json.loads(resumed.stdout)
+    assert (job["id"], job["status"], job["items_succeeded"], job["images"]) == (
+        job_id, "succeeded", 20, 20)
+    prompts = [r["body"]["prompt"] for r in fake.requests()]
+    assert sorted(prompts) == sorted(f"otter {i}" for i in range(20))  # none twice
+    assert job["spent_cents"] == 60 == fake.stats()["billed_cents"]
+
+    nothing = imagebatch(env, "resume", str(job_id))
+    assert nothing.returncode == 0 and "nothing to resume" in nothing.stderr
+    assert fake.stats()["calls"] == 20
+
+
+def test_run_of_a_file_whose_job_is_unfinished_needs_new(env, tmp_path, fake):
+    jobs = write(tmp_path, *otters(3, latency=0.01))
+    submitted = json.loads(imagebatch(env, "submit", jobs, "--budget", "1", "--json").stdout)
+    refused = imagebatch(env, "run", jobs, "--budget", "1", "--json")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert (f"jobs.jsonl was submitted as job {submitted['id']}, which is pending (0/3 items "
+            f"done): continue it with `imagebatch resume {submitted['id']}`") in refused.stderr
+    assert fake.stats()["calls"] == 0
+    fresh = imagebatch(env, "run", jobs, "--budget", "1", "--new", "--json")
+    assert fresh.returncode == 0, fresh.stderr
+    job = json.loads(fresh.stdout)
+    assert job["id"] != submitted["id"] and (job["status"], job["images"]) == ("succeeded", 3)
+    piped = imagebatch(env, "run", "-", "--budget", "1", "--json", stdin=Path(jobs).read_text())
+    assert piped.returncode == 0, piped.stderr  # standard input is never matched
+    assert json.loads(piped.stdout)["id"] not in (job["id"], submitted["id"])
+
+
+def test_pause_and_resume_detach_on_a_worker(env, tmp_path, fake):
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "2"}
+    submitted = imagebatch(env, "submit", write(tmp_path, *otters(12, latency=0.4)), "--budget",
+                           "1", "--json")
+    job_id = json.loads(submitted.stdout)["id"]
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def status() -> dict[str, object]:
+        return json.loads(imagebatch(env, "status", str(job_id), "--json").stdout)
+
+    try:
+        wait_for(lambda: fake.stats()["calls"] > 0, what="a first call")
+        paused = imagebatch(env, "pause", str(job_id))
+        assert paused.returncode == 0 and f"imagebatch resume {job_id}" in paused.stdout
+        wait_for(lambda: fake.stats()["in_flight"] == 0, what="the calls in flight ending")
+        calls = fake.stats()["calls"]
+        time.sleep(1.5)  # the worker keeps its queue: nothing new is sent
+        assert fake.stats()["calls"] == calls < 12
+        assert status()["status"] == "paused"
+        assert imagebatch(env, "pause", str(job_id)).stdout.strip().endswith("paused already")
+        detached = imagebatch(env, "resume", str(job_id), "--detach")
+        assert detached.returncode == 0 and "running again" in detached.stdout
+        wait_for(lambda: status()["status"] == "succeeded", timeout=60, what="the job ending")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    prompts = [r["body"]["prompt"] for r in fake.requests()]
+    assert sorted(prompts) == sorted(f"otter {i}" for i in range(12))
+    assert status()["spent_cents"] == 36 == fake.stats()["billed_cents"]
+
+
+def test_cancel_then_resume_and_retry_only(env, tmp_path, fake):
+    jobs = write(tmp_path, FLUX, {**FLUX, "prompt": "refused", "fake": {"status": 400}})
+    job = json.loads(imagebatch(env, "run", jobs, "--budget", "1", "--json").stdout)
+    assert job["status"] == "partial"
+    resumed = imagebatch(env, "resume", str(job["id"]))
+    assert resumed.returncode == 1 and "retry" in resumed.stderr
+    wrong = imagebatch(env, "retry", str(job["id"]), "--only", "failed,everything")
+    assert wrong.returncode == 2 and "everything" in wrong.stderr
+    only = imagebatch(env, "retry", str(job["id"]), "--only", "cancelled,budget")
+    assert only.returncode == 0 and ": 0 cancelled or budget item(s)" in only.stdout
+    assert imagebatch(env, "pause", "999").returncode == 2
+    assert imagebatch(env, "resume", "999").returncode == 2
