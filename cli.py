@@ -527,12 +527,10 @@ def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) ->
     job_id = summary["id"]
     colour = {"succeeded": "green", "partial": "yellow", "paused": "yellow"}.get(
         summary["status"], "red")
-    done = summary["items_succeeded"] + summary["items_failed"] + summary["items_cancelled"]
     out.print(
         f"job {job_id} [bold {colour}]{summary['status']}[/]: "
-        f"{summary['items_succeeded']}/{summary['items_total']} items"
-        + (f" ({done} done)" if summary["status"] == "paused" else "")
-        + f", {summary['images']} files, spent {money(summary['spent_cents'])} of "
+        f"{summary['items_succeeded']}/{summary['items_total']} items, "
+        f"{summary['images']} files, spent {money(summary['spent_cents'])} of "
         f"{money(summary['budget_cents'])}"
         + (f" ({money(summary['unknown_cents'])} unknown)" if summary["unknown_cents"] else "")
     )

@@ -271,7 +271,7 @@ def test_run_of_a_file_whose_job_is_unfinished_needs_new(env, tmp_path, fake):
     submitted = json.loads(imagebatch(env, "submit", jobs, "--budget", "1", "--json").stdout)
     refused = imagebatch(env, "run", jobs, "--budget", "1", "--json")
     assert refused.returncode == 2 and refused.stdout == ""
-    assert (f"jobs.jsonl was submitted as job {submitted['id']}, which is pending (0/3 items "
+    assert (f"jobs.jsonl was submitted as job {submitted['id']}, which is running (0/3 items "
             f"done): continue it with `imagebatch resume {submitted['id']}`") in refused.stderr
     assert fake.stats()["calls"] == 0
     fresh = imagebatch(env, "run", jobs, "--budget", "1", "--new", "--json")
@@ -327,3 +327,26 @@ def test_cancel_then_resume_and_retry_only(env, tmp_path, fake):
     assert only.returncode == 0 and ": 0 cancelled or budget item(s)" in only.stdout
     assert imagebatch(env, "pause", "999").returncode == 2
     assert imagebatch(env, "resume", "999").returncode == 2
+
+
+def test_a_second_ctrl_c_leaves_at_once_and_resume_takes_the_calls_back(env, tmp_path, fake):
+    """Killed with calls in flight: their leases run out, the sweeper of `resume` charges them
+    unknown (the provider may have billed them) and renders them again."""
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "4", "IMAGEBATCH_LEASE_SECONDS": "2"}
+    jobs = write(tmp_path, *otters(12, latency=1.0))
+    run = subprocess.Popen([sys.executable, "-m", "cli", "run", jobs, "--budget", "1"],
+                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    wait_for(lambda: fake.stats()["in_flight"] > 0, what="a first call")
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=5)
+    assert run.returncode == 130 and "leaving now" in stderr
+    job_id = json.loads(imagebatch(env, "status", "--json").stdout)["jobs"][0]["id"]
+    assert f"imagebatch resume {job_id}" in stderr
+    resumed = imagebatch(env, "resume", str(job_id), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    job = json.loads(resumed.stdout)
+    assert (job["status"], job["items_succeeded"], job["images"]) == ("succeeded", 12, 12)
+    assert job["reserved_cents"] == 0 and job["spent_cents"] == 36 + job["unknown_cents"]

@@ -176,7 +176,7 @@ def test_retry_only_chooses_which_items_go_again(one_attempt, fake):
 
 def test_retry_only_cancelled_renders_the_cancelled_items(svc, fake):
     job_id = submit(svc, lines(3))
-    first, *rest = dispatch_pending(svc)
+    first, *_ = dispatch_pending(svc)
     assert run_render(svc, first) == "finished"
     assert cancel_in_chunks(svc.sessions, job_id)
     with transaction(svc.sessions) as session:
