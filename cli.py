@@ -1072,14 +1072,18 @@ def schedule_run(name: str) -> None:
 def worker(concurrency: int | None, sweep: bool) -> None:
     """Render queued jobs until stopped (Ctrl-C or SIGTERM finishes what it started)."""
     from workers.app import create_app
-    from workers.embedded import Ticker
+    from workers.embedded import Feeder, Ticker
+    from workers.tasks import announce_worker
 
     settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
     with database(settings):
         pass  # refuses to start on a schema that is behind
     app = create_app(settings)
-    ticker = Ticker(app, interval=settings.sweep_interval) if sweep else None
-    if ticker:
+    announce_worker(app, settings.render_slots)
+    # The ticker plans and sweeps every sweep_interval; the feeder keeps the broker's
+    # window full as renders start.
+    tickers = [Ticker(app, interval=settings.sweep_interval), Feeder(app)] if sweep else []
+    for ticker in tickers:
         ticker.start()
     err.print(f"worker: {settings.concurrency} calls in flight ({settings.render_slots} "
               f"renders), broker "
@@ -1087,7 +1091,7 @@ def worker(concurrency: int | None, sweep: bool) -> None:
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     app.Worker(pool="threads", concurrency=settings.render_slots, loglevel=level,
                without_mingle=True, without_gossip=True, optimization="fair").start()
-    if ticker:
+    for ticker in tickers:
         ticker.stop()
 
 
@@ -1097,20 +1101,22 @@ def worker(concurrency: int | None, sweep: bool) -> None:
 def beat(interval: float) -> None:
     """Pick up jobs inserted with SQL, fire schedules, and sweep stuck renders, until stopped."""
     from workers.app import create_app
-    from workers.embedded import Ticker
+    from workers.embedded import Feeder, Ticker
 
     settings = load_settings()
     with database(settings):
         pass
     app = create_app(settings)
-    ticker = Ticker(app, interval=interval)
+    tickers = [Ticker(app, interval=interval), Feeder(app)]
     err.print(f"beat: every {interval:g}s")
-    ticker.start()
+    for ticker in tickers:
+        ticker.start()
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        ticker.stop()
+        for ticker in tickers:
+            ticker.stop()
 
 
 @main.command()

@@ -38,7 +38,7 @@ from pipeline.models import (
     RenderStatus,
     utcnow,
 )
-from pipeline.plan import JobLine, LineError, line_from_object, plan_lines
+from pipeline.plan import JobLine, LineError, PlannedItem, line_from_object, plan_lines
 
 OPEN_RENDER = (RenderStatus.QUEUED, RenderStatus.RUNNING)
 
@@ -156,18 +156,12 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
     now = utcnow()
     changes = [{"item": ids[e.line], "new_status": ItemStatus.FAILED.value, "model": None,
                 "reason": e.reason} for e in plan.errors]
-    renders = []
+    renders: list[tuple[Any, ...]] = []
     for planned in plan.items:
         item_id = ids[planned.line.line]
         changes.append({"item": item_id, "new_status": ItemStatus.RUNNING.value,
                         "model": planned.line.model, "reason": None})
-        renders.extend(
-            {"job_id": job_id, "item_id": item_id, "render_index": spec.index,
-             "model": planned.line.model, "n": spec.n, "seed": spec.seed,
-             "price_per_image_cents": planned.price_per_image_cents,
-             "status": RenderStatus.QUEUED.value, "enqueued_at": None}
-            for spec in planned.renders
-        )
+        renders.extend(render_rows(job_id, item_id, planned))
     _write_plan(db, changes, renders)
     more = len(rows) == chunk
     open_renders = db.execute(JOB_PLANNED, {
@@ -196,19 +190,32 @@ SQLITE_INSERT_RENDERS = (f"INSERT INTO renders ({', '.join(RENDER_COLUMNS)}) "
                          f"VALUES ({', '.join('?' * len(RENDER_COLUMNS))})")
 
 
-def _write_plan(db: Any, changes: list[dict[str, Any]], renders: list[dict[str, Any]]) -> None:
-    if db.dialect.name == "sqlite":
-        if changes:
-            db.exec_driver_sql(SQLITE_ITEM_PLANNED, [
-                (c["new_status"], c["model"], c["reason"], c["item"]) for c in changes])
-        if renders:
-            db.exec_driver_sql(SQLITE_INSERT_RENDERS, [
-                tuple(r[column] for column in RENDER_COLUMNS) for r in renders])
+def render_rows(job_id: int, item_id: int, planned: PlannedItem) -> list[tuple[Any, ...]]:
+    """The item's renders as rows (RENDER_COLUMNS), queued and waiting in SQL."""
+    return [(job_id, item_id, spec.index, planned.line.model, spec.n, spec.seed,
+             planned.price_per_image_cents, RenderStatus.QUEUED.value, None)
+            for spec in planned.renders]
+
+
+def insert_renders(db: Any, rows: list[tuple[Any, ...]]) -> None:
+    """Renders in bulk (SQLite: the driver's own executemany)."""
+    if not rows:
         return
-    if changes:
+    if db.dialect.name == "sqlite":
+        db.exec_driver_sql(SQLITE_INSERT_RENDERS, rows)
+    else:
+        db.execute(INSERT_RENDERS, [dict(zip(RENDER_COLUMNS, row, strict=True))
+                                    for row in rows])
+
+
+def _write_plan(db: Any, changes: list[dict[str, Any]], renders: list[tuple[Any, ...]]
+                ) -> None:
+    if changes and db.dialect.name == "sqlite":
+        db.exec_driver_sql(SQLITE_ITEM_PLANNED, [
+            (c["new_status"], c["model"], c["reason"], c["item"]) for c in changes])
+    elif changes:
         db.execute(ITEM_PLANNED, changes)
-    if renders:
-        db.execute(INSERT_RENDERS, renders)
+    insert_renders(db, renders)
 
 
 def _fail_repeated_ids(session: Session, job_id: int) -> None:

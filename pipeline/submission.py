@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import delete, insert, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.caps import Caps
 from pipeline.db import transaction
-from pipeline.models import ItemStatus, Job, JobItem, JobStatus
+from pipeline.jobs import close_job_if_done, insert_renders, render_rows
+from pipeline.models import ItemStatus, Job, JobItem, JobStatus, utcnow
 from pipeline.plan import (
     JobLine,
     LineError,
@@ -40,7 +41,10 @@ ITEM_COLUMNS = ("job_id", "line", "custom_id", "body", "model", "metadata", "sta
 INSERT_ITEMS = insert(_items)
 SQLITE_INSERT_ITEMS = (f"INSERT INTO job_items ({', '.join(ITEM_COLUMNS)}) "
                        f"VALUES ({', '.join('?' * len(ITEM_COLUMNS))})")
-_PENDING, _FAILED = ItemStatus.PENDING.value, ItemStatus.FAILED.value
+_RUNNING, _FAILED = ItemStatus.RUNNING.value, ItemStatus.FAILED.value
+LINES_OF_CHUNK = (select(_items.c.line, _items.c.id)
+                  .where(_items.c.job_id == bindparam("job"),
+                         _items.c.line.between(bindparam("first"), bindparam("last"))))
 _body_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps builds one per call
 
 
@@ -179,16 +183,17 @@ def _require_lines(result: Submission, path: str) -> None:
 
 
 def item_row(entry: JobLine | LineError, outcome: PlannedItem | LineError) -> tuple[Any, ...]:
-    """A job_items row without its job_id (ITEM_COLUMNS[1:]). A valid line is pending with
-    its request body; an invalid one is failed with its reason, and keeps its body (or, when
-    it did not parse, its text) so `retry` can plan it again."""
+    """A job_items row without its job_id (ITEM_COLUMNS[1:]). A valid line is running (its
+    renders are written with it) with its request body; an invalid one is failed with its
+    reason, and keeps its body (or, when it did not parse, its text) so `retry` can plan it
+    again."""
     if isinstance(entry, LineError):
         return (entry.line, entry.custom_id, entry.raw, None, None, _FAILED, outcome.reason)
     meta = None if entry.metadata is None else json.dumps(entry.metadata)
     body = _body_json(entry.body)
     if isinstance(outcome, LineError):
         return (entry.line, entry.custom_id, body, entry.model, meta, _FAILED, outcome.reason)
-    return (entry.line, entry.custom_id, body, entry.model, meta, _PENDING, None)
+    return (entry.line, entry.custom_id, body, entry.model, meta, _RUNNING, None)
 
 
 def insert_items(session: Session, job_id: int, rows: list[tuple[Any, ...]]) -> None:
@@ -223,15 +228,28 @@ def _copy_items(driver_connection: Any, job_id: int, rows: list[tuple[Any, ...]]
 
 
 class _JobWriter:
-    """The job row, created with its first chunk of items (status submitting: nobody plans
-    it), then chunks of items, each its own transaction; `finish` makes it pending."""
+    """The job row, created with its first chunk (status submitting: nobody plans or sends
+    it), then chunks of items with their renders, each chunk its own transaction; `finish`
+    makes it running in one last one.
+
+    The file was planned line by line as it was read (`plan_stream`), so its renders are
+    written here, waiting in SQL for the broker's window: the dispatcher does not read a CLI
+    job's million items a second time (a planning pass that took the worker's CPU and
+    SQLite's write lock from the renders for a minute)."""
 
     def __init__(self, sessions: sessionmaker[Session], job: dict[str, Any]) -> None:
         self.sessions, self.job, self.job_id = sessions, job, None
         self.rows: list[tuple[Any, ...]] = []
+        self.planned: list[PlannedItem] = []
+        self.items = self.failed = self.renders = 0
 
-    def add(self, row: tuple[Any, ...]) -> None:
+    def add(self, row: tuple[Any, ...], outcome: PlannedItem | LineError) -> None:
         self.rows.append(row)
+        self.items += 1
+        if isinstance(outcome, PlannedItem):
+            self.planned.append(outcome)
+        else:
+            self.failed += 1
         if len(self.rows) >= CHUNK_ROWS:
             with transaction(self.sessions) as session:
                 self._write(session)
@@ -243,19 +261,30 @@ class _JobWriter:
             session.flush()
             self.job_id = job.id
         insert_items(session, self.job_id, self.rows)
-        self.rows = []
+        if self.planned:
+            db = session.connection()
+            ids = dict(db.execute(LINES_OF_CHUNK, {
+                "job": self.job_id, "first": self.planned[0].line.line,
+                "last": self.planned[-1].line.line}).all())
+            renders = [row for planned in self.planned
+                       for row in render_rows(self.job_id, ids[planned.line.line], planned)]
+            insert_renders(db, renders)
+            self.renders += len(renders)
+        self.rows, self.planned = [], []
         return self.job_id
 
     def finish(self, digest: str) -> int:
         with transaction(self.sessions) as session:
             job_id = self._write(session)
-            session.execute(update(Job).where(Job.id == job_id)
-                            .values(status=JobStatus.PENDING.value, source_digest=digest))
+            session.execute(update(Job).where(Job.id == job_id).values(
+                status=JobStatus.RUNNING.value, source_digest=digest, started_at=utcnow(),
+                open_renders=self.renders, items_total=self.items, items_failed=self.failed))
+            close_job_if_done(session, job_id, self.renders)  # every line invalid
         return job_id
 
     def discard(self) -> None:
         """Forget the rows not written and delete the job, if any (its items cascade)."""
-        self.rows = []
+        self.rows, self.planned = [], []
         if self.job_id is not None:
             with transaction(self.sessions) as session:
                 session.execute(delete(Job).where(Job.id == self.job_id))
@@ -267,8 +296,9 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
                 source: str = "cli") -> Submission:
     """Validate, price and write a job file as one pass over it, in bounded memory.
 
-    The job is written as `submitting` with its items in chunks, then made `pending` (the
-    dispatcher plans it) in one last transaction that also records the file's digest. With
+    The job is written as `submitting` with its items and their renders in chunks, then made
+    `running` (its renders wait in SQL for the broker's window) in one last transaction that
+    also records the file's digest. With
     an invalid line and not `allow_invalid`, writing stops there, the rest is still read to
     count and collect the errors, the job is deleted and job_id is None. With
     `allow_invalid`, invalid lines become failed items carrying their reason."""
@@ -287,7 +317,7 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
                     writing = False
                     writer.discard()
                     continue
-                writer.add(item_row(entry, outcome))
+                writer.add(item_row(entry, outcome), outcome)
         result.digest = digest.hexdigest()
         _require_lines(result, path)
         if writing:

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 import pipeline.submission as submission
 from pipeline.caps import Caps
 from pipeline.db import make_engine, session_factory
-from pipeline.models import Job, JobItem
+from pipeline.models import Job, JobItem, Render
 from pipeline.plan import JobLine, LineError, PlannedItem, plan_line
 from pipeline.submission import (
     JobFileError,
@@ -136,7 +136,10 @@ def submit(sessions, path: str, allow_invalid: bool = False):
                        allow_invalid=allow_invalid)
 
 
-def test_a_file_is_written_in_chunks_as_a_pending_job(sessions, tmp_path, small_chunks):
+def test_a_file_is_written_in_chunks_as_a_running_job_with_its_renders(sessions, tmp_path,
+                                                                      small_chunks):
+    """Planned as it is read: items and their renders (waiting in SQL for the broker's
+    window) in chunks, the job running once the last chunk is in, its counters set."""
     lines = [flux(i, metadata={"i": i}, n=5) for i in range(1, 31)]
     lines[3] = {"model": "gpt", "prompt": "caf\u00e9 \u2028", "custom_id": "g"}
     path = write(tmp_path, jsonl(*lines))
@@ -145,11 +148,19 @@ def test_a_file_is_written_in_chunks_as_a_pending_job(sessions, tmp_path, small_
     with sessions() as session:
         job = session.get_one(Job, result.job_id)
         items = session.scalars(select(JobItem).order_by(JobItem.line)).all()
+        renders = session.execute(select(Render.item_id, Render.render_index, Render.n,
+                                         Render.status, Render.enqueued_at)
+                                  .order_by(Render.id)).all()
     assert (job.status, job.team, job.budget_cents, job.name, job.source) == (
-        "pending", "data", 500, "jobs.jsonl", "cli")
+        "running", "data", 500, "jobs.jsonl", "cli")
+    assert (job.open_renders, job.items_total, job.plan_cursor) == (59, 30, None)
     assert job.source_digest == file_digest(path) == result.digest
     assert [i.line for i in items] == list(range(1, 31))
-    assert {i.status for i in items} == {"pending"} and {i.job_id for i in items} == {job.id}
+    assert {i.status for i in items} == {"running"} and {i.job_id for i in items} == {job.id}
+    assert len(renders) == 59 and {(r.status, r.enqueued_at) for r in renders} == {
+        ("queued", None)}
+    assert [(r.render_index, r.n) for r in renders if r.item_id == items[0].id] == [
+        (0, 4), (1, 1)]
     assert (items[0].custom_id, json.loads(items[0].meta), items[0].model) == ("c1", {"i": 1},
                                                                               "flux")
     assert json.loads(items[0].body) == {"model": "flux", "prompt": "otter 1", "n": 5}
@@ -179,8 +190,9 @@ def test_allow_invalid_keeps_failed_items_with_their_reasons(sessions, tmp_path,
         failed = session.execute(
             select(JobItem.line, JobItem.status, JobItem.error, JobItem.body)
             .where(JobItem.status == "failed").order_by(JobItem.line)).all()
-        pending = session.scalar(select(func.count()).where(JobItem.status == "pending"))
-    assert job.status == "pending" and pending == 17
+        running = session.scalar(select(func.count()).where(JobItem.status == "running"))
+    assert job.status == "running" and running == 17
+    assert (job.items_total, job.items_failed) == (20, 3)
     assert [(f.line, f.status) for f in failed] == [(2, "failed"), (10, "failed"),
                                                    (15, "failed")]
     assert "not valid JSON" in failed[0].error and failed[0].body == "{oops"
