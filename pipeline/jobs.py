@@ -198,11 +198,18 @@ def render_rows(job_id: int, item_id: int, planned: PlannedItem) -> list[tuple[A
 
 
 def insert_renders(db: Any, rows: list[tuple[Any, ...]]) -> None:
-    """Renders in bulk (SQLite: the driver's own executemany)."""
+    """Renders in bulk: the driver's own executemany on SQLite, COPY on PostgreSQL (Core's
+    executemany of one dict a row was 40 % of a submission there)."""
     if not rows:
         return
     if db.dialect.name == "sqlite":
         db.exec_driver_sql(SQLITE_INSERT_RENDERS, rows)
+    elif db.dialect.name == "postgresql" and db.dialect.driver == "psycopg":
+        statement = f"COPY renders ({', '.join(RENDER_COLUMNS)}) FROM STDIN"
+        with db.connection.driver_connection.cursor() as cursor, \
+                cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
     else:
         db.execute(INSERT_RENDERS, [dict(zip(RENDER_COLUMNS, row, strict=True))
                                     for row in rows])

@@ -39,7 +39,11 @@ NEXT_UNSENT = (
     select(_renders.c.id)
     .where(_renders.c.job_id == bindparam("job"), _renders.c.status == QUEUED,
            _renders.c.enqueued_at.is_(None))
-    .order_by(_renders.c.id).limit(bindparam("take"))
+    # In the index's own order (the same as by id under these equalities): ordered by id
+    # alone, PostgreSQL walked the primary key and filtered out every render already done
+    # (33.6 ms a feed at 300,000 done, against 0.18 ms through ix_renders_job_queue).
+    .order_by(_renders.c.job_id, _renders.c.status, _renders.c.enqueued_at, _renders.c.id)
+    .limit(bindparam("take"))
 )
 # By id alone: the transaction that read them as unsent holds them (SQLite's write lock,
 # PostgreSQL's row locks). A status condition here made SQLite walk every queued render of
