@@ -214,7 +214,9 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("job_items.id", ondelete="CASCADE"))
+    # Indexed: deleting items cascades here.
+    item_id: Mapped[int] = mapped_column(ForeignKey("job_items.id", ondelete="CASCADE"),
+                                         index=True)
     render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"))
     image_index: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(1000))

@@ -52,6 +52,9 @@ def upgrade() -> None:
     op.execute("UPDATE jobs SET images = (SELECT count(*) FROM images "
                "WHERE images.job_id = jobs.id)")
     op.create_index("ix_job_items_job_status", "job_items", ["job_id", "status", "line"])
+    # Deleting items (a refused submission) cascades to their images: without this index
+    # SQLite scans every image of the database once per item.
+    op.create_index("ix_images_item_id", "images", ["item_id"])
     op.create_table(
         "workers",
         sa.Column("name", sa.String(length=200), nullable=False),
@@ -63,6 +66,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("workers")
+    op.drop_index("ix_images_item_id", table_name="images")
     op.drop_index("ix_job_items_job_status", table_name="job_items")
     for column in COUNTERS:
         op.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
