@@ -231,20 +231,6 @@ def start_workers(shape: Shape, rundir: Path, env: dict[str, str], db: Any) -> l
     return [worker]
 
 
-def reap(proc: Started, usage: dict[str, float]) -> bool:
-    """Started.reap, keeping the exited process's peak RSS (ru_maxrss) as well."""
-    if not proc.alive():
-        return True
-    pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-    if pid == 0:
-        return False
-    proc.proc.returncode = os.waitstatus_to_exitcode(status)
-    proc.cpu_at_exit = rusage.ru_utime + rusage.ru_stime
-    usage["cpu_s"] = proc.cpu_at_exit
-    usage["peak_rss"] = rusage.ru_maxrss * 1024
-    return True
-
-
 def check_alive(procs: list[Started]) -> None:
     for proc in procs:
         if proc.reap():
@@ -292,13 +278,12 @@ def submit(shape: Shape, up: Up, rundir: Path, jobfile: Path, n: int) -> dict[st
                    str(n * harness.PRICE_CENTS * 10 + 100), "--json"],
         env=up.env, log=rundir / "submit.log", stdout=rundir / "submit.out",
         cwd=harness.PIPELINE)
-    usage: dict[str, float] = {}
-    ended = wait_for(lambda: reap(proc, usage), SUBMIT_TIMEOUT, "submit", up.workers)
+    ended = wait_for(proc.reap, SUBMIT_TIMEOUT, "submit", up.workers)
     if proc.proc.returncode != 0:
         raise BigError(f"submit exited {proc.proc.returncode}:\n{proc.tail()}")
     job_id = json.loads((rundir / "submit.out").read_text().strip().splitlines()[-1])["id"]
-    figures = {"job_id": job_id, "submit_s": ended - launched, "submit_cpu_s": usage["cpu_s"],
-               "submit_peak_rss_mb": usage["peak_rss"] / 2**20,
+    figures = {"job_id": job_id, "submit_s": ended - launched, "submit_cpu_s": proc.cpu_at_exit,
+               "submit_peak_rss_mb": (proc.peak_rss_at_exit or 0) / 2**20,
                "sql_bytes_before_submit": sql_before, "sql_bytes_after_submit": up.db.sql_bytes()}
     if shape.spec.mode == "embedded":  # before: the migrated database and broker folder
         figures["disk_bytes_before_submit"] = disk_before

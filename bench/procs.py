@@ -26,6 +26,7 @@ class Started:
     proc: subprocess.Popen
     log: Path
     cpu_at_exit: float | None = None
+    peak_rss_at_exit: int | None = None  # bytes (ru_maxrss of the process and its children)
 
     @property
     def pid(self) -> int:
@@ -43,6 +44,7 @@ class Started:
             return False
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.cpu_at_exit = usage.ru_utime + usage.ru_stime
+        self.peak_rss_at_exit = usage.ru_maxrss * 1024
         return True
 
     def tail(self, limit: int = 3000) -> str:
