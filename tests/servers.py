@@ -84,13 +84,15 @@ def _redis_ping(url: str) -> bool:
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
-def start_postgres() -> tuple[str, Stop]:
-    """A throwaway PostgreSQL cluster with database `imagebatch`, trust auth, on 127.0.0.1.
+def start_postgres(settings: dict[str, str] | None = None) -> tuple[str, Stop]:
+    """A throwaway PostgreSQL cluster with database `imagebatch`, trust auth, on 127.0.0.1;
+    `settings` are extra server settings (`-c name=value`).
 
     Returns (postgresql+psycopg://postgres@127.0.0.1:PORT/imagebatch, stop).
     """
     bindir = _pg_bindir()
-    return _with_port_retries(lambda port: _start_postgres_once(bindir, port))
+    extra = [arg for name, value in (settings or {}).items() for arg in ("-c", f"{name}={value}")]
+    return _with_port_retries(lambda port: _start_postgres_once(bindir, port, extra))
 
 
 def _pg_bindir() -> Path:
@@ -108,7 +110,7 @@ def _pg_bindir() -> Path:
     return bindir
 
 
-def _start_postgres_once(bindir: Path, port: int) -> tuple[str, Stop]:
+def _start_postgres_once(bindir: Path, port: int, extra: list[str]) -> tuple[str, Stop]:
     user = _pg_os_user()
     workdir = Path(tempfile.mkdtemp(prefix="imagebatch-pg-", dir=_tmp_base(user)))
     data = workdir / "data"
@@ -127,7 +129,7 @@ def _start_postgres_once(bindir: Path, port: int) -> tuple[str, Stop]:
         str(bindir / "postgres"), "-D", str(data), "-p", str(port),
         "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={workdir}",
         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-        "-c", "max_connections=300",
+        "-c", "max_connections=300", *extra,
     ], log, user=user)
     stop = _stopper(proc, workdir, signal_first="interrupt")  # SIGINT: fast shutdown
     _wait_until("postgres", proc, log, stop, lambda: _pg_ready(port))
