@@ -184,6 +184,12 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
 # SQLite through the driver's own executemany: SQLAlchemy's handling of 2,000 parameter
 # dicts cost a third of a chunk's time (1M items: 100 s of planning on a loaded machine).
 SQLITE_ITEM_PLANNED = "UPDATE job_items SET status = ?, model = ?, error = ? WHERE id = ?"
+# PostgreSQL: a chunk's items in one statement from arrays, not a statement per item (a
+# 1,000,000-item job written with SQL was planned in 54.7 s).
+POSTGRES_ITEMS_PLANNED = (
+    "UPDATE job_items SET status = u.status, model = u.model, error = u.reason "
+    "FROM unnest(%(ids)s::int[], %(statuses)s::text[], %(models)s::text[], "
+    "%(reasons)s::text[]) AS u(id, status, model, reason) WHERE job_items.id = u.id")
 RENDER_COLUMNS = ("job_id", "item_id", "render_index", "model", "n", "seed",
                   "price_per_image_cents", "status", "enqueued_at")
 SQLITE_INSERT_RENDERS = (f"INSERT INTO renders ({', '.join(RENDER_COLUMNS)}) "
@@ -220,6 +226,10 @@ def _write_plan(db: Any, changes: list[dict[str, Any]], renders: list[tuple[Any,
     if changes and db.dialect.name == "sqlite":
         db.exec_driver_sql(SQLITE_ITEM_PLANNED, [
             (c["new_status"], c["model"], c["reason"], c["item"]) for c in changes])
+    elif changes and db.dialect.name == "postgresql":
+        db.exec_driver_sql(POSTGRES_ITEMS_PLANNED, {
+            "ids": [c["item"] for c in changes], "statuses": [c["new_status"] for c in changes],
+            "models": [c["model"] for c in changes], "reasons": [c["reason"] for c in changes]})
     elif changes:
         db.execute(ITEM_PLANNED, changes)
     insert_renders(db, renders)
