@@ -1067,8 +1067,9 @@ def schedule_run(name: str) -> None:
               help="Upstream calls in flight in this worker (default "
                    "IMAGEBATCH_CONCURRENCY).")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,
-              help="Also plan pending jobs and bring back stuck renders (needed where no "
-                   "`imagebatch beat` runs; harmless beside one).")
+              help="Also plan pending jobs, send queued renders to the broker as renders "
+                   "start, and bring back stuck renders (needed where no `imagebatch beat` "
+                   "runs; harmless beside one).")
 def worker(concurrency: int | None, sweep: bool) -> None:
     """Render queued jobs until stopped (Ctrl-C or SIGTERM finishes what it started)."""
     from workers.app import create_app
