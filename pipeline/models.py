@@ -193,9 +193,11 @@ class LedgerEntry(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     render_id: Mapped[int] = mapped_column(Integer)
-    attempt_id: Mapped[int] = mapped_column(Integer, index=True)
+    # Not indexed, like team_budget_id: no statement looks a ledger row up by them (reports
+    # and checks go by job, ix_ledger_job_kind), and each index cost every render two entries.
+    attempt_id: Mapped[int] = mapped_column(Integer)
     # The team period budget this movement also drew on, when the team has one.
-    team_budget_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    team_budget_id: Mapped[int | None] = mapped_column(Integer)
     team: Mapped[str] = mapped_column(String(200))
     model: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(20))

@@ -13,6 +13,7 @@ Create Date: 2026-12-03 13:20:00
 - `jobs.source_digest`: sha256 of the submitted file, so `run` finds an unfinished copy.
 - `workers`: each live worker's render slots and last beat, so the window is sized from
   what the live workers can run at once.
+- The ledger's indexes on attempt_id and team_budget_id go: nothing reads by them.
 - `jobs.items_*` and `jobs.images`: counters kept with the job's money, so `status` reads one
   row however big the job; `ix_job_items_job_status` finds a job's failed (or pending) items
   without walking the others.
@@ -55,6 +56,10 @@ def upgrade() -> None:
     # Deleting items (a refused submission) cascades to their images: without this index
     # SQLite scans every image of the database once per item.
     op.create_index("ix_images_item_id", "images", ["item_id"])
+    # Nothing looks a ledger row up by attempt or team budget: two index entries a ledger
+    # row, four a render, for no reader.
+    op.drop_index("ix_ledger_attempt_id", table_name="ledger")
+    op.drop_index("ix_ledger_team_budget_id", table_name="ledger")
     op.create_table(
         "workers",
         sa.Column("name", sa.String(length=200), nullable=False),
@@ -66,6 +71,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("workers")
+    op.create_index("ix_ledger_team_budget_id", "ledger", ["team_budget_id"])
+    op.create_index("ix_ledger_attempt_id", "ledger", ["attempt_id"])
     op.drop_index("ix_images_item_id", table_name="images")
     op.drop_index("ix_job_items_job_status", table_name="job_items")
     for column in COUNTERS:
