@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import statistics
@@ -659,13 +658,7 @@ def main(args: argparse.Namespace) -> int:
         print("interrupted: stopping everything", file=sys.stderr)
         return 130
     finally:
-        procs.stop_all()
-        if cluster is not None:
-            cluster.stop()
-        if args.keep_temp:
-            print(f"logs and data kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        harness.tear_down(procs, cluster, workdir, keep=args.keep_temp)
     if records:
         print(f"\nbig jobs: {n:,} lines against {small_n:,}, latency {records[0]['latency_s']:g} "
               f"s, concurrency {records[0]['concurrency']}, "

@@ -697,6 +697,18 @@ def keep_logs(rundir: Path) -> Path:
     return kept
 
 
+def tear_down(procs: Processes, cluster: Cluster | None, workdir: Path, *, keep: bool) -> None:
+    """Every process started stopped, the servers too, and the temporary folder removed
+    (or kept, and said where)."""
+    procs.stop_all()
+    if cluster is not None:
+        cluster.stop()
+    if keep:
+        print(f"logs and data kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -749,13 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: stopping everything", file=sys.stderr)
         return 130
     finally:
-        procs.stop_all()
-        if cluster is not None:
-            cluster.stop()
-        if args.keep_temp:
-            print(f"logs and data kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        tear_down(procs, cluster, workdir, keep=args.keep_temp)
     written = [records, results.LATEST_MD] if records == results.LATEST_JSON else [records]
     print(f"\nresults: {', '.join(str(f) for f in written)}")
     return 1 if failures else 0
