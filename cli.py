@@ -451,14 +451,16 @@ def render_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[st
     the job until it ends or pauses; a paused job names the command that continues it."""
     from workers.embedded import Feeder, Ticker
 
-    ticker, feeder = Ticker(app, interval=1.0), Feeder(app)
-    ticker.start()
-    feeder.start()
-    try:
-        summary = follow_job(sessions, job_id, quiet=quiet)
-    finally:
-        feeder.stop()
-        ticker.stop()
+    ticker, feeder = Ticker(app, interval=1.0, only_job=job_id), Feeder(app, only_job=job_id)
+    # The signals are taken before the first render is sent: a SIGTERM from then on pauses.
+    with CtrlC(job_id) as ctrl_c:
+        ticker.start()
+        feeder.start()
+        try:
+            summary = follow_job(sessions, job_id, ctrl_c, quiet=quiet)
+        finally:
+            feeder.stop()
+            ticker.stop()
     if summary["status"] == "paused":
         err.print(f"job {job_id} is paused: continue it with `imagebatch resume {job_id}`",
                   highlight=False, markup=False)
@@ -466,22 +468,26 @@ def render_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[st
 
 
 class CtrlC:
-    """SIGINT while a job renders here: the first press is noted (the loop pauses the job,
-    outside any transaction), the second leaves the process at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (`timeout`, `docker stop`, systemd) while a job renders
+    here: the first is noted (the loop pauses the job, outside any transaction), the second
+    leaves the process at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, job_id: int) -> None:
         self.job_id = job_id
         self.pressed = threading.Event()
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> CtrlC:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.pressed.is_set():
@@ -491,15 +497,15 @@ class CtrlC:
         os.write(2, (f"\nleaving now: job {self.job_id} is not finished; renders in flight "
                      "are taken back by the sweeper once their leases run out; continue it "
                      f"with `imagebatch resume {self.job_id}`\n").encode())
-        os._exit(130)
+        os._exit(130 if signum == signal.SIGINT else 128 + signum)
 
 
-def follow_job(sessions: Any, job_id: int, *, quiet: bool) -> dict[str, Any]:
+def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool) -> dict[str, Any]:
     """Show progress until the job ends, or is paused (by Ctrl-C here or `imagebatch pause`
     anywhere) and none of its renders is in flight any more."""
     progress = JobProgress(err, job_id, quiet=quiet)
     asked = False
-    with progress, CtrlC(job_id) as ctrl_c:
+    with progress:
         while True:
             if ctrl_c.pressed.is_set() and not asked:
                 asked = True
@@ -507,7 +513,8 @@ def follow_job(sessions: Any, job_id: int, *, quiet: bool) -> dict[str, Any]:
                     paused = pause_job(session, job_id)
                 if paused:
                     err.print(f"pausing job {job_id}: nothing new is sent, renders in flight "
-                              "finish and are settled (Ctrl-C again to leave now)")
+                              "finish and are settled (Ctrl-C again to leave now)",
+                              highlight=False)
             # The whole summary is a row; whether the job is done is its status, and for a
             # paused job whether any render is still running (read from an index).
             with sessions() as session:

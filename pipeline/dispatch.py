@@ -26,17 +26,19 @@ def current_caps(svc: Services, *, refresh: bool = False) -> dict[str, Caps]:
     )
 
 
-def plan_pending(svc: Services) -> int:
-    """Plan every job with items left to plan, a chunk per job in turn, each chunk its own
-    transaction (renders of the first chunks run while the rest is planned). Returns how many
-    items it planned."""
-    if not has_jobs_to_plan(svc):
+def plan_pending(svc: Services, only_job: int | None = None) -> int:
+    """Plan every job with items left to plan (or only `only_job`: a `run` process plans its
+    own job), a chunk per job in turn, each chunk its own transaction (renders of the first
+    chunks run while the rest is planned). Returns how many items it planned."""
+    if not has_jobs_to_plan(svc, only_job):
         return 0
     caps = current_caps(svc)  # network, so before any transaction holds locks
     total = 0
     while True:
         with svc.sessions() as session:
             job_ids = jobs_to_plan(session)
+        if only_job is not None:
+            job_ids = [job_id for job_id in job_ids if job_id == only_job]
         planned = 0
         for job_id in job_ids:
             with transaction(svc.sessions) as session:
@@ -55,13 +57,18 @@ def dispatch_pending(svc: Services) -> list[int]:
     return feed_window(svc)
 
 
-def feed_window(svc: Services) -> list[int]:
+def feed_window(svc: Services, only_job: int | None = None) -> list[int]:
+    """Claim the renders the broker's window has room for: of every running job, or of
+    `only_job` alone (a `run` or `resume` process renders its own job, nobody else's)."""
     settings = svc.settings
-    return fill_window(svc.sessions, settings.broker_window, live_within=settings.lease_seconds)
+    return fill_window(svc.sessions, settings.broker_window, live_within=settings.lease_seconds,
+                       only_job=only_job)
 
 
-def has_jobs_to_plan(svc: Services) -> bool:
+def has_jobs_to_plan(svc: Services, only_job: int | None = None) -> bool:
     with svc.sessions() as session:
         query = select(Job.id).where(
             (Job.status == JobStatus.PENDING) | Job.plan_cursor.is_not(None)).limit(1)
+        if only_job is not None:
+            query = query.where(Job.id == only_job)
         return session.scalars(query).first() is not None

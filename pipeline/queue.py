@@ -72,12 +72,15 @@ def window_size(session: Session, override: int, *, now: datetime, live_within: 
     return WINDOW_FACTOR * slots if slots else IDLE_WINDOW
 
 
-def fill_window(sessions: sessionmaker[Session], override: int, *, live_within: float
-                ) -> list[int]:
-    """Claim the renders to send now (their `enqueued_at` set); the caller sends them."""
+def fill_window(sessions: sessionmaker[Session], override: int, *, live_within: float,
+                only_job: int | None = None) -> list[int]:
+    """Claim the renders to send now (their `enqueued_at` set); the caller sends them. With
+    `only_job`, that job's alone, its window counted alone (a process of its own)."""
     with transaction(sessions) as session:
         db = session.connection()
         jobs = list(db.execute(RUNNING_JOBS).scalars())
+        if only_job is not None:
+            jobs = [job_id for job_id in jobs if job_id == only_job]
         if not jobs:
             return []
         now = utcnow()

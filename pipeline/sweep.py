@@ -1,4 +1,5 @@
-"""Bringing renders back: expired leases settled and re-queued, lost queue messages resent."""
+"""Bringing renders back: expired leases settled and put back in the SQL queue, lost queue
+messages returned to it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ BACKSTOP_MAX_OPEN = 1000
 
 
 def sweep(sessions: sessionmaker[Session], settings: Settings) -> list[int]:
-    """Renders to enqueue again. Safe to run from any number of places at once."""
+    """The renders put back in the SQL queue. Safe to run from any number of places at once.
+
+    Revived renders wait in SQL like any other (the feeders send them, each job its fair
+    share), never straight to the broker: a `run` process sweeping another job's dead renders
+    must not render them itself (it feeds only its own job)."""
     revived = [rid for rid in _expired_leases(sessions) if _revive(sessions, rid, settings)]
     put_back_lost(sessions, settings.requeue_after, limit=5000)
     return revived + _close_finished_jobs(sessions)
@@ -50,7 +55,7 @@ def _revive(sessions: sessionmaker[Session], render_id: int, settings: Settings)
             return False
         render.status = RenderStatus.QUEUED
         render.lease_until = None
-        render.enqueued_at = now
+        render.enqueued_at = None
         render.updated_at = now
         return True
 

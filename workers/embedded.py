@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 from celery import Celery
 
@@ -48,19 +49,22 @@ class InProcessWorker:
         self._thread.join(timeout=10)
 
 
-def tick(app: Celery) -> int:
+def tick(app: Celery, only_job: int | None = None) -> int:
     """Fire due schedules, plan pending jobs, bring back stuck renders, fill the window;
-    returns how many renders it enqueued."""
+    returns how many renders it enqueued. With `only_job` (a `run` or `resume` process) it
+    plans and sends that job alone; it still sweeps every job (settling what dead workers
+    left), but other jobs' renders go back to the SQL queue, not to this process."""
     svc = services(app)
-    fire_due(svc.sessions)
-    plan_pending(svc)
-    sent = enqueue_renders(app, sweep(svc.sessions, svc.settings))
-    return sent + feed(app)
+    if only_job is None:
+        fire_due(svc.sessions)
+    plan_pending(svc, only_job)
+    sweep(svc.sessions, svc.settings)
+    return feed(app, only_job)
 
 
-def feed(app: Celery) -> int:
+def feed(app: Celery, only_job: int | None = None) -> int:
     """Send the renders the broker's window has room for; returns how many."""
-    return enqueue_renders(app, feed_window(services(app)))
+    return enqueue_renders(app, feed_window(services(app), only_job))
 
 
 class Every:
@@ -97,13 +101,14 @@ class Every:
 class Ticker(Every):
     """Schedules, planning, sweeping and the window, every `interval` seconds."""
 
-    def __init__(self, app: Celery, interval: float) -> None:
-        super().__init__(app, interval, tick, "imagebatch-ticker")
+    def __init__(self, app: Celery, interval: float, only_job: int | None = None) -> None:
+        super().__init__(app, interval, partial(tick, only_job=only_job), "imagebatch-ticker")
 
 
 class Feeder(Every):
     """The window topped up every FEED_INTERVAL as renders start (at 400 renders/s a window
     of 2 x 96 slots lasts half a second)."""
 
-    def __init__(self, app: Celery) -> None:
-        super().__init__(app, FEED_INTERVAL, feed, "imagebatch-feeder", busy_at=FEED_BUSY)
+    def __init__(self, app: Celery, only_job: int | None = None) -> None:
+        super().__init__(app, FEED_INTERVAL, partial(feed, only_job=only_job),
+                         "imagebatch-feeder", busy_at=FEED_BUSY)

@@ -14,7 +14,6 @@ from celery import Celery
 from pipeline.dispatch import dispatch_pending
 from pipeline.render import run_render
 from pipeline.runtime import Services, start_services
-from pipeline.sweep import sweep as sweep_renders
 
 log = logging.getLogger("imagebatch.worker")
 
@@ -47,13 +46,6 @@ def register(app: Celery) -> None:
     @app.task(name="imagebatch.dispatch", ignore_result=True)
     def dispatch() -> int:
         return enqueue_renders(app, dispatch_pending(services(app)))
-
-    @app.task(name="imagebatch.sweep", ignore_result=True)
-    def sweep() -> int:
-        svc = services(app)
-        render_ids = sweep_renders(svc.sessions, svc.settings)
-        enqueue_renders(app, render_ids)
-        return len(render_ids)
 
 
 def enqueue_renders(app: Celery, render_ids: Iterable[int]) -> int:

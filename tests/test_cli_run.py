@@ -1,0 +1,91 @@
+"""`imagebatch run` as the process a user, `timeout`, `docker stop` or systemd controls: signals,
+and a run that renders its own job only (subprocesses on the embedded default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import FLUX, ROOT, SECRET, imagebatch, otters, wait_for, write
+
+
+@pytest.fixture
+def env(tmp_path: Path, fake) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
+    return environ | {"IMAGEBATCH_DATA_DIR": str(tmp_path / "data"),
+                      "IMAGEBATCH_API_BASE": fake.base_url, "IMAGEBATCH_API_KEY": SECRET}
+
+
+def start_run(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "cli", "run", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_pauses_run_like_a_first_ctrl_c(env, tmp_path, fake):
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "4"}
+    run = start_run(env, write(tmp_path, *otters(20, latency=0.8)), "--budget", "1", "--json")
+    wait_for(lambda: fake.stats()["in_flight"] > 0, what="a first call")
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    job = json.loads(stdout)
+    assert job["status"] == "paused" and job["reserved_cents"] == 0
+    # Every call made was recorded, stored and charged: nothing billed went unrecorded.
+    assert 0 < job["items_succeeded"] == fake.stats()["calls"] < 20
+    assert job["spent_cents"] == 3 * job["items_succeeded"] == fake.stats()["billed_cents"]
+    assert f"imagebatch resume {job['id']}" in stderr
+
+
+def test_a_second_sigterm_leaves_at_once(env, tmp_path, fake):
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "4"}
+    run = start_run(env, write(tmp_path, *otters(8, latency=2.0)), "--budget", "1")
+    wait_for(lambda: fake.stats()["in_flight"] > 0, what="a first call")
+    run.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=5)
+    assert run.returncode == 128 + signal.SIGTERM and "leaving now" in stderr
+
+
+def test_run_renders_its_own_job_not_an_earlier_killed_one(env, tmp_path, fake):
+    """Job A's `run` is killed with calls in flight; a later `run` of job B settles what A's
+    dead process left (its leases run out) but sends none of A's renders: A waits, running,
+    for `resume`."""
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "4", "IMAGEBATCH_LEASE_SECONDS": "2"}
+    first = tmp_path / "a"
+    first.mkdir()
+    run_a = start_run(env, write(first, *otters(12, latency=1.0)), "--budget", "1")
+    wait_for(lambda: fake.stats()["calls"] >= 4, what="job A's first calls")
+    run_a.kill()
+    run_a.communicate(timeout=5)
+    calls_for_a = len(fake.requests())
+
+    bees = [{**FLUX, "prompt": f"bee {i}", "fake": {"latency": 1.5}} for i in range(12)]
+    second = tmp_path / "b"
+    second.mkdir()
+    # Long enough for A's leases to run out and be swept while B renders.
+    run_b = imagebatch(env, "run", write(second, *bees), "--budget", "1", "--json")
+    assert run_b.returncode == 0, run_b.stderr
+    job_b = json.loads(run_b.stdout)
+    assert (job_b["status"], job_b["images"]) == ("succeeded", 12)
+
+    prompts = [r["body"]["prompt"] for r in fake.requests()]
+    assert not [p for p in prompts[calls_for_a:] if p.startswith("otter")]
+    jobs = {j["id"]: j for j in json.loads(imagebatch(env, "status", "--json").stdout)["jobs"]}
+    job_a = next(j for i, j in jobs.items() if i != job_b["id"])
+    assert job_a["status"] == "running" and job_a["items_succeeded"] < 12
+    resumed = imagebatch(env, "resume", str(job_a["id"]), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    job_a = json.loads(resumed.stdout)
+    assert (job_a["status"], job_a["images"], job_a["reserved_cents"]) == ("succeeded", 12, 0)
+    assert job_b["spent_cents"] == 36
+    # A's calls cut by the kill are charged unknown (the provider may have billed them).
+    assert job_a["spent_cents"] == 36 + job_a["unknown_cents"] > 36
