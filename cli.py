@@ -398,6 +398,7 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
     with database(settings) as sessions:
         if not new:
             refuse_unfinished(sessions, file)
+        storage_ready(settings)
         # Celery's worker takes about a quarter of a second to start: while the file is
         # submitted, not between the job's commit and its first call.
         with worker_here(settings) as app:
@@ -427,6 +428,18 @@ def refuse_unfinished(sessions: Any, file: str) -> None:
         f"{Path(file).name} was submitted as job {job.id}, which is {s['status']} "
         f"({done:,}/{s['items_total']:,} items done): continue it with "
         f"`imagebatch resume {job.id}`, or pass --new to start another copy")
+
+
+def storage_ready(settings: Settings) -> None:
+    """Exit 2 unless results can be stored (a probe object written and deleted): before the
+    first call, so nothing is bought that cannot be kept."""
+    from pipeline.storage import StorageError, open_store, probe
+
+    try:
+        probe(open_store(settings.storage_url))
+    except StorageError as exc:
+        raise UserError(f"storage cannot keep results ({_safe_url(settings.storage_url)}, "
+                        f"IMAGEBATCH_STORAGE_URL): {exc}; nothing was sent") from None
 
 
 @contextmanager
@@ -462,7 +475,8 @@ def render_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[st
             feeder.stop()
             ticker.stop()
     if summary["status"] == "paused":
-        err.print(f"job {job_id} is paused: continue it with `imagebatch resume {job_id}`",
+        why = f" ({summary['error']})" if summary.get("error") else ""
+        err.print(f"job {job_id} is paused{why}: continue it with `imagebatch resume {job_id}`",
                   highlight=False, markup=False)
     return summary
 
@@ -505,6 +519,7 @@ def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool) -> dic
     anywhere) and none of its renders is in flight any more."""
     progress = JobProgress(err, job_id, quiet=quiet)
     asked = False
+    told: str | None = None
     with progress:
         while True:
             if ctrl_c.pressed.is_set() and not asked:
@@ -522,12 +537,26 @@ def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool) -> dic
                 finished = state.finished_at is not None
                 drained = (not finished and state.status == "paused"
                            and renders_running(session, job_id) == 0)
+                told = _say_why_paused(session, job_id, state.status, told)
                 if finished or drained or progress.due():
                     summary = job_summary(session, job_id)
                     progress.update(summary)
             if finished or drained:
                 return summary
             ctrl_c.pressed.wait(0.25) if not asked else time.sleep(0.25)
+
+
+def _say_why_paused(session: Any, job_id: int, status: str, told: str | None) -> str | None:
+    """Say once why the job was paused when something other than a person paused it (storage
+    refusing results); returns what has been said."""
+    if status != "paused":
+        return None
+    error = job_summary(session, job_id)["error"]
+    if error and error != told:
+        err.print(f"job {job_id} paused ({error}): nothing new is bought; results already "
+                  "paid for keep trying to be stored, and the job runs on if they are",
+                  highlight=False, markup=False)
+    return error
 
 
 def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) -> None:
@@ -786,6 +815,7 @@ def resume(job: int, budget: str | None, budget_cents: int | None, detach: bool,
                           f"processes continue it (follow it with `imagebatch status {job}`)",
                           highlight=False)
             return
+        storage_ready(settings)
         with worker_here(settings) as app:
             resumed = resume_job(sessions, job, budget_cents=cap, in_process=True)
             if resumed.resumed:
@@ -1086,6 +1116,7 @@ def worker(concurrency: int | None, sweep: bool) -> None:
     settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
     with database(settings):
         pass  # refuses to start on a schema that is behind
+    storage_ready(settings)
     app = create_app(settings)
     announce_worker(app, settings.render_slots)
     # The ticker plans and sweeps every sweep_interval; the feeder keeps the broker's

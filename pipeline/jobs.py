@@ -428,15 +428,34 @@ def lock_job_state(session: Session, job_id: int) -> Any:
     return state
 
 
-def pause_job(session: Session, job_id: int) -> bool:
+# The job's error while it is paused because storage refused a paid result (render.py).
+STORAGE_FAILING = "storage: "
+UNPAUSE = SET_JOB.where(_jobs.c.status == JobStatus.PAUSED.value,
+                        _jobs.c.error.startswith(bindparam("cause")))
+
+
+def pause_job(session: Session, job_id: int, reason: str | None = None) -> bool:
     """Send nothing new: the job's renders go back to waiting in SQL when they are delivered
-    or about to call (render.py), renders in flight finish and settle. False when the job was
+    or about to call (render.py), renders in flight finish and settle. `reason` is kept as
+    the job's error while it is paused (None: a person paused it). False when the job was
     neither running nor pending (paused already, ended, or still being submitted)."""
     state = lock_job_state(session, job_id)
+    db = session.connection()
+    if state.status == JobStatus.PAUSED and reason is None:
+        # Paused by a person now, whatever paused it before: nothing unpauses it but resume.
+        db.execute(SET_JOB, {"job": job_id, "error": None})
     if state.status not in (JobStatus.RUNNING, JobStatus.PENDING):
         return False
-    session.connection().execute(SET_JOB, {"job": job_id, "status": JobStatus.PAUSED.value})
+    db.execute(SET_JOB, {"job": job_id, "status": JobStatus.PAUSED.value, "error": reason})
     return True
+
+
+def unpause_job(session: Session, job_id: int, cause: str) -> bool:
+    """Run again a job paused for `cause` (the start of its error) once that cause is gone;
+    a job paused by a person, or for another cause, stays paused."""
+    done = session.connection().execute(UNPAUSE, {
+        "job": job_id, "cause": cause, "status": JobStatus.RUNNING.value, "error": None})
+    return done.rowcount == 1
 
 
 _QUEUED, _CANCELLED = RenderStatus.QUEUED.value, RenderStatus.CANCELLED.value
@@ -638,7 +657,7 @@ def resume_job(sessions: sessionmaker[Session], job_id: int, *, budget_cents: in
             _recount_and_close(session, job_id)  # the hold let go
             return done
         db = session.connection()
-        values: dict[str, Any] = {"finished_at": None}
+        values: dict[str, Any] = {"finished_at": None, "error": None}
         if state.started_at is None:  # never planned: the dispatcher plans it from the start
             values["status"] = JobStatus.PENDING.value
         else:
@@ -771,6 +790,8 @@ def job_summary(session: Session, job_id: int) -> dict[str, Any]:
         "items_failed": counts.get(ItemStatus.FAILED, 0),
         "items_cancelled": counts.get(ItemStatus.CANCELLED, 0),
         "images": images,
+        # Why a paused job is paused, when something other than a person paused it.
+        "error": job.error,
         "created_at": _iso(job.created_at),
         "finished_at": _iso(job.finished_at),
     }

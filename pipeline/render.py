@@ -29,7 +29,7 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
-from pipeline.jobs import settle_item
+from pipeline.jobs import STORAGE_FAILING, pause_job, settle_item, unpause_job
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
     TERMINAL_JOB,
@@ -57,6 +57,8 @@ MAX_RETRY_WAIT = 600.0
 WAIT_IN_SQL = frozenset({JobStatus.PAUSED, JobStatus.PENDING, JobStatus.SUBMITTING})
 PAUSED = "paused"  # what a render put back in the SQL queue returns
 HASH_ON_LOOP_MAX = 256 * 1024  # about 0.15 ms of SHA-256
+# How long a paid result waits for storage that refuses it (its job paused meanwhile).
+STORAGE_PATIENCE = 120.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,16 @@ class StoredMedia:
     uri: str
     info: MediaInfo
     revised_prompt: str | None
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What `finish_attempt` leaves to do once its transaction is committed."""
+
+    retry_in: float | None = None  # seconds before the next attempt; None: the render ended
+    # Stored objects no image row describes (a stale attempt's, or an earlier attempt's
+    # replaced by this one): deleted after the commit.
+    unkept: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,11 +127,13 @@ async def render_to_end(svc: Services, render_id: int) -> str:
                 return outcome
             collected = (await collect_media(svc, step, outcome)
                          if isinstance(outcome, Delivered) else None)
-            delay = await svc.commits.run(partial(finish_attempt, svc, step, outcome,
-                                                  collected))
-            if delay is None:
+            settled = await svc.commits.run(partial(finish_attempt, svc, step, outcome,
+                                                    collected))
+            if settled.unkept:
+                await _delete_unkept(svc, settled.unkept)
+            if settled.retry_in is None:
                 return "finished"
-            await asyncio.sleep(delay)
+            await asyncio.sleep(settled.retry_in)
 
 
 # --- first transaction: lease and reservation ------------------------------------------------
@@ -471,27 +485,49 @@ async def _store_one(svc: Services, begun: Begun, index: int, entry: dict[str, A
     info = (sniff(data) if len(data) <= HASH_ON_LOOP_MAX
             else await asyncio.to_thread(sniff, data))
     key = media_key(begun.job_id, begun.line, begun.custom_id, begun.render_index, index,
-                    info.extension)
-    uri = await _put_with_retries(svc, key, data, info.content_type)
+                    info.extension, attempt=begun.number)
+    uri = await _put_with_retries(svc, begun, key, data, info.content_type)
     revised = entry.get("revised_prompt")
     return StoredMedia(index, key, uri, info, revised if isinstance(revised, str) else None)
 
 
-async def _put_with_retries(svc: Services, key: str, data: bytes, content_type: str) -> str:
-    """Storage that refuses for a while must not lose a result we have paid for: keep trying
-    (backing off) until the render deadline, then give up with the last error."""
-    give_up_at = time.monotonic() + svc.settings.render_deadline
+async def _put_with_retries(svc: Services, begun: Begun, key: str, data: bytes,
+                            content_type: str) -> str:
+    """Storage that refuses must not lose a result we have paid for, nor have us pay for more
+    that cannot be kept: the job is paused at the first refusal (nothing new is sent; the
+    reason is the job's error) while this result keeps trying (backing off) for up to
+    STORAGE_PATIENCE. Stored at last, the job runs again if the pause was storage's."""
+    give_up_at = time.monotonic() + min(svc.settings.render_deadline, STORAGE_PATIENCE)
     attempt = 0
     while True:
         try:
-            return await svc.store.put_async(key, data, content_type)
-        except StorageError:
+            uri = await svc.store.put_async(key, data, content_type)
+        except StorageError as exc:
             attempt += 1
+            if attempt == 1:
+                await svc.commits.run(partial(pause_job, job_id=begun.job_id,
+                                              reason=f"{STORAGE_FAILING}{exc}"))
             delay = backoff_delay(attempt, None, svc.settings.backoff_base, 30.0)
             if time.monotonic() + delay > give_up_at:
                 raise
             log.warning("storing %s failed (try %d); retrying in %.1fs", key, attempt, delay)
             await asyncio.sleep(delay)
+            continue
+        if attempt:
+            await svc.commits.run(partial(unpause_job, job_id=begun.job_id,
+                                          cause=STORAGE_FAILING))
+        return uri
+
+
+async def _delete_unkept(svc: Services, keys: tuple[str, ...]) -> None:
+    def delete_all() -> None:
+        for key in keys:
+            try:
+                svc.store.delete(key)
+            except StorageError as exc:  # an object left over costs space, not money
+                log.warning("deleting %s, which no image row describes, failed: %s", key, exc)
+
+    await asyncio.to_thread(delete_all)
 
 
 # --- second transaction: settle and record --------------------------------------------------
@@ -503,14 +539,13 @@ def finish_attempt(
     outcome: Delivered | Refused | Unknown,
     collected: Collected | None,
     session: Session,
-) -> float | None:
-    """Settle the attempt and move the render on. Returns seconds to wait before a retry."""
+) -> Settled:
+    """Settle the attempt and move the render on: when to try again, and what to delete."""
     render = session.connection().execute(LOCK_RENDER_AND_ITEM,
                                           {"render": begun.render_id}).one()
     if isinstance(outcome, Delivered):
         assert collected is not None
-        _record_delivery(session, render, begun, collected)
-        return None
+        return Settled(unkept=_record_delivery(session, render, begun, collected))
     settled_as = (
         AttemptOutcome.RELEASED if isinstance(outcome, Refused) else AttemptOutcome.UNKNOWN
     )
@@ -518,11 +553,11 @@ def finish_attempt(
     claim = ledger.claim_settlement(session, begun.attempt_id, settled_as,
                                     http_status=status, error=outcome.message, render=render)
     if claim is None:
-        return None  # the sweeper settled it first; it owns the render now
+        return Settled()  # the sweeper settled it first; it owns the render now
     error = _describe(outcome)
     if not _should_retry(session, render, outcome, svc.settings.max_attempts):
         end_render(session, render, RenderStatus.FAILED, error, claim=claim, item_locked=True)
-        return None
+        return Settled()
     retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
     delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
                           svc.settings.backoff_cap)
@@ -531,21 +566,28 @@ def finish_attempt(
         "render": render.id, "message": error, "now": now,
         "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
     ledger.apply_settlement(session, claim)
-    return delay
+    return Settled(retry_in=delay)
 
 
 def _record_delivery(session: Session, render: Any, begun: Begun, collected: Collected
-                     ) -> None:
+                     ) -> tuple[str, ...]:
+    """Charge the attempt and record its files; returns the keys of stored objects that no
+    image row describes (to delete)."""
     # Charged even if we reject what came back: the provider did the work.
     claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.CHARGED,
                                     render=render)
     if claim is None:
-        return
+        # Stale: the attempt's lease ran out (its worker froze) and the sweeper settled it;
+        # the render may have been done again since. Its files were stored under keys of
+        # its own and are not recorded: the rows describe the attempt that settled.
+        return tuple(m.key for m in collected.stored)
+    replaced: tuple[str, ...] = ()
     if begun.number > 1:
         # An earlier attempt of this render (before `retry JOB`) may have stored some files.
-        removed = session.execute(delete(Image).where(Image.render_id == render.id)).rowcount
-        if removed:
-            ledger.files_stored(session, render.job_id, -removed)
+        replaced = tuple(session.scalars(
+            delete(Image).where(Image.render_id == render.id).returning(Image.key)))
+        if replaced:
+            ledger.files_stored(session, render.job_id, -len(replaced))
     if collected.stored:
         ledger.files_stored(session, render.job_id, len(collected.stored))
         session.connection().execute(INSERT_IMAGE,
@@ -553,6 +595,7 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
     error = "; ".join(collected.problems) or None
     end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error,
                claim=claim, item_locked=True)
+    return replaced
 
 
 def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import unicodedata
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -28,6 +29,7 @@ __all__ = [
     "StorageError",
     "media_key",
     "open_store",
+    "probe",
     "safe_slug",
 ]
 
@@ -77,6 +79,20 @@ class MediaStore(Protocol):
         """Raise StorageError unless the store is reachable (folder usable, bucket exists)."""
         ...
 
+    def delete(self, key: str) -> None:
+        """Remove the object under `key`; nothing to do when there is none."""
+        ...
+
+
+def probe(store: MediaStore) -> None:
+    """Write and delete a small object: StorageError unless results can be kept. Run before
+    the first call, so nothing is bought that cannot be stored (a read-only folder, a bucket
+    that refuses writes)."""
+    store.check()
+    key = f"imagebatch-probe-{uuid.uuid4().hex}.txt"
+    store.put(key, b"imagebatch checks that it can store results here\n", "text/plain")
+    store.delete(key)
+
 
 def open_store(storage_url: str) -> MediaStore:
     """A store for `file:///abs/dir` or `s3://bucket/prefix`; StorageError for anything else."""
@@ -124,10 +140,14 @@ def media_key(
     render_index: int,
     image_index: int,
     extension: str,
+    attempt: int = 1,
 ) -> str:
-    """The deterministic key of one stored image, e.g. job-000042/line-00007-cat/r003-i01.png.
+    """The deterministic key of one stored image, e.g. job-000042/line-00007-cat/r003-i01.png
+    (a render's first attempt) or .../r003-a02-i01.png (its second).
 
-    Only the numbers make it unique; the custom_id slug is there for humans to read.
+    Only the numbers make it unique; the custom_id slug is there for humans to read. Each
+    attempt has keys of its own: an attempt whose worker froze past its lease, and whose
+    render was done again meanwhile, must not write over the bytes the image rows describe.
     """
     for name, value in (
         ("job_id", job_id), ("line", line),
@@ -140,7 +160,10 @@ def media_key(
         raise ValueError(f"bad media extension {extension!r}")
     slug = safe_slug(custom_id)
     item = f"line-{line:05d}-{slug}" if slug else f"line-{line:05d}"
-    return f"job-{job_id:06d}/{item}/r{render_index:03d}-i{image_index:02d}.{ext}"
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be a positive integer, not {attempt!r}")
+    tries = f"-a{attempt:02d}" if attempt > 1 else ""
+    return f"job-{job_id:06d}/{item}/r{render_index:03d}{tries}-i{image_index:02d}.{ext}"
 
 
 def check_key(key: str) -> str:
@@ -259,6 +282,13 @@ class FileStore:
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from None
 
     def check(self) -> None:
         try:
@@ -474,6 +504,11 @@ class S3Store:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        with self._errors("delete", full):
+            self._client.delete_object(Bucket=self.bucket, Key=full)
 
     def check(self) -> None:
         with self._errors("check", ""):

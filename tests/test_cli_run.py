@@ -89,3 +89,58 @@ def test_run_renders_its_own_job_not_an_earlier_killed_one(env, tmp_path, fake):
     assert job_b["spent_cents"] == 36
     # A's calls cut by the kill are charged unknown (the provider may have billed them).
     assert job_a["spent_cents"] == 36 + job_a["unknown_cents"] > 36
+
+
+# --- storage that cannot keep results --------------------------------------------------------
+
+
+def test_run_refuses_storage_that_cannot_keep_results_before_any_call(env, tmp_path, fake):
+    jobs = write(tmp_path, *otters(3, latency=0.01))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the media folder should be")
+    for url, says in ((blocked.as_uri(), "not-a-folder"), ("ftp://example.com/media", "ftp"),
+                      ((blocked / "media").as_uri(), "not-a-folder")):
+        result = imagebatch({**env, "IMAGEBATCH_STORAGE_URL": url}, "run", jobs, "--budget",
+                            "1")
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and says in result.stderr
+        assert "storage cannot keep results" in result.stderr
+        assert "IMAGEBATCH_STORAGE_URL" in result.stderr and "nothing was sent" in result.stderr
+    worker = imagebatch({**env, "IMAGEBATCH_STORAGE_URL": blocked.as_uri()}, "worker")
+    assert worker.returncode == 2 and "storage cannot keep results" in worker.stderr
+    assert fake.stats()["calls"] == 0
+    assert json.loads(imagebatch(env, "status", "--json").stdout)["jobs"] == []
+
+
+def test_storage_failing_mid_job_pauses_it_and_its_return_runs_it_again(env, tmp_path, fake):
+    """The media folder turns into a file while results arrive: the job pauses at the first
+    refused result (nothing new is bought), the results in hand keep trying, and when the
+    folder is back they are stored and the job runs on: every call paid once, every file
+    kept."""
+    media = tmp_path / "media"
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "4", "IMAGEBATCH_STORAGE_URL": media.as_uri(),
+           "IMAGEBATCH_BACKOFF_BASE": "0.2"}
+    run = start_run(env, write(tmp_path, *otters(24, latency=0.5)), "--budget", "1", "--json")
+    wait_for(lambda: fake.stats()["calls"] >= 4, what="the first calls")
+    media.rename(tmp_path / "media-away")
+    media.write_text("storage is gone")
+
+    def status() -> dict[str, object]:
+        jobs = json.loads(imagebatch(env, "status", "--json").stdout)["jobs"]
+        return json.loads(imagebatch(env, "status", str(jobs[0]["id"]), "--json").stdout)
+
+    wait_for(lambda: status()["status"] == "paused", what="the job pausing")
+    assert str(status()["error"]).startswith("storage: cannot write")
+    wait_for(lambda: fake.stats()["in_flight"] == 0, what="the calls in flight ending")
+    calls = fake.stats()["calls"]
+    time.sleep(1.5)
+    assert fake.stats()["calls"] == calls < 24  # nothing new was bought
+    media.unlink()
+    (tmp_path / "media-away").rename(media)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    job = json.loads(stdout)
+    assert (job["status"], job["images"], job["error"]) == ("succeeded", 24, None)
+    assert job["spent_cents"] == 72 == fake.stats()["billed_cents"]
+    assert fake.stats()["calls"] == 24
+    assert len([p for p in media.rglob("*") if p.is_file()]) == 24

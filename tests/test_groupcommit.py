@@ -165,7 +165,7 @@ def test_a_hold_fits_on_money_a_settlement_frees_in_the_same_group(svc, fake):
         partial(begin_attempt, svc, fifth, None),
         partial(finish_attempt, svc, begun[0], REFUSED, None),
     ])
-    assert isinstance(started, Begun) and retry is None
+    assert isinstance(started, Begun) and retry.retry_in is None
     s = summary(svc, job_id)
     assert (s["reserved_cents"], s["spent_cents"]) == (4 * price, 0)
     assert_books_balance(svc, job_id)
@@ -181,7 +181,7 @@ def test_the_last_renders_ending_in_one_group_close_the_job_and_move_the_team(sv
         assert team_state(session, "grouped").reserved_cents == 6 * begun[0].amount_cents
     results = _queue_behind_a_busy_committer(
         svc, [partial(finish_attempt, svc, step, REFUSED, None) for step in begun])
-    assert results == [None] * 6
+    assert [r.retry_in for r in results] == [None] * 6
     s = summary(svc, job_id)
     assert s["status"] == "failed" and s["finished_at"] is not None
     assert (s["reserved_cents"], s["spent_cents"], s["items_failed"]) == (0, 0, 6)

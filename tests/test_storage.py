@@ -26,6 +26,7 @@ from pipeline.storage import (
     check_key,
     media_key,
     open_store,
+    probe,
     safe_slug,
 )
 from tests.servers import start_moto, start_postgres, start_redis
@@ -66,6 +67,18 @@ def test_media_key_shape() -> None:
     assert media_key(1_234_567, 123_456, "x", 1000, 100, "webp") == (
         "job-1234567/line-123456-x/r1000-i100.webp"
     )
+
+
+def test_each_attempt_of_a_render_has_keys_of_its_own() -> None:
+    """A stale attempt (its worker froze past its lease) must not overwrite the files of the
+    attempt that settled; the first attempt keeps the short key."""
+    keys = {media_key(42, 7, "Cat", 3, 1, "png", attempt=a) for a in (1, 2, 3)}
+    assert keys == {"job-000042/line-00007-cat/r003-i01.png",
+                    "job-000042/line-00007-cat/r003-a02-i01.png",
+                    "job-000042/line-00007-cat/r003-a03-i01.png"}
+    for bad in (0, -1, True, "2"):
+        with pytest.raises(ValueError, match="attempt"):
+            media_key(42, 7, "Cat", 3, 1, "png", attempt=bad)
 
 
 def test_media_key_is_deterministic() -> None:
@@ -512,6 +525,29 @@ def test_s3_missing_bucket(s3_endpoint: str) -> None:
 
 def test_s3_check_passes(s3: S3Store) -> None:
     s3.check()
+
+
+def test_probe_writes_and_deletes_and_refuses_what_cannot_keep_results(
+        s3: S3Store, s3_endpoint: str, tmp_path: Path) -> None:
+    probe(s3)
+    assert s3.keys() == []
+    with pytest.raises(StorageError, match="no-such-bucket-here"):
+        probe(open_store("s3://no-such-bucket-here/media"))
+    folder = FileStore(tmp_path / "media")
+    probe(folder)
+    assert folder.keys() == [] and list((tmp_path / "media").iterdir()) == []
+    (tmp_path / "blocker").write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot"):
+        probe(FileStore(tmp_path / "blocker" / "media"))
+
+
+def test_delete_removes_an_object_and_ignores_a_missing_one(s3: S3Store, tmp_path: Path
+                                                             ) -> None:
+    for store in (s3, FileStore(tmp_path)):
+        store.put("job-000001/a.png", b"x", "image/png")
+        store.delete("job-000001/a.png")
+        store.delete("job-000001/a.png")
+        assert store.keys() == []
 
 
 def test_s3_client_is_cached_per_process(s3_endpoint: str) -> None:
