@@ -543,6 +543,33 @@ def finish_cancel(transactions: Callable[[], AbstractContextManager[Session]], j
         _recount_and_close(session, job_id)
 
 
+FAIL_QUEUED = _renders_of_job(_QUEUED).values(
+    status=RenderStatus.FAILED.value, error=bindparam("reason"), updated_at=bindparam("now"))
+
+
+def fail_queued_renders(transactions: Callable[[], AbstractContextManager[Session]],
+                        job_id: int, reason: str, chunk: int = CHUNK) -> int:
+    """Every queued render of the job failed with `reason`, `chunk` a transaction of
+    `transactions()`; then its items settled by ranges of lines and the job recounted and
+    closed if nothing of it is in flight (else its last render closes it). Renders in flight
+    end as usual. Returns how many renders it failed."""
+    failed = 0
+    while True:
+        with transactions() as session:
+            done = session.connection().execute(FAIL_QUEUED, {
+                "job": job_id, "chunk": chunk, "reason": reason, "now": utcnow()}).rowcount
+        failed += done
+        if done < chunk:
+            break
+    for lo, hi in _line_ranges(transactions, job_id, chunk):
+        with transactions() as session:
+            session.connection().execute(SETTLE_RUNNING_ITEMS, {"job": job_id, "lo": lo,
+                                                                "hi": hi})
+    with transactions() as session:
+        _recount_and_close(session, job_id)
+    return failed
+
+
 def _recount_and_close(session: Session, job_id: int) -> None:
     """After a whole-job change: open renders and the counters `status` shows counted anew
     (under the job's row lock, taken first), and the job closed if nothing of it is open."""
@@ -737,7 +764,9 @@ def retry_job(session: Session, job_id: int, budget_cents: int | None = None,
         batch = {"items": items[start:start + 1000], "now": now}
         db.execute(REQUEUE_RENDERS, batch)
         db.execute(REOPEN_CHOSEN_ITEMS, batch)
-    values: dict[str, Any] = {"status": JobStatus.PENDING.value, "finished_at": None}
+    # The error goes: a job ended for budget (exhaustion.py) is marked by it.
+    values: dict[str, Any] = {"status": JobStatus.PENDING.value, "finished_at": None,
+                              "error": None}
     if budget_cents is not None:
         values["budget_cents"] = budget_cents
     # Pending lets the dispatcher plan the re-opened items and count the queued renders.

@@ -29,6 +29,7 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
+from pipeline.exhaustion import end_rest_for_budget, mark_if_exhausted
 from pipeline.jobs import STORAGE_FAILING, pause_job, settle_item, unpause_job
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
@@ -80,6 +81,15 @@ class Begun:
 
 
 @dataclass(frozen=True)
+class EndRest:
+    """This render's hold was refused and no other render of its job can fit what is left
+    of the budget: the rest of the job is ended in bulk (exhaustion.py), after the commit."""
+
+    job_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class StoredMedia:
     index: int
     key: str
@@ -119,6 +129,10 @@ async def render_to_end(svc: Services, render_id: int) -> str:
             # In a group the holds come last (ledger.Moves); a group rolled back (a refused
             # hold among them) is redone work by work with the holds first, which says why.
             step = await svc.commits.run(partial(begin_attempt, svc, render_id, holder))
+            if isinstance(step, EndRest):
+                await asyncio.to_thread(end_rest_for_budget, svc.sessions, step.job_id,
+                                        step.reason)
+                return "budget"
             if not isinstance(step, Begun):
                 return step
             holder = step.number
@@ -197,7 +211,7 @@ RECORD_SEND = (
 
 
 def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session
-                  ) -> Begun | str:
+                  ) -> Begun | EndRest | str:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
 
     `holder` is the attempt number this task already holds (a retry in the same task);
@@ -232,6 +246,10 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
         db.execute(COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
         status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
         end_render(session, render, status, None if reason == "cancelled" else reason)
+        if reason.startswith("budget:"):
+            rest = mark_if_exhausted(session, render.job_id, render.team)
+            if rest is not None:
+                return EndRest(render.job_id, rest)
         return reason.split(":")[0]
     # The lease runs from now, after the holds: they may have queued on the job's hot row,
     # and a lease already spent by then gets a live worker's call swept as lost.

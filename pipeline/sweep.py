@@ -7,6 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
+from pipeline.exhaustion import end_marked_jobs
 from pipeline.jobs import close_job_if_done, recount_open_renders
 from pipeline.models import Job, JobStatus, Render, RenderStatus, utcnow
 from pipeline.queue import put_back_lost
@@ -27,6 +28,7 @@ def sweep(sessions: sessionmaker[Session], settings: Settings) -> list[int]:
     must not render them itself (it feeds only its own job)."""
     revived = [rid for rid in _expired_leases(sessions) if _revive(sessions, rid, settings)]
     put_back_lost(sessions, settings.requeue_after, limit=5000)
+    end_marked_jobs(sessions)
     return revived + _close_finished_jobs(sessions)
 
 
