@@ -56,11 +56,23 @@ from pipeline.submission import (
 )
 
 EXIT_OK, EXIT_JOB_NOT_OK, EXIT_USAGE = 0, 1, 2
+# How long `run` waits for a database that refuses writes (disk full) before it leaves; it
+# never leaves while a paid call is in flight or its result waits to be recorded.
+DB_PATIENCE = 60.0
 FINAL_OK = "succeeded"
 
 # Piped output is read by scripts and people alike: wide enough that tables never wrap ids.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+
+
+class Stopped(click.ClickException):
+    """A run that cannot go on through no fault of its input: one line, exit code 1."""
+
+    exit_code = EXIT_JOB_NOT_OK
+
+    def show(self, file: Any = None) -> None:
+        err.print(f"error: {self.message}", highlight=False, markup=False)
 
 
 class UserError(click.ClickException):
@@ -463,14 +475,28 @@ def render_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[st
     """Plan, send and sweep here (the ticker's first tick plans the job at once) and follow
     the job until it ends or pauses; a paused job names the command that continues it."""
     from workers.embedded import Feeder, Ticker
+    from workers.tasks import services
 
     ticker, feeder = Ticker(app, interval=1.0, only_job=job_id), Feeder(app, only_job=job_id)
+    svc = services(app)
+
+    def stuck() -> str | None:
+        """Why this process cannot go on: the database has refused writes (the feeder's) for
+        DB_PATIENCE, and no paid call is in flight or waits to be recorded (leaving then
+        loses nothing)."""
+        since = feeder.failing_since
+        if since is None or time.monotonic() - since < DB_PATIENCE:
+            return None
+        if svc.commits.waiting or svc.calls_in_flight:
+            return None
+        return feeder.failure
+
     # The signals are taken before the first render is sent: a SIGTERM from then on pauses.
     with CtrlC(job_id) as ctrl_c:
         ticker.start()
         feeder.start()
         try:
-            summary = follow_job(sessions, job_id, ctrl_c, quiet=quiet)
+            summary = follow_job(sessions, job_id, ctrl_c, quiet=quiet, stuck=stuck)
         finally:
             feeder.stop()
             ticker.stop()
@@ -514,7 +540,8 @@ class CtrlC:
         os._exit(130 if signum == signal.SIGINT else 128 + signum)
 
 
-def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool) -> dict[str, Any]:
+def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool,
+               stuck: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
     """Show progress until the job ends, or is paused (by Ctrl-C here or `imagebatch pause`
     anywhere) and none of its renders is in flight any more."""
     progress = JobProgress(err, job_id, quiet=quiet)
@@ -543,6 +570,12 @@ def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool) -> dic
                     progress.update(summary)
             if finished or drained:
                 return summary
+            why = stuck()
+            if why is not None:
+                raise Stopped(
+                    f"the database refuses writes ({why}) for {DB_PATIENCE:g} s: job {job_id} "
+                    "stopped with no call in flight and every paid result recorded; make room "
+                    f"(or bring the database back), then `imagebatch resume {job_id}`")
             ctrl_c.pressed.wait(0.25) if not asked else time.sleep(0.25)
 
 

@@ -152,7 +152,10 @@ def retry_on_disconnect(work: Callable[[], T], *, tries: int = 6, delay: float =
         except OperationalError as exc:
             if attempt == tries - 1:
                 raise
-            log.warning("database unavailable (%s); retrying", exc.orig)
+            # Quietly: the callers that must not give up say so once, louder
+            # (GroupCommit.run_durably), and a full disk would repeat this every second.
+            log.log(logging.INFO if attempt == 0 else logging.DEBUG,
+                    "database unavailable (%s); retrying", exc.orig)
             time.sleep(delay * 2**attempt)
         except DBAPIError as exc:
             if not exc.connection_invalidated or attempt == tries - 1:

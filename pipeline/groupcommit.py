@@ -26,11 +26,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from typing import Generic, Protocol, TypeVar
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import retry_on_disconnect, transaction
@@ -75,6 +77,39 @@ class GroupCommit:
         ]
         for thread in self._threads:
             thread.start()
+        # The database refusing writes (disk full, restarting), as `run` reports it: since
+        # when (monotonic), why, and how many paid results wait to be recorded meanwhile.
+        self.failing_since: float | None = None
+        self.failure = ""
+        self.waiting = 0
+
+    async def run_durably(self, work: Callable[[Session], T], patience: float, *,
+                          paid: bool = False) -> T:
+        """`run`, tried again (backing off) while the database refuses writes, for up to
+        `patience` seconds: for what must reach SQL, a paid result's settlement (`paid`)
+        above all (given up, the sweeper charges it unknown and the render is paid again)."""
+        give_up_at = time.monotonic() + patience
+        delay = 0.5
+        waiting = False
+        try:
+            while True:
+                try:
+                    result = await self.run(work)
+                except OperationalError as exc:
+                    if time.monotonic() + delay > give_up_at:
+                        raise
+                    if paid and not waiting:
+                        waiting = True
+                        self.waiting += 1
+                        log.error("the database refuses writes (%s); a paid result waits "
+                                  "to be recorded", _reason(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                return result
+        finally:
+            if waiting:
+                self.waiting -= 1
 
     async def run(self, work: Callable[[Session], T]) -> T:
         """`work(session)` committed: in a group if it can be, else alone (see the module).
@@ -83,9 +118,18 @@ class GroupCommit:
         queued: _Queued[T] = _Queued(work, loop.create_future())
         self._queue.put(queued)  # type: ignore[arg-type]
         if await queued.future:
+            self.failing_since = None
             return queued.result  # type: ignore[return-value]
         again = partial(retry_on_disconnect, partial(_run_alone, self._sessions, work))
-        return await loop.run_in_executor(None, again)
+        try:
+            result = await loop.run_in_executor(None, again)
+        except OperationalError as exc:
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+            self.failure = _reason(exc)
+            raise
+        self.failing_since = None
+        return result
 
     def stop(self) -> None:
         """Commit what is queued, then end the committer threads."""
@@ -147,6 +191,11 @@ class GroupCommit:
                 by_loop[queued.future.get_loop()].append(queued.future)
             for loop, futures in by_loop.items():
                 loop.call_soon_threadsafe(_answer, futures, committed)
+
+
+def _reason(exc: OperationalError) -> str:
+    """The driver's own words ("database or disk is full"), never the statement or its values."""
+    return str(exc.orig).splitlines()[0] if exc.orig is not None else exc.__class__.__name__
 
 
 def _answer(futures: list[asyncio.Future[bool]], committed: bool) -> None:

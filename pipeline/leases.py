@@ -49,6 +49,12 @@ class LeaseKeeper:
                 if self._held[render_id] <= 0:
                     del self._held[render_id]
 
+    def held(self) -> frozenset[int]:
+        """The renders this process is working on: never another's to sweep, even when
+        their leases ran out while the database refused the renewals."""
+        with self._lock:
+            return frozenset(self._held)
+
     def renew(self) -> int:
         with self._lock:
             held = list(self._held)

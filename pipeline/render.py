@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
@@ -123,12 +124,28 @@ def run_render(svc: Services, render_id: int) -> str:
 
 
 async def render_to_end(svc: Services, render_id: int) -> str:
+    try:
+        return await _attempts_until_done(svc, render_id)
+    except OperationalError as exc:
+        # The database refused a write before any call was sent, or for longer than the
+        # render deadline after one: SQL still says what is left (a reservation with no send
+        # recorded is released, a send recorded is charged unknown), and the render is sent
+        # again once its lease or message is found lost.
+        log.warning("render %d stopped: the database refuses writes (%s)", render_id,
+                    str(exc.orig).splitlines()[0] if exc.orig is not None else exc)
+        return "database"
+
+
+async def _attempts_until_done(svc: Services, render_id: int) -> str:
     holder: int | None = None
     with svc.leases.hold(render_id):
         while True:
             # In a group the holds come last (ledger.Moves); a group rolled back (a refused
             # hold among them) is redone work by work with the holds first, which says why.
-            step = await svc.commits.run(partial(begin_attempt, svc, render_id, holder))
+            # The database refusing writes for a while (disk full, a restart) is waited out
+            # for up to a lease, here and before the call (`_send_or_not`).
+            step = await svc.commits.run_durably(
+                partial(begin_attempt, svc, render_id, holder), svc.settings.lease_seconds)
             if isinstance(step, EndRest):
                 await asyncio.to_thread(end_rest_for_budget, svc.sessions, step.job_id,
                                         step.reason)
@@ -141,8 +158,11 @@ async def render_to_end(svc: Services, render_id: int) -> str:
                 return outcome
             collected = (await collect_media(svc, step, outcome)
                          if isinstance(outcome, Delivered) else None)
-            settled = await svc.commits.run(partial(finish_attempt, svc, step, outcome,
-                                                    collected))
+            # A refused write waits for the database (up to the deadline): a settlement
+            # given up is a paid result paid again.
+            settled = await svc.commits.run_durably(
+                partial(finish_attempt, svc, step, outcome, collected),
+                svc.settings.render_deadline, paid=True)
             if settled.unkept:
                 await _delete_unkept(svc, settled.unkept)
             if settled.retry_in is None:
@@ -374,7 +394,8 @@ async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Un
 
 async def _send_or_not(svc: Services, begun: Begun) -> str | None:
     """`record_send`, committed with other renders' writes: None to go on and call."""
-    return await svc.commits.run(partial(record_send, begun))
+    return await svc.commits.run_durably(partial(record_send, begun),
+                                         svc.settings.lease_seconds)
 
 
 def record_send(begun: Begun, session: Session) -> str | None:
@@ -412,7 +433,7 @@ async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Un
     limiter = svc.limiter
     if limiter is None:
         stop = await _send_or_not(svc, begun)
-        return stop if stop is not None else await svc.upstream.generate(begun.request)
+        return stop if stop is not None else await _generate(svc, begun)
     model = str(begun.request.get("model", ""))
     try:
         slot = await _enter_slot(limiter, model, svc.settings.render_deadline)
@@ -427,7 +448,7 @@ async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Un
         stop = await _send_or_not(svc, begun)
         if stop is not None:
             return stop
-        outcome = await svc.upstream.generate(begun.request)
+        outcome = await _generate(svc, begun)
     finally:
         try:
             await slot.__aexit__(None, None, None)
@@ -439,6 +460,14 @@ async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Un
         except Exception as exc:
             log.warning("sharing a 429 pause failed: %s", exc.__class__.__name__)
     return outcome
+
+
+async def _generate(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+    svc.calls_in_flight += 1  # on the loop's one thread: no lock needed
+    try:
+        return await svc.upstream.generate(begun.request)
+    finally:
+        svc.calls_in_flight -= 1
 
 
 async def _enter_slot(limiter: Any, model: str, patience: float) -> Any:
@@ -523,8 +552,8 @@ async def _put_with_retries(svc: Services, begun: Begun, key: str, data: bytes,
         except StorageError as exc:
             attempt += 1
             if attempt == 1:
-                await svc.commits.run(partial(pause_job, job_id=begun.job_id,
-                                              reason=f"{STORAGE_FAILING}{exc}"))
+                await _quietly(svc, partial(pause_job, job_id=begun.job_id,
+                                            reason=f"{STORAGE_FAILING}{exc}"))
             delay = backoff_delay(attempt, None, svc.settings.backoff_base, 30.0)
             if time.monotonic() + delay > give_up_at:
                 raise
@@ -532,9 +561,17 @@ async def _put_with_retries(svc: Services, begun: Begun, key: str, data: bytes,
             await asyncio.sleep(delay)
             continue
         if attempt:
-            await svc.commits.run(partial(unpause_job, job_id=begun.job_id,
-                                          cause=STORAGE_FAILING))
+            await _quietly(svc, partial(unpause_job, job_id=begun.job_id,
+                                        cause=STORAGE_FAILING))
         return uri
+
+
+async def _quietly(svc: Services, work: Any) -> None:
+    """A job's pause or unpause: the result in hand matters more than either."""
+    try:
+        await svc.commits.run(work)
+    except Exception as exc:
+        log.warning("changing the job's state failed: %s", exc.__class__.__name__)
 
 
 async def _delete_unkept(svc: Services, keys: tuple[str, ...]) -> None:

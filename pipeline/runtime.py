@@ -63,6 +63,8 @@ class Services:
     # Bounds renders holding media bytes at once, so memory does not grow with calls in flight.
     media_slots: asyncio.Semaphore = field(init=False)
     limiter: Any = None
+    # Upstream calls under way now (read by `run`, which leaves no paid call behind).
+    calls_in_flight: int = 0
     leases: LeaseKeeper = field(init=False)
     # The renders' transactions, committed in groups by committer threads.
     commits: GroupCommit = field(init=False)

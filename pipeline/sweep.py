@@ -3,6 +3,8 @@ messages returned to it."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,13 +22,16 @@ from pipeline.settings import Settings
 BACKSTOP_MAX_OPEN = 1000
 
 
-def sweep(sessions: sessionmaker[Session], settings: Settings) -> list[int]:
+def sweep(sessions: sessionmaker[Session], settings: Settings,
+          held: Collection[int] = frozenset()) -> list[int]:
     """The renders put back in the SQL queue. Safe to run from any number of places at once.
 
     Revived renders wait in SQL like any other (the feeders send them, each job its fair
     share), never straight to the broker: a `run` process sweeping another job's dead renders
-    must not render them itself (it feeds only its own job)."""
-    revived = [rid for rid in _expired_leases(sessions) if _revive(sessions, rid, settings)]
+    must not render them itself (it feeds only its own job). `held`: the renders this
+    process works on itself (a result waiting for the database to take it), never swept."""
+    revived = [rid for rid in _expired_leases(sessions)
+               if rid not in held and _revive(sessions, rid, settings)]
     put_back_lost(sessions, settings.requeue_after, limit=5000)
     end_marked_jobs(sessions)
     return revived + _close_finished_jobs(sessions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -144,3 +145,45 @@ def test_storage_failing_mid_job_pauses_it_and_its_return_runs_it_again(env, tmp
     assert job["spent_cents"] == 72 == fake.stats()["billed_cents"]
     assert fake.stats()["calls"] == 24
     assert len([p for p in media.rglob("*") if p.is_file()]) == 24
+
+
+# --- a database that refuses writes ----------------------------------------------------------
+
+
+def test_a_full_disk_stops_buying_and_no_paid_result_is_paid_again(env, tmp_path, fake):
+    """The database's files may not grow (RLIMIT_FSIZE on the `run` process: writes fail as on
+    a full disk) while results arrive, then may again: the results in hand wait for the
+    database and are recorded, nothing new is bought meanwhile, the job ends, and every call
+    is paid once."""
+    env = {**env, "IMAGEBATCH_CONCURRENCY": "4"}
+    assert imagebatch(env, "db", "upgrade").returncode == 0
+    data = tmp_path / "data"
+    limit = (data / "imagebatch.db").stat().st_size + 400_000
+
+    def limited() -> None:
+        # The soft limit only: this test may raise it again without privileges.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", write(tmp_path, *otters(80, latency=0.3)),
+         "--budget", "5", "--json"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=limited)
+    wal = data / "imagebatch.db-wal"
+    try:
+        wait_for(lambda: wal.exists() and wal.stat().st_size >= limit - 8192, timeout=60,
+                 what="the database's log reaching the limit")
+        calls = fake.stats()["calls"]
+        # Longer than the driver-level retries of a lost connection (about 15 s).
+        time.sleep(20)
+        assert fake.stats()["calls"] <= calls + 4  # at most the calls already under way
+        assert run.poll() is None
+    finally:
+        resource.prlimit(run.pid, resource.RLIMIT_FSIZE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # room again
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    job = json.loads(stdout)
+    assert (job["status"], job["images"], job["reserved_cents"]) == ("succeeded", 80, 0)
+    assert fake.stats()["calls"] == 80 == fake.stats()["billed_calls"]
+    assert job["spent_cents"] == 240 == fake.stats()["billed_cents"]

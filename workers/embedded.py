@@ -19,6 +19,7 @@ from workers.tasks import announce_worker, enqueue_renders, services
 log = logging.getLogger("imagebatch.worker")
 
 FEED_INTERVAL = 0.1
+REPEAT_FAILURE_AFTER = 60.0
 # A round that sent this many goes again at once: the workers are taking messages fast.
 FEED_BUSY = 64
 
@@ -58,7 +59,7 @@ def tick(app: Celery, only_job: int | None = None) -> int:
     if only_job is None:
         fire_due(svc.sessions)
     plan_pending(svc, only_job)
-    sweep(svc.sessions, svc.settings)
+    sweep(svc.sessions, svc.settings, held=svc.leases.held())
     return feed(app, only_job)
 
 
@@ -74,6 +75,9 @@ class Every:
     def __init__(self, app: Celery, interval: float, work: Callable[[Celery], int],
                  name: str, busy_at: int | None = None) -> None:
         self.app, self.interval, self.work, self.busy_at = app, interval, work, busy_at
+        # Failing rounds: since when (monotonic; None while it works) and why.
+        self.failing_since: float | None = None
+        self.failure = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
@@ -85,6 +89,8 @@ class Every:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        failing: str | None = None
+        said_at = 0.0
         while not self._stop.is_set():
             started = time.monotonic()
             wait = self.interval
@@ -92,10 +98,27 @@ class Every:
                 done = self.work(self.app)
                 if self.busy_at is not None and done >= self.busy_at:
                     wait = 0.0
+                if failing is not None:
+                    log.warning("%s works again", self._thread.name)
+                    failing = None
+                self.failing_since = None
             except Exception as exc:  # one bad round (upstream down for /models) must not stop it
-                log.warning("%s failed: %s", self._thread.name, exc)
+                # Said once, and again each minute it goes on: not every round.
+                why = _first_line(exc)
+                if why != failing or started - said_at >= REPEAT_FAILURE_AFTER:
+                    log.warning("%s failed: %s", self._thread.name, why)
+                    said_at = started
+                failing = self.failure = why
+                if self.failing_since is None:
+                    self.failing_since = started
                 wait = max(self.interval, 1.0)
             self._stop.wait(max(0.0, wait - (time.monotonic() - started)))
+
+
+def _first_line(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None)  # a database error: the driver's words, no statement
+    return str(orig if orig is not None else exc).splitlines()[0] if str(exc) else (
+        exc.__class__.__name__)
 
 
 class Ticker(Every):
