@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -23,12 +24,11 @@ from rich.table import Table
 from pipeline.caps import Caps, load_caps
 from pipeline.db import (
     SchemaBehind,
-    make_engine,
-    require_current_schema,
+    open_engine,
+    prepare_schema,
     schema_revisions,
     session_factory,
     transaction,
-    upgrade_schema,
 )
 from pipeline.jobs import (
     RETRY_CHOICES,
@@ -46,7 +46,7 @@ from pipeline.jobs import (
     unfinished_job_of,
 )
 from pipeline.plan import parse_dollars
-from pipeline.settings import Settings, SettingsError
+from pipeline.settings import Settings, SettingsError, unknown_settings
 from pipeline.submission import (
     JobFileError,
     Submission,
@@ -119,6 +119,12 @@ def main(verbose: int) -> None:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    for unknown in unknown_settings():
+        logging.getLogger("imagebatch").warning("%s is not an imagebatch setting (ignored)",
+                                                unknown)
+    if verbose < 2:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(one_line_transport_logs)
     # A line per HTTP request or per task is noise at hundreds of renders a second: -vv shows it.
     for chatty in ("httpx", "celery.worker.strategy", "celery.app.trace"):
         logging.getLogger(chatty).setLevel(max(level, logging.WARNING) if verbose < 2
@@ -126,6 +132,15 @@ def main(verbose: int) -> None:
 
 
 # --- shared plumbing -----------------------------------------------------------------------
+
+
+def one_line_transport_logs(record: logging.LogRecord) -> bool:
+    """Celery's and kombu's records without their tracebacks (they stay one line; -vv shows
+    them whole): the user's error, not a transport's stack, is what a command prints."""
+    if record.name.startswith(("celery", "kombu", "amqp")) and record.exc_info:
+        record.msg = f"{record.getMessage()} ({record.exc_info[1]!r})"
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+    return True
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -137,12 +152,10 @@ def load_settings(**overrides: Any) -> Settings:
 def database(settings: Settings, *, upgrade: bool = True):  # type: ignore[no-untyped-def]
     """The session factory. The embedded SQLite file is created and upgraded on the spot;
     a server database must be upgraded explicitly (`imagebatch db upgrade`)."""
-    engine = make_engine(settings.database_url)
+    engine = open_engine(settings.database_url, where=settings.database_label)
     try:
-        if settings.is_sqlite and upgrade:
-            upgrade_schema(engine)
-        else:
-            require_current_schema(engine)
+        prepare_schema(engine, upgrade=settings.is_sqlite and upgrade,
+                       where=settings.database_label)
         yield session_factory(engine)
     finally:
         engine.dispose()
@@ -179,11 +192,52 @@ def read_job_text(path: str) -> tuple[str, str]:
 
 
 def readable(path: str) -> None:
-    """A missing file, a directory or an unreadable one: one line, exit 2."""
+    """A missing file, a directory, a pipe or a device, an unreadable or an empty one (or
+    nothing on standard input): one line saying which, exit 2."""
+    if path != "-":
+        regular_file(path)
     try:
         check_readable(path)
     except JobFileError as exc:
         raise UserError(str(exc)) from None
+    if path == "-":
+        peek = getattr(sys.stdin.buffer, "peek", None)  # the bytes stay for the reader
+        if peek is not None and not peek(1):
+            raise UserError("-: no job lines (standard input is empty)")
+    elif not has_text(path):
+        empty = os.stat(path).st_size == 0
+        raise UserError(f"{path}: no job lines (the file is "
+                        f"{'empty' if empty else 'blank lines only'})")
+
+
+def regular_file(path: str) -> None:
+    """A job file is read twice (its digest finds an earlier job, then the lines): only a
+    regular file can be. A pipe or a device goes through standard input instead."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a directory, not a job file")
+    if not stat.S_ISREG(mode):
+        kind = ("a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device")
+        raise UserError(f"{path}: not a regular file ({kind}); give a job file, or - to "
+                        "read standard input")
+
+
+def has_text(path: str) -> bool:
+    """Whether the file holds anything but whitespace (read up to its first such byte)."""
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 16):
+                if chunk.strip():
+                    return True
+    except OSError:
+        return True  # the reader that follows says what is wrong
+    return False
 
 
 def cap_from_options(budget: str | None, cents: int | None) -> int:
@@ -408,6 +462,8 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
                  allow_invalid: bool, *, quiet: bool, new: bool = True) -> dict[str, Any]:
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished."""
     with database(settings) as sessions:
+        # The file is looked at before any worker starts: a refusal prints its line alone.
+        readable(file)
         if not new:
             refuse_unfinished(sessions, file)
         storage_ready(settings)
@@ -1225,9 +1281,12 @@ def db() -> None:
 def db_upgrade() -> None:
     """Create or upgrade the schema to this version's."""
     settings = load_settings()
-    engine = make_engine(settings.database_url)
-    upgrade_schema(engine)
-    current, _ = schema_revisions(engine)
+    engine = open_engine(settings.database_url, where=settings.database_label)
+    try:
+        prepare_schema(engine, upgrade=True, where=settings.database_label)
+        current, _ = schema_revisions(engine)
+    finally:
+        engine.dispose()
     out.print(f"schema at revision {current} ({_safe_url(settings.database_url)})")
 
 
@@ -1235,7 +1294,11 @@ def db_upgrade() -> None:
 def db_current() -> None:
     """Show the schema's revision and the one this version needs."""
     settings = load_settings()
-    current, head = schema_revisions(make_engine(settings.database_url))
+    engine = open_engine(settings.database_url, where=settings.database_label)
+    try:
+        current, head = schema_revisions(engine)
+    finally:
+        engine.dispose()
     out.print(f"database: {current or 'empty'}; this imagebatch: {head}")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 import weakref
@@ -11,11 +13,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
+
+from pipeline.settings import SettingsError, check_database_url, mask_url
 
 log = logging.getLogger("imagebatch.db")
 WRITE_OPTION = "imagebatch_write"
@@ -23,8 +27,70 @@ _write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKe
 T = TypeVar("T")
 
 
+# Seconds a PostgreSQL connection attempt may take: an unreachable host must not hang a
+# command for the kernel's TCP timeout (minutes).
+CONNECT_TIMEOUT = 10
+# pg_advisory_lock key held while migrating ("imagebatch" in ASCII, truncated to 63 bits).
+MIGRATION_LOCK = 0x696D616765626174
+
+
 class SchemaBehind(RuntimeError):
     """The database's schema is older than this code: run `imagebatch db upgrade`."""
+
+
+class DatabaseUnavailable(SettingsError):
+    """The database cannot be opened, reached or migrated: named by its setting."""
+
+
+def open_engine(database_url: str, *, where: str | None = None, pool_size: int = 10
+                ) -> Engine:
+    """An engine on a database that answered, or DatabaseUnavailable naming the setting
+    (`where`: Settings.database_label), the URL (password masked) and the reason: the check
+    every command does first."""
+    where = where or f"IMAGEBATCH_DATABASE_URL={mask_url(database_url)!r}"
+    check_database_url(database_url, where)
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        _check_sqlite_file(Path(url.database or ""), where)
+    engine = make_engine(database_url, pool_size=pool_size)
+    try:
+        with engine.connect() as connection:
+            # sqlite_master is read from the file: "file is not a database" shows here.
+            connection.exec_driver_sql(
+                "SELECT count(*) FROM sqlite_master" if url.get_backend_name() == "sqlite"
+                else "SELECT 1")
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise DatabaseUnavailable(f"{where}: cannot open the database: {reason(exc)}") from None
+    return engine
+
+
+def _check_sqlite_file(path: Path, where: str) -> None:
+    """What SQLite would report as "unable to open database file", said precisely."""
+    if path.is_dir():
+        raise DatabaseUnavailable(f"{where}: {path} is a directory, not a database file")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DatabaseUnavailable(f"{where}: {blocker} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Append mode creates a missing file (an empty file is an empty SQLite database)
+        # and changes nothing in an existing one; it fails as SQLite would, with a reason.
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise DatabaseUnavailable(f"{where}: cannot write {path}: {exc.strerror or exc}"
+                                  ) from None
+    # SQLite writes its journal (-wal, -shm) beside the file: the folder must be writable.
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise DatabaseUnavailable(f"{where}: the folder {path.parent} is not writable")
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of a database error, from the driver, with any password masked."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines() or [type(orig).__name__]
+    return mask_url(lines[0])
 
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
@@ -32,9 +98,11 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(database_url)
     # hide_parameters: a failing statement must not print bound values (prompts, keys) in logs.
+    connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": CONNECT_TIMEOUT}
     return create_engine(
         database_url,
         hide_parameters=True,
+        connect_args=connect_args,
         # No pre-ping: it is a transaction of its own (BEGIN, SELECT 1) on every checkout, two
         # per render. A connection that died in the pool fails its first statement instead,
         # and the render's transactions retry on a new one (retry_on_disconnect); the
@@ -115,23 +183,81 @@ def _alembic_config(connection: object) -> object:
     return config
 
 
+def prepare_schema(engine: Engine, *, upgrade: bool, where: str) -> None:
+    """Bring the schema up to date (`upgrade`: the embedded SQLite file) or make sure it is
+    (a server's, upgraded by `imagebatch db upgrade`); a database error names `where`."""
+    try:
+        if upgrade:
+            upgrade_schema(engine)
+        else:
+            require_current_schema(engine)
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailable(
+            f"{where}: the schema could not be {'created' if upgrade else 'read'}: "
+            f"{reason(exc)}") from None
+
+
 def upgrade_schema(engine: Engine) -> None:
-    """Apply every migration not yet applied (`imagebatch db upgrade`)."""
+    """Apply every migration not yet applied (`imagebatch db upgrade`, and the embedded
+    SQLite file on first use). Safe when many processes start at once on a fresh database:
+    one migrates, under a lock (a file lock beside a SQLite file, an advisory lock on
+    PostgreSQL), and the others find the revision current once they get the lock."""
     from alembic import command
 
-    with engine.connect() as connection:
-        command.upgrade(_alembic_config(connection), "head")  # type: ignore[arg-type]
+    head = _head_revision()
+    # BEGIN IMMEDIATE on SQLite: the migration reads, then writes; a deferred transaction
+    # would get "database is locked" at once from a concurrent writer instead of waiting.
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as connection:
+        if _current_revision(connection) == head:
+            return
+        with _migration_lock(engine, connection):
+            if _current_revision(connection) == head:
+                return
+            command.upgrade(_alembic_config(connection), "head")  # type: ignore[arg-type]
+
+
+def _current_revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    current = MigrationContext.configure(connection).get_current_revision()
+    connection.rollback()  # the read's transaction ends; the migration starts its own
+    return current
+
+
+def _head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head() or ""  # type: ignore[arg-type]
+
+
+@contextmanager
+def _migration_lock(engine: Engine, connection: Connection) -> Iterator[None]:
+    """Held by one process at a time, across processes and machines."""
+    if connection.dialect.name == "postgresql":
+        # Session-level: it outlives the transactions the migration commits.
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        connection.commit()
+        try:
+            yield
+        finally:
+            try:
+                connection.rollback()
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"),
+                                   {"key": MIGRATION_LOCK})
+                connection.commit()
+            except SQLAlchemyError:  # a lost connection took its lock with it
+                pass
+        return
+    database = engine.url.database
+    with open(f"{database}.migrate-lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def schema_revisions(engine: Engine) -> tuple[str | None, str]:
     """(the database's revision, the code's head revision)."""
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
     with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-        script = ScriptDirectory.from_config(_alembic_config(connection))  # type: ignore[arg-type]
-    return current, script.get_current_head() or ""
+        return _current_revision(connection), _head_revision()
 
 
 def require_current_schema(engine: Engine) -> None:

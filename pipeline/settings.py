@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_API_BASE = "https://api.airforce/v1"
 
@@ -63,45 +66,44 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings from IMAGEBATCH_* variables, each checked against its range (and the
+        ones that depend on each other together): a bad value raises SettingsError naming
+        the variable, its value and what it may be."""
         env = os.environ if env is None else env
 
         def get(name: str) -> str | None:
             value = env.get(f"IMAGEBATCH_{name}")
             return value if value not in (None, "") else None
 
-        data_dir = Path(get("DATA_DIR") or "imagebatch-data").expanduser().resolve()
-        kwargs: dict[str, object] = {"data_dir": data_dir}
-        text = {
-            "api_base": "API_BASE", "api_key": "API_KEY", "database_url": "DATABASE_URL",
-            "broker_url": "BROKER_URL", "storage_url": "STORAGE_URL",
-            "model_rates": "MODEL_RATES", "redis_url": "REDIS_URL",
-        }
-        for attr, name in text.items():
+        kwargs: dict[str, object] = {"data_dir": _data_dir(get("DATA_DIR"))}
+        for attr, name in TEXTS.items():
             if (value := get(name)) is not None:
                 kwargs[attr] = value
-        ints = {
-            "concurrency": "CONCURRENCY", "max_attempts": "MAX_ATTEMPTS",
-            "max_media_bytes": "MAX_MEDIA_BYTES", "models_ttl": "MODELS_TTL",
-            "media_concurrency": "MEDIA_CONCURRENCY", "max_in_flight": "MAX_IN_FLIGHT",
-            "committers": "COMMITTERS", "renders_ahead": "RENDERS_AHEAD",
-            "broker_window": "BROKER_WINDOW",
-        }
-        for attr, name in ints.items():
+        for spec in NUMBERS:
+            if (value := get(spec.env)) is not None:
+                kwargs[spec.attr] = spec.parse(value)
+        for attr, name in FLAGS.items():
             if (value := get(name)) is not None:
-                kwargs[attr] = _parse_number(name, value, int)
-        floats = {
-            "render_deadline": "RENDER_DEADLINE", "read_timeout": "READ_TIMEOUT",
-            "connect_timeout": "CONNECT_TIMEOUT", "requeue_after": "REQUEUE_AFTER",
-            "backoff_base": "BACKOFF_BASE", "backoff_cap": "BACKOFF_CAP",
-            "sweep_interval": "SWEEP_INTERVAL", "lease_seconds": "LEASE_SECONDS",
-            "visibility_timeout": "VISIBILITY_TIMEOUT",
-        }
-        for attr, name in floats.items():
-            if (value := get(name)) is not None:
-                kwargs[attr] = _parse_number(name, value, float)
-        if (value := get("ALLOW_PRIVATE_MEDIA")) is not None:
-            kwargs["allow_private_media"] = value.lower() in ("1", "true", "yes", "on")
-        return cls(**kwargs).with_defaults()  # type: ignore[arg-type]
+                kwargs[attr] = _parse_flag(name, value)
+        settings = cls(**kwargs).with_defaults()  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """The checks that need more than one value, or a parser of their own."""
+        if self.backoff_cap < self.backoff_base:
+            raise SettingsError(
+                f"IMAGEBATCH_BACKOFF_CAP={self.backoff_cap:g} is below IMAGEBATCH_BACKOFF_BASE="
+                f"{self.backoff_base:g}: the longest wait between two attempts cannot be "
+                "shorter than the first")
+        check_api_base(self.api_base)
+        check_database_url(self.database_url, self.database_label)
+        _check_scheme("BROKER_URL", self.broker_url, BROKER_SCHEMES)
+        if self.redis_url:
+            _check_scheme("REDIS_URL", self.redis_url, ("redis", "rediss"))
+        from pipeline.limits import parse_rates  # it raises SettingsError itself
+
+        parse_rates(self.model_rates)
 
     def with_defaults(self) -> Settings:
         """Fill the embedded defaults that depend on data_dir."""
@@ -112,7 +114,7 @@ class Settings:
                            else self.requeue_after),
             sweep_interval=(self.lease_seconds / 2 if self.sweep_interval is None
                             else self.sweep_interval),
-            database_url=self.database_url or f"sqlite:///{self.data_dir / 'imagebatch.db'}",
+            database_url=self.database_url or _embedded_database(self.data_dir),
             storage_url=self.storage_url or (self.data_dir / "media").as_uri(),
             broker_url=self.broker_url or "filesystem://localhost//",
         )
@@ -134,6 +136,14 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
     @property
+    def database_label(self) -> str:
+        """The variable the database comes from and its value (password masked), for
+        messages: the embedded SQLite file is IMAGEBATCH_DATA_DIR's."""
+        if self.database_url == _embedded_database(self.data_dir):
+            return f"IMAGEBATCH_DATA_DIR={str(self.data_dir)!r}"
+        return f"IMAGEBATCH_DATABASE_URL={mask_url(self.database_url)!r}"
+
+    @property
     def shared_redis_url(self) -> str | None:
         """Redis for limits shared by all workers: IMAGEBATCH_REDIS_URL, else a Redis broker."""
         if self.redis_url:
@@ -143,13 +153,171 @@ class Settings:
         return None
 
 
-def _parse_number(name: str, value: str, kind: type[int] | type[float]) -> int | float:
+# --- what each variable may hold -----------------------------------------------------------
+
+DAY, WEEK = 86_400, 604_800
+TEXTS = {
+    "api_base": "API_BASE", "api_key": "API_KEY", "database_url": "DATABASE_URL",
+    "broker_url": "BROKER_URL", "storage_url": "STORAGE_URL",
+    "model_rates": "MODEL_RATES", "redis_url": "REDIS_URL",
+}
+FLAGS = {"allow_private_media": "ALLOW_PRIVATE_MEDIA"}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+BROKER_SCHEMES = ("filesystem", "redis", "rediss", "memory")
+# The drivers the pipeline is tested with; others (async ones, MySQL) cannot run its SQL.
+DATABASE_DRIVERS = {"sqlite": ("pysqlite",), "postgresql": ("psycopg", "psycopg2")}
+DATABASE_EXAMPLE = ("sqlite:////path/to/imagebatch.db or "
+                    "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE")
+
+
+@dataclass(frozen=True)
+class Number:
+    """A numeric variable: its attribute, its name, whole or not, and its range. `zero`, when
+    set, says what 0 means where 0 is allowed below the range."""
+
+    attr: str
+    env: str
+    kind: type[int] | type[float]
+    low: float
+    high: float
+    unit: str = ""
+    zero: str | None = None
+
+    def parse(self, text: str) -> int | float:
+        try:
+            number = self.kind(text.strip())
+        except ValueError:
+            raise SettingsError(f"IMAGEBATCH_{self.env}={text!r}: not a "
+                                f"{'whole number' if self.kind is int else 'number'}; "
+                                f"{self.allowed}") from None
+        if not math.isfinite(number):
+            raise SettingsError(f"IMAGEBATCH_{self.env}={text!r}: not a finite number; "
+                                f"{self.allowed}")
+        if not (self.low <= number <= self.high or (number == 0 and self.zero)):
+            raise SettingsError(f"IMAGEBATCH_{self.env}={text!r}: {self.allowed}")
+        return number
+
+    @property
+    def allowed(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        span = f"from {_figure(self.low)} to {_figure(self.high)}{unit}"
+        return f"must be 0 ({self.zero}) or {span}" if self.zero else f"must be {span}"
+
+
+NUMBERS = (
+    Number("concurrency", "CONCURRENCY", int, 1, 10_000),
+    Number("renders_ahead", "RENDERS_AHEAD", int, 0, 10_000),
+    Number("committers", "COMMITTERS", int, 1, 64),
+    Number("max_attempts", "MAX_ATTEMPTS", int, 1, 100),
+    Number("max_media_bytes", "MAX_MEDIA_BYTES", int, 1, 2**36, "bytes"),
+    Number("models_ttl", "MODELS_TTL", int, 0, 365 * DAY, "seconds"),
+    Number("media_concurrency", "MEDIA_CONCURRENCY", int, 1, 10_000),
+    Number("max_in_flight", "MAX_IN_FLIGHT", int, 1, 1_000_000, zero="no shared limit"),
+    Number("broker_window", "BROKER_WINDOW", int, 1, 10_000_000,
+           zero="twice the live workers' render slots"),
+    # Every duration ends up in a timedelta, an asyncio timeout or a Redis option: finite,
+    # and bounded so that none of them overflows.
+    Number("render_deadline", "RENDER_DEADLINE", float, 1, WEEK, "seconds"),
+    Number("read_timeout", "READ_TIMEOUT", float, 0.1, DAY, "seconds"),
+    Number("connect_timeout", "CONNECT_TIMEOUT", float, 0.1, 3_600, "seconds"),
+    # Below a second, messages held by a busy live worker would be sent again every sweep.
+    Number("requeue_after", "REQUEUE_AFTER", float, 1, WEEK, "seconds"),
+    Number("backoff_base", "BACKOFF_BASE", float, 0.01, 3_600, "seconds"),
+    Number("backoff_cap", "BACKOFF_CAP", float, 0.01, DAY, "seconds"),
+    Number("sweep_interval", "SWEEP_INTERVAL", float, 0.1, DAY, "seconds"),
+    # A lease is renewed every third of it, in a transaction that may wait for the database
+    # on a busy machine; a renewal later than the lease gets a live call swept and sent again
+    # (paid twice). 0 sent every render max_attempts times.
+    Number("lease_seconds", "LEASE_SECONDS", float, 2, DAY, "seconds"),
+    # Redis only. Shorter than a render, Redis delivers a running task again: the copy finds
+    # the live lease and does nothing, but the default outlasts every render.
+    Number("visibility_timeout", "VISIBILITY_TIMEOUT", float, 1, 30 * DAY, "seconds",
+           zero="twice the render deadline plus 10 minutes"),
+)
+KNOWN = {"DATA_DIR", *TEXTS.values(), *FLAGS.values(), *(n.env for n in NUMBERS)}
+
+
+def _figure(number: float) -> str:
+    return f"{int(number):,}" if number == int(number) else f"{number:g}"
+
+
+def unknown_settings(env: Mapping[str, str] | None = None) -> list[str]:
+    """IMAGEBATCH_* variables that are no setting (a typo is otherwise silently ignored)."""
+    env = os.environ if env is None else env
+    return sorted(name for name in env
+                  if name.startswith("IMAGEBATCH_") and name[11:] not in KNOWN)
+
+
+def _parse_flag(name: str, text: str) -> bool:
+    if text.strip().lower() in TRUE + FALSE:
+        return text.strip().lower() in TRUE
+    raise SettingsError(f"IMAGEBATCH_{name}={text!r}: must be one of "
+                        f"{', '.join(TRUE)} (on) or {', '.join(FALSE)} (off)")
+
+
+def _data_dir(text: str | None) -> Path:
+    path = Path(text or "imagebatch-data").expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"IMAGEBATCH_DATA_DIR={text!r}: is a file, not a folder")
+    return path
+
+
+def mask_url(url: str) -> str:
+    """`url` with any password replaced by ***, even when it is not a valid URL."""
+    return re.sub(r"(://[^/@:\s]*:)[^@\s]*@", r"\1***@", url)
+
+
+def check_api_base(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"IMAGEBATCH_API_BASE={mask_url(url)!r}: not an http(s) URL "
+                            f"(e.g. {DEFAULT_API_BASE})")
+
+
+def _check_scheme(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    if urlsplit(url).scheme not in schemes:
+        raise SettingsError(f"IMAGEBATCH_{name}={mask_url(url)!r}: must start with "
+                            f"{' or '.join(s + '://' for s in schemes)}")
+
+
+def check_database_url(url: str, where: str | None = None) -> None:
+    """The URL's form and dialect: SQLite in a file, or PostgreSQL with an installed driver.
+    Whether the database can be opened is for `pipeline.db.open_engine` to find out. `where`
+    names the setting and its value in messages."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    where = where or f"IMAGEBATCH_DATABASE_URL={mask_url(url)!r}"
+
+    def refuse(reason: str) -> SettingsError:
+        return SettingsError(f"{where}: {reason}")
+
     try:
-        number = kind(value)
-    except ValueError:
-        raise SettingsError(
-            f"IMAGEBATCH_{name}={value!r} is not a{'n integer' if kind is int else ' number'}"
-        ) from None
-    if number < 0:
-        raise SettingsError(f"IMAGEBATCH_{name}={value!r} must not be negative")
-    return number
+        parsed = make_url(url)
+    except ArgumentError:
+        raise refuse(f"not a database URL (e.g. {DATABASE_EXAMPLE})") from None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if backend not in DATABASE_DRIVERS:
+        raise refuse(f"{backend} is not supported: use {DATABASE_EXAMPLE}")
+    if driver not in DATABASE_DRIVERS[backend]:
+        raise refuse(f"the driver {driver} is not supported: use "
+                     f"{' or '.join(f'{backend}+{d}' for d in DATABASE_DRIVERS[backend])}")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError:
+        raise refuse(f"the driver {driver} is not installed") from None
+    if backend == "sqlite" and _in_memory(parsed.database, parsed.query):
+        raise refuse("an in-memory SQLite database cannot be used: every worker thread and "
+                     "process would see its own empty database; give a file, "
+                     "e.g. sqlite:////path/to/imagebatch.db")
+    if backend == "postgresql" and not parsed.database:
+        raise refuse("no database name (…/DATABASE at the end)")
+
+
+def _in_memory(database: str | None, query: Mapping[str, object]) -> bool:
+    return (not database or database == ":memory:" or database.startswith("file::memory:")
+            or query.get("mode") == "memory")
+
+
+def _embedded_database(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'imagebatch.db'}"

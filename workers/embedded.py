@@ -24,12 +24,17 @@ REPEAT_FAILURE_AFTER = 60.0
 FEED_BUSY = 64
 
 
+# Seconds `stop` waits for a worker still starting (it starts in about a quarter second).
+READY_TIMEOUT = 30.0
+
+
 class InProcessWorker:
     """A Celery threads-pool worker on a daemon thread of this process."""
 
     def __init__(self, app: Celery, concurrency: int) -> None:
         self.app, self.concurrency = app, concurrency
         app.set_default()  # or tasks run under an implicit app (shared/PERFORMANCE.md)
+        self._ready = threading.Event()
         self.controller = app.WorkController(
             pool="threads",
             concurrency=concurrency,
@@ -38,6 +43,7 @@ class InProcessWorker:
             without_gossip=True,
             without_heartbeat=True,
             hostname=f"imagebatch-run-{threading.get_native_id()}@localhost",
+            ready_callback=lambda _consumer: self._ready.set(),
         )
         self._thread = threading.Thread(target=self.controller.start, name="celery", daemon=True)
 
@@ -46,6 +52,13 @@ class InProcessWorker:
         announce_worker(self.app, self.concurrency)
 
     def stop(self) -> None:
+        """Stop the worker, also one still starting. Celery's stop does nothing before its
+        start has begun, and one that lands mid-start crashes the start (a CRITICAL
+        traceback): `run` of a file refused at once did both, so wait until it is up."""
+        give_up = time.monotonic() + READY_TIMEOUT
+        while (not self._ready.wait(0.05) and self._thread.is_alive()
+               and time.monotonic() < give_up):
+            pass
         self.controller.stop(in_sighandler=False)
         self._thread.join(timeout=10)
 
