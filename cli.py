@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import stat
@@ -146,6 +147,35 @@ def one_line_transport_logs(record: logging.LogRecord) -> bool:
 def load_settings(**overrides: Any) -> Settings:
     settings = Settings.from_env()
     return replace(settings, **overrides) if overrides else settings
+
+
+def finite(value: float, option: str) -> float:
+    """click's FloatRange lets nan through (every comparison with it is false)."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=option)
+    return value
+
+
+def broker_app(settings: Settings) -> Any:
+    """The Celery app, on a broker that answered (or a one-line error naming
+    IMAGEBATCH_BROKER_URL): checked before anything is written or any worker starts."""
+    from workers.app import check_broker, create_app
+
+    app = create_app(settings)
+    check_broker(app)
+    return app
+
+
+def nudge(settings: Settings) -> None:
+    """Wake the dispatcher now. With the broker away the job still waits in SQL, where the
+    dispatcher of `worker` and `beat` finds it on its next round: a warning, not a failure."""
+    from workers.tasks import nudge_dispatcher
+
+    try:
+        nudge_dispatcher(broker_app(settings))
+    except SettingsError as exc:
+        err.print(f"warning: {exc}; `imagebatch worker` or `beat` picks the job up once they "
+                  "reach it", highlight=False, markup=False)
 
 
 @contextmanager
@@ -412,14 +442,14 @@ def submit(file: str, team: str, budget: str | None, budget_cents: int | None,
     FILE is JSONL ('-' for stdin): one request body per line (model, prompt, n, and any
     provider parameter, passed through), with optional custom_id and metadata; OpenAI Batch
     lines {custom_id, method, url, body} work too."""
-    from workers.app import create_app
     from workers.tasks import nudge_dispatcher
 
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents)
+    app = broker_app(settings)  # a broker out of reach is said before the job is written
     with database(settings) as sessions:
         job_id, _ = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
-        nudge_dispatcher(create_app(settings))
+        nudge_dispatcher(app)
         with sessions() as session:
             summary = job_summary(session, job_id)
     if as_json:
@@ -827,16 +857,13 @@ def retry(job: int, only: tuple[str, ...], budget: str | None, budget_cents: int
 
     `imagebatch resume JOB` then renders them in this process; or `imagebatch worker`
     processes do."""
-    from workers.app import create_app
-    from workers.tasks import nudge_dispatcher
-
     settings = load_settings()
     cap = None if budget is None and budget_cents is None else cap_from_options(budget,
                                                                                 budget_cents)
     with database(settings) as sessions:
         with transaction(sessions) as session:
             count = retry_job(session, job, cap, only)
-        nudge_dispatcher(create_app(settings))
+        nudge(settings)
     out.print(f"job {job}: {count} {' or '.join(only)} item(s) queued again; render them "
               f"here with `imagebatch resume {job}` or on `imagebatch worker` processes")
 
@@ -890,10 +917,7 @@ def resume(job: int, budget: str | None, budget_cents: int | None, detach: bool,
         if detach:
             resumed = resume_job(sessions, job, budget_cents=cap, in_process=False)
             if resumed.resumed:
-                from workers.app import create_app
-                from workers.tasks import nudge_dispatcher
-
-                nudge_dispatcher(create_app(settings))
+                nudge(settings)
             summary = _job_summary(sessions, job)
             if not resumed.resumed:
                 _nothing_to_resume(summary, as_json)
@@ -1171,8 +1195,6 @@ def schedule_remove(name: str) -> None:
 def schedule_run(name: str) -> None:
     """Create schedule NAME's job now (the workers render it)."""
     from pipeline.schedules import ScheduleError, run_now
-    from workers.app import create_app
-    from workers.tasks import nudge_dispatcher
 
     settings = load_settings()
     with database(settings) as sessions:
@@ -1181,7 +1203,7 @@ def schedule_run(name: str) -> None:
                 job_id = run_now(session, name)
             except ScheduleError as exc:
                 raise UserError(str(exc)) from None
-        nudge_dispatcher(create_app(settings))
+        nudge(settings)
     out.print(f"schedule {name}: job {job_id} submitted")
 
 
@@ -1198,7 +1220,6 @@ def schedule_run(name: str) -> None:
                    "runs; harmless beside one).")
 def worker(concurrency: int | None, sweep: bool) -> None:
     """Render queued jobs until stopped (Ctrl-C or SIGTERM finishes what it started)."""
-    from workers.app import create_app
     from workers.embedded import Feeder, Ticker
     from workers.tasks import announce_worker
 
@@ -1206,7 +1227,7 @@ def worker(concurrency: int | None, sweep: bool) -> None:
     with database(settings):
         pass  # refuses to start on a schema that is behind
     storage_ready(settings)
-    app = create_app(settings)
+    app = broker_app(settings)
     announce_worker(app, settings.render_slots)
     # The ticker plans and sweeps every sweep_interval; the feeder keeps the broker's
     # window full as renders start.
@@ -1224,17 +1245,17 @@ def worker(concurrency: int | None, sweep: bool) -> None:
 
 
 @main.command()
-@click.option("--interval", type=float, default=2.0, show_default=True,
+@click.option("--interval", type=click.FloatRange(0.1, 86_400), default=2.0, show_default=True,
+              callback=lambda _ctx, _param, value: finite(value, "--interval"),
               help="Seconds between two looks at pending jobs, schedules and stuck renders.")
 def beat(interval: float) -> None:
     """Pick up jobs inserted with SQL, fire schedules, and sweep stuck renders, until stopped."""
-    from workers.app import create_app
     from workers.embedded import Feeder, Ticker
 
     settings = load_settings()
     with database(settings):
         pass
-    app = create_app(settings)
+    app = broker_app(settings)
     tickers = [Ticker(app, interval=interval), Feeder(app)]
     err.print(f"beat: every {interval:g}s")
     for ticker in tickers:
@@ -1250,13 +1271,12 @@ def beat(interval: float) -> None:
 @main.command()
 def dispatch() -> None:
     """Plan pending jobs now (those inserted with SQL included) and enqueue their renders."""
-    from workers.app import create_app
     from workers.embedded import tick
 
     settings = load_settings()
     with database(settings):
         pass
-    count = tick(create_app(settings))
+    count = tick(broker_app(settings))
     from workers.tasks import shutdown_services
 
     shutdown_services()

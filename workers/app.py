@@ -7,7 +7,7 @@ from pathlib import Path
 from celery import Celery
 from kombu.transport import memory
 
-from pipeline.settings import Settings
+from pipeline.settings import Settings, SettingsError, mask_url
 
 # Polling transports wait this long between reads of an empty queue; Celery's default of
 # 1 s costs a tenth of the efficiency of 1 s renders (shared/PERFORMANCE.md).
@@ -59,6 +59,21 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
 
     tasks.register(app)
     return app
+
+
+def check_broker(app: Celery) -> None:
+    """Raise SettingsError naming IMAGEBATCH_BROKER_URL when the broker does not answer, so
+    a command says so in one line before it writes anything or starts a worker."""
+    url = app.conf.broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return  # the embedded broker is a folder (created above) or memory
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2,
+                                         timeout=10)
+    except Exception as exc:  # kombu's and redis-py's errors, which share no base class
+        raise SettingsError(f"IMAGEBATCH_BROKER_URL={mask_url(url)!r}: cannot reach the "
+                            f"broker: {mask_url(str(exc))}") from None
 
 
 def _transport_options(settings: Settings, broker: str) -> dict[str, object]:
