@@ -159,10 +159,11 @@ def finite(value: float, option: str) -> float:
 def broker_app(settings: Settings) -> Any:
     """The Celery app, on a broker that answered (or a one-line error naming
     IMAGEBATCH_BROKER_URL): checked before anything is written or any worker starts."""
-    from workers.app import check_broker, create_app
+    from workers.app import check_broker, check_shared_redis, create_app
 
     app = create_app(settings)
     check_broker(app)
+    check_shared_redis(settings)
     return app
 
 
@@ -462,7 +463,7 @@ def submit(file: str, team: str, budget: str | None, budget_cents: int | None,
 
 @main.command()
 @job_options
-@click.option("--concurrency", type=click.IntRange(min=1),
+@click.option("--concurrency", type=click.IntRange(1, 10_000),
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 @click.option("--new", is_flag=True,
               help="Start a new job even if this file's earlier job is unfinished.")
@@ -543,10 +544,11 @@ def storage_ready(settings: Settings) -> None:
 @contextmanager
 def worker_here(settings: Settings):  # type: ignore[no-untyped-def]
     """A Celery worker in this process on an in-memory broker, stopped on the way out."""
-    from workers.app import create_app
+    from workers.app import check_shared_redis, create_app
     from workers.embedded import InProcessWorker
     from workers.tasks import shutdown_services
 
+    check_shared_redis(settings)
     app = create_app(settings, broker_url="memory://localhost//")
     worker = InProcessWorker(app, settings.render_slots)
     worker.start()
@@ -896,7 +898,7 @@ def pause(job: int) -> None:
 @click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
 @click.option("--detach", is_flag=True,
               help="Set the job running and return: `imagebatch worker` processes continue it.")
-@click.option("--concurrency", type=click.IntRange(min=1),
+@click.option("--concurrency", type=click.IntRange(1, 10_000),
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def resume(job: int, budget: str | None, budget_cents: int | None, detach: bool,
@@ -1211,7 +1213,7 @@ def schedule_run(name: str) -> None:
 
 
 @main.command()
-@click.option("--concurrency", type=click.IntRange(min=1),
+@click.option("--concurrency", type=click.IntRange(1, 10_000),
               help="Upstream calls in flight in this worker (default "
                    "IMAGEBATCH_CONCURRENCY).")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,

@@ -297,6 +297,13 @@ def test_a_broker_out_of_reach_is_said_before_anything_is_written(env, tmp_path)
     for command in ("worker", "beat", "dispatch"):
         line = one_line_error(imagebatch({**env, "IMAGEBATCH_BROKER_URL": broker}, command))
         assert "cannot reach the broker" in line
+    # The Redis of the shared limits: renders used to wait for it forever.
+    limits = {**env, "IMAGEBATCH_REDIS_URL": broker}
+    for command in (["run", jobs_file(tmp_path), "--budget", "1"], ["worker"]):
+        line = one_line_error(imagebatch(limits, *command))
+        assert line.startswith("error: IMAGEBATCH_REDIS_URL='redis://:***@127.0.0.1:"), line
+        assert "cannot reach Redis" in line
+    assert json.loads(imagebatch(env, "status", "--json").stdout) == {"jobs": []}
 
 
 # --- item 14: many processes on a fresh database at once -------------------------------------

@@ -76,6 +76,25 @@ def check_broker(app: Celery) -> None:
                             f"broker: {mask_url(str(exc))}") from None
 
 
+def check_shared_redis(settings: Settings) -> None:
+    """Raise SettingsError when the Redis of the shared limits does not answer: renders
+    would otherwise wait for it forever (it may be restarting mid-job, not at start-up)."""
+    url = settings.shared_redis_url
+    if url is None:
+        return
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=10)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        name = "IMAGEBATCH_REDIS_URL" if settings.redis_url else "IMAGEBATCH_BROKER_URL"
+        raise SettingsError(f"{name}={mask_url(url)!r}: cannot reach Redis (for the limits "
+                            f"shared by workers): {mask_url(str(exc))}") from None
+    finally:
+        client.close()
+
+
 def _transport_options(settings: Settings, broker: str) -> dict[str, object]:
     if broker.startswith("memory://"):
         return {}  # MemoryTransport's own timing
