@@ -97,6 +97,10 @@ class Settings:
                 f"{self.backoff_base:g}: the longest wait between two attempts cannot be "
                 "shorter than the first")
         check_api_base(self.api_base)
+        if self.api_key is not None and not self.api_key.isprintable():
+            # Never echoed: the value is the secret.
+            raise SettingsError("IMAGEBATCH_API_KEY: holds a line break or another control "
+                                "character (it goes into an HTTP header as it is)")
         check_database_url(self.database_url, self.database_label)
         _check_scheme("BROKER_URL", self.broker_url, BROKER_SCHEMES)
         if self.redis_url:

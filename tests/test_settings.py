@@ -130,6 +130,13 @@ def test_bad_settings_name_the_variable_the_value_and_what_is_allowed(name, valu
     assert f"IMAGEBATCH_{name}" in message and expected in message, message
 
 
+def test_an_api_key_with_a_line_break_is_refused_without_showing_it():
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"IMAGEBATCH_API_KEY": "sk-air-SECRET123\n"})
+    assert str(refused.value).startswith("IMAGEBATCH_API_KEY: holds a line break")
+    assert "SECRET123" not in str(refused.value)
+
+
 def test_settings_that_depend_on_each_other_are_checked_together():
     with pytest.raises(SettingsError, match=r"IMAGEBATCH_BACKOFF_CAP=0\.5 is below "
                                             r"IMAGEBATCH_BACKOFF_BASE=2"):
