@@ -293,6 +293,26 @@ def test_a_worker_stopped_the_moment_it_starts_stops_without_a_traceback(tmp_pat
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_celery_records_reach_stderr_as_one_line():
+    """Whatever Celery logs with a traceback (at start-up, at shutdown) is printed as one
+    line; -vv keeps the whole record."""
+    from cli import one_line_transport_logs
+
+    try:
+        raise AttributeError("'NoneType' object has no attribute 'qos_semantics_matches_spec'")
+    except AttributeError:
+        exc_info = sys.exc_info()
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    for name, lines in (("celery.worker", 1), ("imagebatch.render", 3)):
+        record = logging.LogRecord(name, logging.CRITICAL, __file__, 1,
+                                   "Unrecoverable error: %r", (exc_info[1],), exc_info)
+        assert one_line_transport_logs(record)
+        text = formatter.format(record)
+        assert len(text.splitlines()) >= lines and ("Traceback" in text) == (lines > 1), text
+        if lines == 1:
+            assert text.startswith("CRITICAL celery.worker: Unrecoverable error: AttributeError")
+
+
 def test_a_broker_out_of_reach_is_said_before_anything_is_written(env, tmp_path):
     broker = f"redis://:{PASSWORD}@127.0.0.1:{_closed_port()}/0"
     submit = imagebatch({**env, "IMAGEBATCH_BROKER_URL": broker}, "submit",
