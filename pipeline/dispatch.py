@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from pipeline.caps import Caps, load_caps
 from pipeline.db import transaction
-from pipeline.jobs import jobs_to_plan, plan_job
+from pipeline.jobs import PLAN_CHUNK, fail_next_item, jobs_to_plan, plan_job
 from pipeline.models import Job, JobStatus
 from pipeline.queue import fill_window
 from pipeline.runtime import Services
@@ -41,13 +43,54 @@ def plan_pending(svc: Services, only_job: int | None = None) -> int:
             job_ids = [job_id for job_id in job_ids if job_id == only_job]
         planned = 0
         for job_id in job_ids:
-            with transaction(svc.sessions) as session:
-                planned += plan_job(session, job_id, caps)
+            planned += plan_chunk(svc, job_id, caps)
         if not planned:
             if total:
                 log.info("planned %d items", total)
             return total
         total += planned
+
+
+# The database being unavailable (locked, full, a lost connection): the next tick tries
+# again. Any other error planning a chunk comes from its rows' data.
+UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+
+
+def plan_chunk(svc: Services, job_id: int, caps: dict[str, Caps]) -> int:
+    """Plan the job's next chunk. A chunk that fails for its rows' data (a value the
+    checks let through that SQL cannot hold) is planned again an item at a time, and each
+    item that fails alone fails with the reason: one row can stop neither its job nor, by
+    failing every tick, every job after it."""
+    try:
+        with transaction(svc.sessions) as session:
+            return plan_job(session, job_id, caps)
+    except UNAVAILABLE:
+        raise
+    except Exception as exc:  # whatever it is, it is this chunk's alone
+        log.warning("job %d: a chunk could not be planned (%s); planning it an item at a "
+                    "time", job_id, one_line(exc))
+    done = 0
+    for _ in range(PLAN_CHUNK):
+        try:
+            with transaction(svc.sessions) as session:
+                took = plan_job(session, job_id, caps, chunk=1)
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:
+            with transaction(svc.sessions) as session:
+                took = fail_next_item(session, job_id, f"could not be planned: {one_line(exc)}")
+        if not took:
+            break
+        done += took
+    return done
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's type and the first line of its message, without the SQL statement
+    (SQLAlchemy appends it) or parameters (engines hide them)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = (str(cause).strip().splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def dispatch_pending(svc: Services) -> list[int]:

@@ -38,7 +38,15 @@ from pipeline.models import (
     RenderStatus,
     utcnow,
 )
-from pipeline.plan import JobLine, LineError, PlannedItem, line_from_object, plan_lines
+from pipeline.plan import (
+    BadJSON,
+    JobLine,
+    LineError,
+    PlannedItem,
+    line_from_object,
+    load_json,
+    plan_lines,
+)
 
 OPEN_RENDER = (RenderStatus.QUEUED, RenderStatus.RUNNING)
 
@@ -70,7 +78,8 @@ def create_job(
 def _item_row(job_id: int, entry: JobLine | LineError) -> dict[str, Any]:
     if isinstance(entry, LineError):
         return {"job_id": job_id, "line": entry.line, "custom_id": entry.custom_id,
-                "body": entry.raw, "meta": None, "status": ItemStatus.FAILED,
+                "body": entry.raw.replace("\x00", "\ufffd"), "meta": None,
+                "status": ItemStatus.FAILED,
                 "error": entry.reason}
     return {"job_id": job_id, "line": entry.line, "custom_id": entry.custom_id,
             "body": json.dumps(entry.body, ensure_ascii=False), "model": entry.model,
@@ -181,6 +190,31 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
     return len(rows)
 
 
+def fail_next_item(session: Session, job_id: int, reason: str) -> int:
+    """The job's next item to plan fails with `reason`: planning it alone failed (see
+    dispatch.plan_chunk). Returns 1, or 0 when no item is left to plan."""
+    db = session.connection()
+    if db.dialect.name == "postgresql" and not db.execute(
+            select(func.pg_try_advisory_xact_lock(PLAN_LOCK_NAMESPACE, job_id))).scalar():
+        return 0
+    state = db.execute(PLAN_STATE, {"job": job_id}).one_or_none()
+    if state is None:
+        return 0
+    starting = state.status == JobStatus.PENDING
+    if not starting and (state.plan_cursor is None
+                         or state.status not in (JobStatus.RUNNING, JobStatus.PAUSED)):
+        return 0
+    row = db.execute(ITEMS_AFTER, {"job": job_id, "cursor": 0 if starting else
+                                   state.plan_cursor, "chunk": 1}).first()
+    if row is None:
+        return 0
+    db.execute(ITEM_PLANNED, {"item": row.id, "new_status": ItemStatus.FAILED.value,
+                              "model": None, "reason": reason})
+    if not starting:  # a job that starts planning counts its items then
+        db.execute(ADD_FAILED, {"job": job_id, "failed": 1})
+    return 1
+
+
 # SQLite through the driver's own executemany: SQLAlchemy's handling of 2,000 parameter
 # dicts cost a third of a chunk's time (1M items: 100 s of planning on a loaded machine).
 SQLITE_ITEM_PLANNED = "UPDATE job_items SET status = ?, model = ?, error = ? WHERE id = ?"
@@ -246,11 +280,16 @@ def _fail_repeated_ids(session: Session, job_id: int) -> None:
 
 def _line_of(item: Any) -> JobLine | LineError:
     """An item row (ours or another program's INSERT) back as a job line, checked."""
+    # Checked as a job file's line is (plan.load_json): another program's row may hold what
+    # a file could, and it must fail this item, never the chunk (and every job after it).
     try:
-        body = json.loads(item.body)
-        metadata = json.loads(item.meta) if item.meta else None
-    except (json.JSONDecodeError, TypeError) as exc:
-        return LineError(item.line, f"body or metadata is not valid JSON ({exc})", item.custom_id)
+        body = load_json(item.body) if isinstance(item.body, str) else None
+    except BadJSON as exc:
+        return LineError(item.line, f"body: {exc}", item.custom_id)
+    try:
+        metadata = load_json(item.meta) if item.meta else None
+    except BadJSON as exc:
+        return LineError(item.line, f"metadata: {exc}", item.custom_id)
     if not isinstance(body, dict):
         return LineError(item.line, "body must be a JSON object", item.custom_id)
     value = {**body, "custom_id": item.custom_id, "metadata": metadata}

@@ -34,6 +34,8 @@ MAX_ERRORS = 100
 # Items per transaction: SQLite's one write lock is held for a chunk, never for a whole file.
 CHUNK_ROWS = 5000
 STDIN = "-"
+# Line numbers are stored as 32-bit integers (job_items.line, PostgreSQL INTEGER).
+MAX_LINE = 2**31 - 1
 
 _items = JobItem.__table__
 # job_id comes first; a row built by item_row is the rest, in this order.
@@ -131,6 +133,9 @@ def read_lines(stream: IO[bytes], digest: Any = None) -> Iterator[tuple[int, str
     for number, raw in enumerate(stream, start=1):
         if digest is not None:
             digest.update(raw)
+        if number > MAX_LINE:
+            raise JobFileError(f"line {number:,}: a job file has at most {MAX_LINE:,} lines "
+                               "(blank ones included)")
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")
         try:
             text = raw.decode("utf-8")
@@ -188,12 +193,19 @@ def item_row(entry: JobLine | LineError, outcome: PlannedItem | LineError) -> tu
     reason, and keeps its body (or, when it did not parse, its text) so `retry` can plan it
     again."""
     if isinstance(entry, LineError):
-        return (entry.line, entry.custom_id, entry.raw, None, None, _FAILED, outcome.reason)
+        return (entry.line, entry.custom_id, storable_raw(entry.raw), None, None, _FAILED,
+                outcome.reason)
     meta = None if entry.metadata is None else json.dumps(entry.metadata)
     body = _body_json(entry.body)
     if isinstance(outcome, LineError):
         return (entry.line, entry.custom_id, body, entry.model, meta, _FAILED, outcome.reason)
     return (entry.line, entry.custom_id, body, entry.model, meta, _RUNNING, None)
+
+
+def storable_raw(raw: str) -> str:
+    """An invalid line's text as it can be stored: PostgreSQL text holds no NUL character
+    (a line holding one is not JSON anyway, and stays invalid with U+FFFD instead)."""
+    return raw.replace("\x00", "\ufffd")
 
 
 def insert_items(session: Session, job_id: int, rows: list[tuple[Any, ...]]) -> None:

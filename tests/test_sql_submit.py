@@ -158,3 +158,99 @@ def test_upgrading_an_existing_database_counts_its_open_renders(svc, fake):
     with svc.sessions() as session:
         summary = job_summary(session, 1)
     assert summary["finished_at"] is not None  # the count reached zero with the last render
+
+
+def insert_sql_job(database_url: str, bodies: list[str], budget_cents: int = 1_000) -> int:
+    """A job written the way another program would: plain INSERTs, one item per body."""
+    engine = sa.create_engine(database_url)
+    with engine.begin() as connection:
+        job_id = connection.execute(sa.text(
+            "INSERT INTO jobs (team, name, budget_cents, status) "
+            "VALUES ('t', 'sql', :b, 'pending') RETURNING id"), {"b": budget_cents}).scalar_one()
+        for line, body in enumerate(bodies, start=1):
+            connection.execute(sa.text(
+                "INSERT INTO job_items (job_id, line, body) VALUES (:j, :l, :b)"),
+                {"j": job_id, "l": line, "b": body})
+    engine.dispose()
+    return job_id
+
+
+def errors_of(svc, job_id: int) -> dict[int, str]:
+    from pipeline.jobs import item_errors
+
+    with svc.sessions() as session:
+        return {e["line"]: e["error"] for e in item_errors(session, job_id)}
+
+
+def test_sql_items_sql_cannot_hold_fail_alone_and_other_jobs_finish(svc, fake):
+    """Issue 16 item 1: a seed of 2**70 in a row written with SQL made the dispatcher fail
+    every second ("Python int too large to convert to SQLite INTEGER") and every other job
+    stopped. Now each such item fails with its reason, the rest of its job runs, and a second
+    job in the same database finishes."""
+    from tests.helpers import assert_books_balance
+
+    ok = '{"model": "flux-2-dev", "prompt": "fine"}'
+    poisoned = insert_sql_job(svc.settings.database_url, [
+        ok,
+        '{"model": "flux-2-dev", "prompt": "p", "seed": %d}' % 2**70,
+        '{"model": "flux-2-dev", "prompt": "p", "n": 4, "seed": 9223372036854775806}',
+        '{"model": "flux-2-dev", "prompt": "p", "n": %d}' % 2**64,
+        '{"model": "flux-2-dev", "prompt": "a lone \\ud800 surrogate"}',
+        '{"model": "flux-2-dev", "prompt": "p", "guidance": NaN}',
+        '{"model": "%s", "prompt": "p"}' % ("m" * 300),
+        '[' * 5000 + ']' * 5000,
+        ok,
+    ])
+    other = insert_sql_job(svc.settings.database_url, [ok, ok])
+    render_all(svc, dispatch_pending(svc))
+    errors = errors_of(svc, poisoned)
+    assert "seed must be an integer from 0 to 9223372036854775807" in errors[2]
+    assert "seed must be an integer from 0 to 9223372036854775804 with n 4" in errors[3]
+    assert "n must be an integer from 1 to 10000" in errors[4]
+    assert "prompt holds a lone surrogate (\\ud800)" in errors[5]
+    assert "NaN is not a number" in errors[6]
+    assert "model is 300 characters long, more than 200" in errors[7]
+    assert "nested deeper than" in errors[8]
+    with svc.sessions() as session:
+        first, second = job_summary(session, poisoned), job_summary(session, other)
+    assert (first["status"], first["items_succeeded"], first["items_failed"]) == (
+        "partial", 2, 7)
+    assert (second["status"], second["images"], second["spent_cents"]) == ("succeeded", 2, 6)
+    assert fake.stats()["billed_cents"] == 12
+    for job_id in (poisoned, other):
+        assert_books_balance(svc, job_id)
+
+
+def test_a_chunk_sql_refuses_is_planned_item_by_item_and_other_jobs_finish(tmp_path,
+                                                                          database_url):
+    """Whatever value gets past the line checks and SQL then refuses (here a catalogue price
+    of 10**30 cents, beyond BIGINT, if caps let it through), it fails its own item: the rest
+    of its job and every other job still run."""
+    from fake_upstream.app import FakeConfig, FakeServer
+    from fake_upstream.catalog import MODELS
+    from pipeline.runtime import start_services
+    from tests.conftest import make_settings
+    from tests.helpers import assert_books_balance
+
+    huge = {"id": "huge", "object": "model", "output_modalities": ["image"],
+            "image_caps": {"max_n": 1, "price_per_image_cents": 10**30}}
+    config = FakeConfig(latency=0.05, keepalive_interval=0.02, models=[*MODELS, huge])
+    with FakeServer(config) as server:
+        svc = start_services(make_settings(tmp_path / "data", server.base_url,
+                                           database_url=database_url))
+        try:
+            ok = '{"model": "flux-2-dev", "prompt": "fine"}'
+            poisoned = insert_sql_job(database_url, [ok, '{"model": "huge", "prompt": "p"}', ok])
+            other = insert_sql_job(database_url, [ok])
+            render_all(svc, dispatch_pending(svc))
+            with svc.sessions() as session:
+                first, second = job_summary(session, poisoned), job_summary(session, other)
+            assert errors_of(svc, poisoned)[2]  # failed, with a reason
+            assert (first["status"], first["items_succeeded"], first["items_failed"]) == (
+                "partial", 2, 1)
+            assert (second["status"], second["spent_cents"]) == ("succeeded", 3)
+            assert server.stats()["billed_cents"] == 9
+            for job_id in (poisoned, other):
+                assert_books_balance(svc, job_id)
+        finally:
+            svc.close()
