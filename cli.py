@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.caps import Caps, load_caps
 from pipeline.db import (
@@ -46,7 +47,7 @@ from pipeline.jobs import (
     retry_job,
     unfinished_job_of,
 )
-from pipeline.plan import parse_dollars
+from pipeline.plan import column_problem, parse_cents, parse_dollars
 from pipeline.settings import Settings, SettingsError, unknown_settings
 from pipeline.submission import (
     JobFileError,
@@ -63,8 +64,11 @@ DB_PATIENCE = 60.0
 FINAL_OK = "succeeded"
 
 # Piped output is read by scripts and people alike: wide enough that tables never wrap ids.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+# No markup: user strings (job and team names, values in errors) are printed as they are
+# ("[/x]" in a name was a MarkupError traceback); styles are given as Text.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200, markup=False)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200,
+              markup=False)
 
 
 class Stopped(click.ClickException):
@@ -82,7 +86,7 @@ class UserError(click.ClickException):
     exit_code = EXIT_USAGE
 
     def show(self, file: Any = None) -> None:
-        err.print(f"[bold red]error:[/] {self.message}", highlight=False)
+        err.print(Text.assemble(("error:", "bold red"), f" {self.message}"), highlight=False)
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
@@ -271,17 +275,65 @@ def has_text(path: str) -> bool:
     return False
 
 
-def cap_from_options(budget: str | None, cents: int | None) -> int:
+class Money(click.ParamType):
+    """A cap or limit given as dollars ('5.00') or, `in_cents`, as cents ('500'): converted
+    to integer cents from 0 to plan.MAX_CENTS. Anything else (NaN, sNaN, Infinity, 1e309,
+    a negative amount, a fraction of a cent) is one line naming the option, exit 2."""
+
+    def __init__(self, *, in_cents: bool = False) -> None:
+        self.in_cents = in_cents
+        self.name = "cents" if in_cents else "dollars"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return (parse_cents if self.in_cents else parse_dollars)(str(value))
+        except ValueError as exc:
+            raise UserError(f"{_option(param)}: {exc}") from None
+
+
+class StoredText(click.ParamType):
+    """A string that is stored in a column of `longest` characters: refused in one line
+    when longer, or when it holds what SQL cannot store (a NUL, or bytes that are not UTF-8,
+    which reach Python as lone surrogates)."""
+
+    name = "text"
+
+    def __init__(self, longest: int) -> None:
+        self.longest = longest
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> str:
+        text = str(value)
+        name = _option(param)
+        problem = column_problem(name, text, self.longest)
+        if problem is not None:
+            raise UserError(problem.replace("holds a lone surrogate", "holds bytes that are not "
+                                            "UTF-8 text, read as a lone surrogate"))
+        return text
+
+
+def _option(param: click.Parameter | None) -> str:
+    if param is None:
+        return "value"
+    return max(param.opts, key=len) if param.opts else str(param.name)
+
+
+DOLLARS, CENTS = Money(), Money(in_cents=True)
+TEAM_NAME, JOB_NAME = StoredText(200), StoredText(500)
+
+
+def cap_from_options(budget: int | None, cents: int | None) -> int:
+    """The cap in cents from --budget (already converted from dollars) or --budget-cents."""
     if budget is not None and cents is not None:
         raise UserError("give --budget or --budget-cents, not both")
     if cents is not None:
         return cents
     if budget is None:
         raise UserError("every job needs a cap: --budget DOLLARS (e.g. 5.00) or --budget-cents")
-    try:
-        return parse_dollars(budget)
-    except ValueError as exc:
-        raise UserError(f"--budget: {exc}") from None
+    return budget
 
 
 def money(cents: int | None) -> str:
@@ -394,12 +446,12 @@ def plan(file: str, as_json: bool) -> None:
 def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("file"),
-        click.option("--team", default="default", show_default=True,
+        click.option("--team", default="default", show_default=True, type=TEAM_NAME,
                      help="Team the job is charged to (its period budget applies too)."),
-        click.option("--budget", help="The job's cap in dollars, e.g. 5.00."),
-        click.option("--budget-cents", type=click.IntRange(min=0),
-                     help="The job's cap in cents."),
-        click.option("--name", help="A name for the job (default: the file's name)."),
+        click.option("--budget", type=DOLLARS, help="The job's cap in dollars, e.g. 5.00."),
+        click.option("--budget-cents", type=CENTS, help="The job's cap in cents."),
+        click.option("--name", type=JOB_NAME,
+                     help="A name for the job (default: the file's name)."),
         click.option("--allow-invalid", is_flag=True,
                      help="Submit even if some lines are invalid: they become failed items."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
@@ -436,7 +488,7 @@ def submit_job(settings: Settings, sessions: Any, file: str, team: str, cap: int
 
 @main.command()
 @job_options
-def submit(file: str, team: str, budget: str | None, budget_cents: int | None,
+def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
            name: str | None, allow_invalid: bool, as_json: bool) -> None:
     """Submit FILE as a job for `imagebatch worker` processes to render, and return at once.
 
@@ -467,7 +519,7 @@ def submit(file: str, team: str, budget: str | None, budget_cents: int | None,
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 @click.option("--new", is_flag=True,
               help="Start a new job even if this file's earlier job is unfinished.")
-def run(file: str, team: str, budget: str | None, budget_cents: int | None, name: str | None,
+def run(file: str, team: str, budget: int | None, budget_cents: int | None, name: str | None,
         allow_invalid: bool, as_json: bool, concurrency: int | None, new: bool) -> None:
     """Submit FILE and render it in this process until the job ends, with progress.
 
@@ -685,8 +737,8 @@ def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) ->
     colour = {"succeeded": "green", "partial": "yellow", "paused": "yellow"}.get(
         summary["status"], "red")
     out.print(
-        f"job {job_id} [bold {colour}]{summary['status']}[/]: "
-        f"{summary['items_succeeded']}/{summary['items_total']} items, "
+        Text.assemble(f"job {job_id} ", (summary["status"], f"bold {colour}"), ": ")
+        + f"{summary['items_succeeded']}/{summary['items_total']} items, "
         f"{summary['images']} files, spent {money(summary['spent_cents'])} of "
         f"{money(summary['budget_cents'])}"
         + (f" ({money(summary['unknown_cents'])} unknown)" if summary["unknown_cents"] else "")
@@ -851,9 +903,10 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str) -> tuple[
               help="Which items go again, comma-separated: failed (every failed item), "
                    "cancelled, budget (failed for budget), unknown (a last attempt whose "
                    "outcome is unknown).")
-@click.option("--budget", help="Raise (or set) the job's cap in dollars first.")
-@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
-def retry(job: int, only: tuple[str, ...], budget: str | None, budget_cents: int | None
+@click.option("--budget", type=DOLLARS,
+              help="Raise (or set) the job's cap in dollars first.")
+@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
+def retry(job: int, only: tuple[str, ...], budget: int | None, budget_cents: int | None
           ) -> None:
     """Render JOB's failed items again (each attempt reserves anew), once the job has ended.
 
@@ -865,6 +918,11 @@ def retry(job: int, only: tuple[str, ...], budget: str | None, budget_cents: int
     with database(settings) as sessions:
         with transaction(sessions) as session:
             count = retry_job(session, job, cap, only)
+        if not count:  # the job was left exactly as it ended (its cap too)
+            state = _job_summary(sessions, job)["status"]
+            out.print(f"job {job} is {state}: nothing to retry (no {' or '.join(only)} "
+                      "items); nothing was changed", highlight=False)
+            return
         nudge(settings)
     out.print(f"job {job}: {count} {' or '.join(only)} item(s) queued again; render them "
               f"here with `imagebatch resume {job}` or on `imagebatch worker` processes")
@@ -894,14 +952,15 @@ def pause(job: int) -> None:
 
 @main.command()
 @click.argument("job", type=int)
-@click.option("--budget", help="Raise (or set) the job's cap in dollars first.")
-@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
+@click.option("--budget", type=DOLLARS,
+              help="Raise (or set) the job's cap in dollars first.")
+@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
 @click.option("--detach", is_flag=True,
               help="Set the job running and return: `imagebatch worker` processes continue it.")
 @click.option("--concurrency", type=click.IntRange(1, 10_000),
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def resume(job: int, budget: str | None, budget_cents: int | None, detach: bool,
+def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
            concurrency: int | None, as_json: bool) -> None:
     """Continue JOB in this process, as `run` does: a paused job, one whose `run` was killed,
     or a cancelled one (its cancelled items are rendered after all).
@@ -995,16 +1054,17 @@ def team() -> None:
 
 
 @team.command("set")
-@click.argument("name")
-@click.option("--budget", help="The period's limit in dollars (e.g. 500.00).")
-@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
+@click.argument("name", type=TEAM_NAME)
+@click.option("--budget", type=DOLLARS, help="The period's limit in dollars (e.g. 500.00).")
+@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
 @click.option("--period", type=click.Choice(["day", "week", "month", "none"]), default="month",
               show_default=True, help="UTC periods; 'none' is one budget for all time.")
 @click.option("--no-budget", is_flag=True, help="Remove the limit (jobs run on their cap).")
-def team_set(name: str, budget: str | None, budget_cents: int | None, period: str,
+def team_set(name: str, budget: int | None, budget_cents: int | None, period: str,
              no_budget: bool) -> None:
-    """Create or change team NAME's budget. Lowering it below what is spent and reserved
-    stops new reservations at once; renders in flight finish."""
+    """Create or change team NAME's budget. Lowering it stops new reservations that do not
+    fit at once (renders in flight finish); it cannot go below what the current period has
+    already spent and reserved."""
     from pipeline.teams import set_team, team_state
 
     cap = None if no_budget else cap_from_options(budget, budget_cents)
@@ -1128,12 +1188,12 @@ def schedule() -> None:
 @click.argument("name")
 @click.argument("file")
 @click.option("--cron", required=True, help="When to fire, e.g. '0 3 * * *'.")
-@click.option("--team", default="default", show_default=True)
-@click.option("--budget", help="Each job's cap in dollars.")
-@click.option("--budget-cents", type=click.IntRange(min=0), help="The same, in cents.")
+@click.option("--team", default="default", show_default=True, type=TEAM_NAME)
+@click.option("--budget", type=DOLLARS, help="Each job's cap in dollars.")
+@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
 @click.option("--timezone", default="UTC", show_default=True,
               help="The zone the cron expression is read in, e.g. Europe/Berlin.")
-def schedule_add(name: str, file: str, cron: str, team: str, budget: str | None,
+def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
                  budget_cents: int | None, timezone: str) -> None:
     """Fire FILE as a job on the cron schedule. The file's content is stored with the
     schedule, so moving or editing the file later changes nothing."""

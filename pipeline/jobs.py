@@ -43,10 +43,12 @@ from pipeline.plan import (
     JobLine,
     LineError,
     PlannedItem,
+    format_dollars,
     line_from_object,
     load_json,
     plan_lines,
 )
+from pipeline.teams import LimitBelowSpent
 
 OPEN_RENDER = (RenderStatus.QUEUED, RenderStatus.RUNNING)
 
@@ -452,6 +454,30 @@ SET_JOB = update(_jobs).where(_jobs.c.id == bindparam("job"))
 HOLD_OPEN = SET_JOB.values(open_renders=_jobs.c.open_renders + 1)
 
 
+SET_CAP = update(_jobs).where(
+    _jobs.c.id == bindparam("job"),
+    _jobs.c.spent_cents + _jobs.c.reserved_cents <= bindparam("cap"),
+).values(budget_cents=bindparam("cap"))
+HELD = select(_jobs.c.spent_cents, _jobs.c.reserved_cents).where(_jobs.c.id == bindparam("job"))
+
+
+def set_job_cap(session: Session, job_id: int, cap_cents: int) -> None:
+    """Set the job's cap, in one conditional UPDATE: refused (LimitBelowSpent, nothing
+    changed once the caller rolls back) below what the job has already spent and reserved,
+    since spent + reserved <= cap must hold at every instant."""
+    db = session.connection()
+    if db.execute(SET_CAP, {"job": job_id, "cap": cap_cents}).rowcount:
+        return
+    held = db.execute(HELD, {"job": job_id}).one_or_none()
+    if held is None:
+        raise JobNotFound(f"no job {job_id}")
+    raise LimitBelowSpent(
+        f"job {job_id}: a cap of {format_dollars(cap_cents)} is below what it has already "
+        f"spent ({format_dollars(held.spent_cents)}, {format_dollars(held.reserved_cents)} "
+        "more reserved by renders in flight): set at least "
+        f"{format_dollars(held.spent_cents + held.reserved_cents)}")
+
+
 def lock_job_state(session: Session, job_id: int) -> Any:
     """The job's status, its row locked for the rest of the transaction, and no chunk of its
     planning under way (PostgreSQL: planning reads the status when its chunk starts and
@@ -702,7 +728,7 @@ def resume_job(sessions: sessionmaker[Session], job_id: int, *, budget_cents: in
             return Resumed(before, before)
         db = session.connection()
         if budget_cents is not None:
-            db.execute(SET_JOB, {"job": job_id, "budget_cents": budget_cents})
+            set_job_cap(session, job_id, budget_cents)
         held = before in (JobStatus.PAUSED, JobStatus.CANCELLED)
         if held:
             db.execute(SET_JOB, {"job": job_id, "status": JobStatus.PAUSED.value,
@@ -792,12 +818,16 @@ def retry_job(session: Session, job_id: int, budget_cents: int | None = None,
                 if state.status == JobStatus.PAUSED else "")
         raise ValueError(f"job {job_id} is still {state.status}; retry it once it has "
                          f"ended{hint}")
+    if state.status == JobStatus.SUCCEEDED:  # every item succeeded: nothing can go again
+        return 0
     db = session.connection()
     items = sorted(set(db.execute(
         select(_items.c.id).where(_items.c.job_id == job_id,
                                   or_(*(_RETRY_ITEMS[c] for c in chosen)))).scalars()))
     if not items:  # nothing goes again: the job stays as it ended
         return 0
+    if budget_cents is not None:
+        set_job_cap(session, job_id, budget_cents)
     now = utcnow()
     for start in range(0, len(items), 1000):
         batch = {"items": items[start:start + 1000], "now": now}
@@ -806,8 +836,6 @@ def retry_job(session: Session, job_id: int, budget_cents: int | None = None,
     # The error goes: a job ended for budget (exhaustion.py) is marked by it.
     values: dict[str, Any] = {"status": JobStatus.PENDING.value, "finished_at": None,
                               "error": None}
-    if budget_cents is not None:
-        values["budget_cents"] = budget_cents
     # Pending lets the dispatcher plan the re-opened items and count the queued renders.
     db.execute(SET_JOB, {"job": job_id, **values})
     recount_items(session, job_id)

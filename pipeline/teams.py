@@ -14,6 +14,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Team, TeamBudget, utcnow
+from pipeline.plan import format_dollars
 
 PERIODS = ("day", "week", "month", "none")
 EPOCH = datetime(1970, 1, 1)
@@ -81,14 +82,42 @@ def _period_row(session: Session, team: str, start: datetime, end: datetime | No
     return session.connection().execute(PERIOD_ROW, {"team": team, "start": start}).scalar_one()
 
 
+class LimitBelowSpent(ValueError):
+    """A team limit (or a job cap) below what its budget has already spent and reserved."""
+
+
 def set_team(session: Session, team: str, budget_cents: int | None, period: str) -> Team:
-    period_bounds(period, utcnow())  # validates the period's name
-    row = session.get(Team, team) or Team(name=team)
+    """Create or change the team's limit and period. A limit below what the period it
+    now applies to has already spent and reserved is refused (LimitBelowSpent): spent +
+    reserved <= limit must hold at every instant, and that money is gone or promised."""
+    start, _ = period_bounds(period, utcnow())  # validates the period's name
+    row = session.get(Team, team, with_for_update=True) or Team(name=team)
+    if budget_cents is not None:
+        refuse_below_held(session, team, budget_cents, period, start)
     row.budget_cents = budget_cents
     row.period = period
     row.updated_at = utcnow()
     session.add(row)
     return row
+
+
+def refuse_below_held(session: Session, team: str, limit_cents: int, period: str,
+                      start: datetime) -> None:
+    """LimitBelowSpent when the team's budget row for the period starting at `start` has
+    spent and reserved more than `limit_cents`. The row is locked (PostgreSQL) until the
+    caller commits, so no reservation moves it meanwhile."""
+    held = session.execute(
+        select(TeamBudget.spent_cents, TeamBudget.reserved_cents)
+        .where(TeamBudget.team == team, TeamBudget.period_start == start)
+        .with_for_update()).first()
+    if held is None or held.spent_cents + held.reserved_cents <= limit_cents:
+        return
+    which = "in all" if period == "none" else f"this {period}"
+    raise LimitBelowSpent(
+        f"team {team}: a limit of {format_dollars(limit_cents)} is below what it has spent "
+        f"{which} ({format_dollars(held.spent_cents)}, "
+        f"{format_dollars(held.reserved_cents)} more reserved by renders in flight): set at "
+        f"least {format_dollars(held.spent_cents + held.reserved_cents)}, or pause its jobs")
 
 
 @dataclass(frozen=True)
