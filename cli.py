@@ -1162,11 +1162,13 @@ def report(team: str | None, job: int | None, model: str | None, since: str | No
     if fmt == "csv":
         import csv
 
-        writer = csv.writer(sys.stdout, lineterminator="\n")
+        from pipeline.export import neutralised
+
+        writer = csv.writer(sys.stdout, lineterminator="\r\n")  # as `export` (RFC 4180)
         fields = list(total.as_dict())
         writer.writerow(fields)
-        for row in [*rows, total]:
-            writer.writerow([row.as_dict()[f] for f in fields])
+        for row in [*rows, total]:  # team and model names are user strings: no formulas
+            writer.writerow([neutralised(row.as_dict()[f]) for f in fields])
         return
     table = Table(title="costs from the ledger")
     for column in (by or "", "calls", "images", "charged", "unknown", "released", "per image"):

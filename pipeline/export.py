@@ -50,7 +50,10 @@ def export_rows(session: Session, job_id: int) -> Iterator[dict[str, Any]]:
 def write_export(rows: Iterator[dict[str, Any]], out: IO[str], fmt: str) -> int:
     count = 0
     if fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+        # CRLF, as RFC 4180 has it: the csv module quotes a field holding any character of
+        # the line terminator only, so with LF alone a CR inside a revised prompt went out
+        # bare and split the row in two for every reader.
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\r\n")
         writer.writeheader()
         for row in rows:
             writer.writerow(_flat(row))
@@ -62,8 +65,21 @@ def write_export(rows: Iterator[dict[str, Any]], out: IO[str], fmt: str) -> int:
     return count
 
 
+# A cell starting with one of these is read as a formula by spreadsheets (OWASP, "CSV
+# Injection"): =HYPERLINK(...) in a custom_id or revised prompt would run when opened.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
     flat = dict(row)
     if flat["metadata"] is not None:
         flat["metadata"] = json.dumps(flat["metadata"], ensure_ascii=False)
-    return {k: ("" if v is None else v) for k, v in flat.items()}
+    return {k: ("" if v is None else neutralised(v)) for k, v in flat.items()}
+
+
+def neutralised(value: Any) -> Any:
+    """A CSV cell as a spreadsheet shows it and never runs it: a string that starts like a
+    formula gets a single quote in front. CSV only: JSONL keeps every value exact."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value

@@ -182,6 +182,10 @@ def value_problem(value: Any, *, strings: bool = True) -> str | None:
     """Why a decoded JSON value cannot be a request: nested deeper than MAX_DEPTH, or (when
     `strings`) a string or key holding a lone surrogate, which UTF-8 cannot encode, so it
     could be neither stored nor sent. Iterative: a deep value cannot exhaust the stack."""
+    if not isinstance(value, dict | list):
+        if strings and isinstance(value, str) and _lone_surrogate(value):
+            return _surrogate_reason(value, None)
+        return None
     stack: list[tuple[Any, int, str | None]] = [(value, 1, None)]
     while stack:
         item, depth, where = stack.pop()

@@ -47,3 +47,40 @@ def test_filters_narrow_the_rows(svc, fake):
         (only_suno,) = ledger_report(session, ReportFilter(model="suno-v5"))
         assert only_suno.charged_cents == 5
         assert ledger_report(session, ReportFilter(team="someone-else")) == []
+
+
+def test_csv_export_neutralises_formulas_and_jsonl_keeps_exact_values(svc, fake):
+    """Issue 16 item 17: a custom_id, revised prompt or metadata starting with =, +, -, @, a
+    tab or a carriage return is a formula when the CSV is opened in a spreadsheet. In CSV
+    such a cell starts with a single quote; JSONL keeps the value exact."""
+    import csv
+    import io
+    import json
+
+    from pipeline.export import export_rows, write_export
+
+    starts = ["=HYPERLINK(\"http://x\",\"y\")", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    lines = [{**FLUX, "custom_id": start, "metadata": -5 if i == 0 else {"k": start},
+              "fake": {"revised_prompt": start + " again"}} for i, start in enumerate(starts)]
+    lines.append({**FLUX, "custom_id": "plain", "fake": {"revised_prompt": "a fox"}})
+    s = run_job(svc, lines)
+    assert s["status"] == "succeeded"
+
+    def exported(fmt: str) -> str:
+        out = io.StringIO()
+        with svc.sessions() as session:
+            assert write_export(export_rows(session, s["id"]), out, fmt) == 7
+        return out.getvalue()
+
+    rows = list(csv.DictReader(io.StringIO(exported("csv"), newline="")))
+    for row, start in zip(rows, starts, strict=False):
+        assert row["custom_id"] == "'" + start
+        assert row["revised_prompt"] == "'" + start + " again"
+    assert rows[0]["metadata"] == "'-5"
+    assert rows[1]["metadata"] == json.dumps({"k": "+1"})  # starts with {: no formula
+    assert (rows[6]["custom_id"], rows[6]["revised_prompt"]) == ("plain", "a fox")
+    assert rows[0]["cost_cents"] == "3" and rows[0]["uri"].startswith("file://")
+    records = [json.loads(line) for line in exported("jsonl").splitlines()]
+    assert [r["custom_id"] for r in records] == [*starts, "plain"]
+    assert [r["revised_prompt"] for r in records[:6]] == [f"{x} again" for x in starts]
+    assert records[0]["metadata"] == -5

@@ -3,6 +3,7 @@ up, validated and planned like CLI jobs; a schema that is behind is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -192,12 +193,12 @@ def test_sql_items_sql_cannot_hold_fail_alone_and_other_jobs_finish(svc, fake):
     ok = '{"model": "flux-2-dev", "prompt": "fine"}'
     poisoned = insert_sql_job(svc.settings.database_url, [
         ok,
-        '{"model": "flux-2-dev", "prompt": "p", "seed": %d}' % 2**70,
+        '{"model": "flux-2-dev", "prompt": "p", "seed": ' + str(2**70) + "}",
         '{"model": "flux-2-dev", "prompt": "p", "n": 4, "seed": 9223372036854775806}',
-        '{"model": "flux-2-dev", "prompt": "p", "n": %d}' % 2**64,
+        '{"model": "flux-2-dev", "prompt": "p", "n": ' + str(2**64) + "}",
         '{"model": "flux-2-dev", "prompt": "a lone \\ud800 surrogate"}',
         '{"model": "flux-2-dev", "prompt": "p", "guidance": NaN}',
-        '{"model": "%s", "prompt": "p"}' % ("m" * 300),
+        json.dumps({"model": "m" * 300, "prompt": "p"}),
         '[' * 5000 + ']' * 5000,
         ok,
     ])
