@@ -455,35 +455,37 @@ def parse_dollars(text: str) -> int:
     """'5.00' -> 500 cents, exactly (no float on the way). ValueError, with a one-line
     reason, for anything else: not a number, NaN, sNaN, Infinity, negative, a fraction of a
     cent, or more than MAX_CENTS (1e309 included: a Decimal holds it, SQL does not)."""
-    try:
-        value = Decimal(text.strip().removeprefix("$").replace(",", ""))
-    except InvalidOperation:
-        raise ValueError(f"{shown(text)} is not an amount in dollars (e.g. 5.00)") from None
-    if not value.is_finite():  # compared, sNaN would raise
-        raise ValueError(f"{shown(text)} is not an amount in dollars (e.g. 5.00)")
-    return checked_cents(value * 100, text)
+    return _cents(text.strip().removeprefix("$").replace(",", ""), text, places=2,
+                  what="an amount in dollars (e.g. 5.00)")
 
 
 def parse_cents(text: str) -> int:
     """'500' -> 500: a whole number of cents from 0 to MAX_CENTS, or ValueError."""
+    return _cents(text.strip(), text, places=0, what="a whole number of cents")
+
+
+def _cents(number: str, text: str, *, places: int, what: str) -> int:
+    """`number` (units of 10**places cents) as whole cents, without Decimal arithmetic: it
+    rounds to its context, so 1e999999999 * 100 overflows and 1e-999999999 * 100 becomes 0."""
     try:
-        value = Decimal(text.strip())
+        value = Decimal(number)
     except InvalidOperation:
-        raise ValueError(f"{shown(text)} is not a whole number of cents") from None
-    if not value.is_finite():
-        raise ValueError(f"{shown(text)} is not a whole number of cents")
-    return checked_cents(value, text)
-
-
-def checked_cents(cents: Decimal, text: str) -> int:
-    if cents < 0:
+        raise ValueError(f"{shown(text)} is not {what}") from None
+    if not value.is_finite():  # compared, sNaN would raise
+        raise ValueError(f"{shown(text)} is not {what}")
+    if value < 0:
         raise ValueError(f"{shown(text)} is negative")
-    if cents > MAX_CENTS:  # before any exact arithmetic: 1e999999 would overflow it
+    if value > Decimal(MAX_CENTS).scaleb(-places):  # comparisons are exact
         raise ValueError(f"{shown(text)} is more than the largest cap, "
                          f"{format_dollars(MAX_CENTS)}")
-    if cents != cents.to_integral_value():
+    _, digits, exponent = value.as_tuple()
+    significant = "".join(map(str, digits)).rstrip("0")
+    if not significant:
+        return 0
+    shift = int(exponent) + places + (len(digits) - len(significant))
+    if shift < 0:
         raise ValueError(f"{shown(text)} is not a whole number of cents")
-    return int(cents)
+    return int(significant) * 10**shift
 
 
 def format_dollars(cents: int) -> str:

@@ -72,7 +72,7 @@ def test_lowering_a_team_budget_stops_new_reservations(svc, fake):
     job = submit(svc, [ONE] * 4, budget_cents=100, team="shrink")
     first, *rest = dispatch_pending(svc)
     render_all(svc, [first])
-    set_budget(svc, "shrink", 0)
+    set_budget(svc, "shrink", 1)  # what it has spent: the lowest a limit can go
     render_all(svc, rest)
     s = summary(svc, job)
     assert (s["spent_cents"], s["items_failed"]) == (1, 3)
