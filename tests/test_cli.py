@@ -324,7 +324,7 @@ def test_cancel_then_resume_and_retry_only(env, tmp_path, fake):
     wrong = imagebatch(env, "retry", str(job["id"]), "--only", "failed,everything")
     assert wrong.returncode == 2 and "everything" in wrong.stderr
     only = imagebatch(env, "retry", str(job["id"]), "--only", "cancelled,budget")
-    assert only.returncode == 0 and ": 0 cancelled or budget item(s)" in only.stdout
+    assert only.returncode == 0 and "nothing to retry (no cancelled or budget items)" in only.stdout
     assert imagebatch(env, "pause", "999").returncode == 2
     assert imagebatch(env, "resume", "999").returncode == 2
 
