@@ -47,7 +47,7 @@ from pipeline.jobs import (
     retry_job,
     unfinished_job_of,
 )
-from pipeline.plan import column_problem, parse_cents, parse_dollars
+from pipeline.plan import column_problem, parse_cents, parse_dollars, shown
 from pipeline.settings import Settings, SettingsError, unknown_settings
 from pipeline.submission import (
     JobFileError,
@@ -318,9 +318,36 @@ class StoredText(click.ParamType):
 def _option(param: click.Parameter | None) -> str:
     if param is None:
         return "value"
+    if isinstance(param, click.Argument):
+        return param.human_readable_name  # JOB, NAME
     return max(param.opts, key=len) if param.opts else str(param.name)
 
 
+class Number(click.ParamType):
+    """A whole number from `low` to `high`, else one line naming the option, exit 2: a job
+    id of 10**20 reached SQL as an OverflowError traceback."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            number = None
+        if number is None or not self.low <= number <= self.high:
+            raise UserError(f"{_option(param)}: {shown(value)} is not a whole number from "
+                            f"{self.low:,} to {self.high:,}")
+        return number
+
+
+JOB_ID = Number(1, 2**31 - 1)  # jobs.id is a 32-bit integer
+CONCURRENCY = Number(1, 10_000)
 DOLLARS, CENTS = Money(), Money(in_cents=True)
 TEAM_NAME, JOB_NAME = StoredText(200), StoredText(500)
 
@@ -515,7 +542,7 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
 
 @main.command()
 @job_options
-@click.option("--concurrency", type=click.IntRange(1, 10_000),
+@click.option("--concurrency", type=CONCURRENCY,
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 @click.option("--new", is_flag=True,
               help="Start a new job even if this file's earlier job is unfinished.")
@@ -824,7 +851,7 @@ class JobProgress:
 
 
 @main.command()
-@click.argument("job", type=int, required=False)
+@click.argument("job", type=JOB_ID, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(job: int | None, as_json: bool) -> None:
     """Show one job (with its failed items), or the latest jobs."""
@@ -864,7 +891,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 @main.command()
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 def cancel(job: int) -> None:
     """Cancel JOB: nothing new is sent; in-flight renders finish and are settled.
 
@@ -898,7 +925,7 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str) -> tuple[
 
 
 @main.command()
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @click.option("--only", default="failed", show_default=True, callback=parse_only,
               help="Which items go again, comma-separated: failed (every failed item), "
                    "cancelled, budget (failed for budget), unknown (a last attempt whose "
@@ -929,7 +956,7 @@ def retry(job: int, only: tuple[str, ...], budget: int | None, budget_cents: int
 
 
 @main.command()
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 def pause(job: int) -> None:
     """Pause JOB: nothing new is sent, renders in flight finish and are settled, the rest
     waits queued. `imagebatch resume JOB` continues it in this process, `imagebatch resume
@@ -951,13 +978,13 @@ def pause(job: int) -> None:
 
 
 @main.command()
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @click.option("--budget", type=DOLLARS,
               help="Raise (or set) the job's cap in dollars first.")
 @click.option("--budget-cents", type=CENTS, help="The same, in cents.")
 @click.option("--detach", is_flag=True,
               help="Set the job running and return: `imagebatch worker` processes continue it.")
-@click.option("--concurrency", type=click.IntRange(1, 10_000),
+@click.option("--concurrency", type=CONCURRENCY,
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
@@ -1025,7 +1052,7 @@ def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
 
 
 @main.command()
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
               show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
@@ -1134,7 +1161,7 @@ def _parse_day(value: str | None, option: str) -> Any:
 
 @main.command()
 @click.option("--team", help="Only this team.")
-@click.option("--job", type=int, help="Only this job.")
+@click.option("--job", type=JOB_ID, help="Only this job.")
 @click.option("--model", help="Only this model.")
 @click.option("--since", help="From this UTC date or time (inclusive), e.g. 2026-11-01.")
 @click.option("--until", help="Up to this UTC date or time (exclusive).")
@@ -1275,7 +1302,7 @@ def schedule_run(name: str) -> None:
 
 
 @main.command()
-@click.option("--concurrency", type=click.IntRange(1, 10_000),
+@click.option("--concurrency", type=CONCURRENCY,
               help="Upstream calls in flight in this worker (default "
                    "IMAGEBATCH_CONCURRENCY).")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,

@@ -156,6 +156,28 @@ def test_a_budget_that_is_not_an_amount_is_one_line_naming_the_option(env, tmp_p
     assert jobs_in(env) == []
 
 
+BAD_NUMBERS = [
+    *([command, "99999999999999999999"] for command in
+      ("status", "cancel", "pause", "resume", "retry", "export")),
+    ["status", "0"], ["cancel", "abc"],
+    ["report", "--job", str(2**31)],
+    ["run", "FILE", "--budget", "1", "--concurrency", "99999999999999999999"],
+    ["resume", "1", "--concurrency", "0"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_NUMBERS, ids=[" ".join(a)[:30] for a in BAD_NUMBERS])
+def test_a_job_id_or_count_out_of_range_is_one_line(env, tmp_path, args):
+    """A job id of 10**20 reached SQL ("Python int too large to convert to SQLite INTEGER"
+    traceback)."""
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(FLUX_LINE + "\n")
+    args = [str(path) if a == "FILE" else a for a in args]
+    value = args[-1]
+    refused(imagebatch(env, *args), f"'{value}' is not a", " from ")
+    assert jobs_in(env) == []
+
+
 def test_a_team_or_name_sql_cannot_store_is_refused(env, tmp_path):
     path = tmp_path / "jobs.jsonl"
     path.write_text(FLUX_LINE + "\n")
