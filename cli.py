@@ -221,9 +221,15 @@ def read_job_text(path: str) -> tuple[str, str]:
     readable(path)
     file = Path(path)
     try:
-        return file.read_text(encoding="utf-8"), file.name
+        return file.read_text(encoding="utf-8"), file_name(path)
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def file_name(path: str) -> str:
+    """The file's name as text that can be stored and printed: bytes of a name that are not
+    UTF-8 (Python reads them as lone surrogates) become U+FFFD."""
+    return Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def readable(path: str) -> None:
@@ -349,7 +355,7 @@ class Number(click.ParamType):
 JOB_ID = Number(1, 2**31 - 1)  # jobs.id is a 32-bit integer
 CONCURRENCY = Number(1, 10_000)
 DOLLARS, CENTS = Money(), Money(in_cents=True)
-TEAM_NAME, JOB_NAME = StoredText(200), StoredText(500)
+TEAM_NAME, SCHEDULE_NAME, JOB_NAME = StoredText(200), StoredText(200), StoredText(500)
 
 
 def cap_from_options(budget: int | None, cents: int | None) -> int:
@@ -495,7 +501,7 @@ def submit_job(settings: Settings, sessions: Any, file: str, team: str, cap: int
     caps = model_caps(settings, sessions)
     try:
         planned = submit_file(sessions, file, caps, team=team, budget_cents=cap,
-                              name=name or ("stdin" if file == "-" else Path(file).name),
+                              name=name or ("stdin" if file == "-" else file_name(file)),
                               allow_invalid=allow_invalid)
     except JobFileError as exc:
         raise UserError(str(exc)) from None
@@ -603,7 +609,7 @@ def refuse_unfinished(sessions: Any, file: str) -> None:
         s = job_summary(session, job.id)
     done = s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
     raise UserError(
-        f"{Path(file).name} was submitted as job {job.id}, which is {s['status']} "
+        f"{file_name(file)} was submitted as job {job.id}, which is {s['status']} "
         f"({done:,}/{s['items_total']:,} items done): continue it with "
         f"`imagebatch resume {job.id}`, or pass --new to start another copy")
 
@@ -1214,7 +1220,7 @@ def schedule() -> None:
 
 
 @schedule.command("add")
-@click.argument("name")
+@click.argument("name", type=SCHEDULE_NAME)
 @click.argument("file")
 @click.option("--cron", required=True, help="When to fire, e.g. '0 3 * * *'.")
 @click.option("--team", default="default", show_default=True, type=TEAM_NAME)

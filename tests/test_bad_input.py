@@ -190,6 +190,15 @@ def test_a_team_or_name_sql_cannot_store_is_refused(env, tmp_path):
     assert jobs_in(env) == []
 
 
+def test_a_file_name_that_is_not_utf8_names_the_job_with_a_replacement_character(env,
+                                                                                 tmp_path):
+    path = tmp_path / os.fsdecode(b"\xff-otters.jsonl")
+    path.write_text(FLUX_LINE + "\n")
+    ran = imagebatch(env, "run", str(path), "--budget", "1", "--json")
+    assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stderr
+    assert json.loads(ran.stdout)["name"] == "\ufffd-otters.jsonl"
+
+
 def test_names_are_printed_as_they_are_never_read_as_markup(env, tmp_path):
     path = tmp_path / "jobs.jsonl"
     path.write_text(FLUX_LINE + "\n")
