@@ -1066,15 +1066,17 @@ def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
 def export(job: int, fmt: str, output: str | None) -> None:
     """Export one row per stored file of JOB: where it is, what it is, and what it cost."""
     from pipeline.export import export_rows, write_export
+    from pipeline.storage import open_store
 
     settings = load_settings()
+    uri_of = open_store(settings.storage_url).uri
     with database(settings) as sessions, sessions() as session:
         job_summary(session, job)  # a clear error for a job that does not exist
         if output is None:
-            write_export(export_rows(session, job), sys.stdout, fmt)
+            write_export(export_rows(session, job, uri_of), sys.stdout, fmt)
             return
         with open(output, "w", encoding="utf-8", newline="") as file:
-            count = write_export(export_rows(session, job), file, fmt)
+            count = write_export(export_rows(session, job, uri_of), file, fmt)
     err.print(f"wrote {count} rows to {output}")
 
 

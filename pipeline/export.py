@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from sqlalchemy import select
@@ -18,11 +18,13 @@ EXPORT_FIELDS = (
 )
 
 
-def export_rows(session: Session, job_id: int) -> Iterator[dict[str, Any]]:
+def export_rows(session: Session, job_id: int, uri_of: Callable[[str], str]
+                ) -> Iterator[dict[str, Any]]:
+    """The job's files in line order; `uri_of(key)` is the store's URI of a key."""
     query = (
         select(Image, JobItem, Render)
-        .join(JobItem, JobItem.id == Image.item_id)
         .join(Render, Render.id == Image.render_id)
+        .join(JobItem, JobItem.id == Render.item_id)
         .where(Image.job_id == job_id)
         .order_by(JobItem.line, Render.render_index, Image.image_index)
     )
@@ -33,7 +35,7 @@ def export_rows(session: Session, job_id: int) -> Iterator[dict[str, Any]]:
             "line": item.line,
             "render": render.render_index,
             "index": image.image_index,
-            "uri": image.uri,
+            "uri": uri_of(image.key),
             "content_type": image.content_type,
             "bytes": image.bytes,
             "sha256": image.sha256,

@@ -118,7 +118,8 @@ class JobItem(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # Not indexed alone: uq_job_items_job_line (job_id, line) begins with it.
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     line: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str | None] = mapped_column(String(500))
     body: Mapped[str] = mapped_column(Text)  # the request body as JSON text
@@ -137,7 +138,10 @@ class Render(Base):
         # The window: a job's renders sent and not started, and its next unsent ones in id
         # order, both read from the index alone.
         Index("ix_renders_job_queue", "job_id", "status", "enqueued_at", "id"),
-        Index("ix_renders_status_lease", "status", "lease_until"),
+        # Running renders only: the sweep looks for those whose lease ran out.
+        Index("ix_renders_status_lease", "status", "lease_until",
+              postgresql_where=text("status = 'running'"),
+              sqlite_where=text("status = 'running'")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -167,7 +171,8 @@ class Attempt(Base):
     __table_args__ = (UniqueConstraint("render_id", "number", name="uq_attempts_render_number"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"), index=True)
+    # Not indexed alone: uq_attempts_render_number (render_id, number) begins with it.
+    render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(20), server_default=text("'reserved'"))
     amount_cents: Mapped[int] = mapped_column(BigInteger)
@@ -216,13 +221,11 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    # Indexed: deleting items cascades here.
-    item_id: Mapped[int] = mapped_column(ForeignKey("job_items.id", ondelete="CASCADE"),
-                                         index=True)
+    # Its item is its render's (deleting an item cascades through its renders); its URI is
+    # the store's URI of `key` (storage.MediaStore.uri): neither is repeated here.
     render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"))
     image_index: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(1000))
-    uri: Mapped[str] = mapped_column(String(2000))
     content_type: Mapped[str] = mapped_column(String(100))
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

@@ -94,7 +94,6 @@ class EndRest:
 class StoredMedia:
     index: int
     key: str
-    uri: str
     info: MediaInfo
     revised_prompt: str | None
 
@@ -533,9 +532,9 @@ async def _store_one(svc: Services, begun: Begun, index: int, entry: dict[str, A
             else await asyncio.to_thread(sniff, data))
     key = media_key(begun.job_id, begun.line, begun.custom_id, begun.render_index, index,
                     info.extension, attempt=begun.number)
-    uri = await _put_with_retries(svc, begun, key, data, info.content_type)
+    await _put_with_retries(svc, begun, key, data, info.content_type)
     revised = entry.get("revised_prompt")
-    return StoredMedia(index, key, uri, info, revised if isinstance(revised, str) else None)
+    return StoredMedia(index, key, info, revised if isinstance(revised, str) else None)
 
 
 async def _put_with_retries(svc: Services, begun: Begun, key: str, data: bytes,
@@ -656,8 +655,8 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
 def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
     info = media.info
     return {
-        "job_id": render.job_id, "item_id": render.item_id, "render_id": render.id,
-        "image_index": media.index, "key": media.key, "uri": media.uri,
+        "job_id": render.job_id, "render_id": render.id,
+        "image_index": media.index, "key": media.key,
         "content_type": info.content_type, "bytes": info.size, "sha256": info.sha256,
         "width": info.width, "height": info.height,
         # Upstreams make image i of a call seeded s with s + i (see plan.split_into_renders).

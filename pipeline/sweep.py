@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import select
+from sqlalchemy import literal_column, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
@@ -40,8 +40,11 @@ def sweep(sessions: sessionmaker[Session], settings: Settings,
 def _expired_leases(sessions: sessionmaker[Session]) -> list[int]:
     with sessions() as session:
         return list(session.scalars(
+            # The status as a literal: it is the partial index's own condition
+            # (ix_renders_status_lease), which SQLite only matches written out.
             select(Render.id).where(
-                Render.status == RenderStatus.RUNNING, Render.lease_until < utcnow()
+                Render.status == literal_column(f"'{RenderStatus.RUNNING.value}'"),
+                Render.lease_until < utcnow()
             ).limit(5000)
         ))
 
