@@ -69,7 +69,8 @@ def test_csv_export_neutralises_formulas_and_jsonl_keeps_exact_values(svc, fake)
     def exported(fmt: str) -> str:
         out = io.StringIO()
         with svc.sessions() as session:
-            assert write_export(export_rows(session, s["id"]), out, fmt) == 7
+            rows = export_rows(session, s["id"], svc.store.uri)
+            assert write_export(rows, out, fmt) == 7
         return out.getvalue()
 
     rows = list(csv.DictReader(io.StringIO(exported("csv"), newline="")))
