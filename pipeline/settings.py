@@ -272,14 +272,23 @@ def mask_url(url: str) -> str:
 
 
 def check_api_base(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0  # .port raises on a port out of range
+    except ValueError:  # "http://[::1" and the like
+        parts, port_ok = urlsplit(""), False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise SettingsError(f"IMAGEBATCH_API_BASE={mask_url(url)!r}: not an http(s) URL "
                             f"(e.g. {DEFAULT_API_BASE})")
 
 
 def _check_scheme(name: str, url: str, schemes: tuple[str, ...]) -> None:
-    if urlsplit(url).scheme not in schemes:
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # "redis://[::1" and the like
+        raise SettingsError(f"IMAGEBATCH_{name}={mask_url(url)!r}: not a valid URL ({exc})"
+                            ) from None
+    if scheme not in schemes:
         raise SettingsError(f"IMAGEBATCH_{name}={mask_url(url)!r}: must start with "
                             f"{' or '.join(s + '://' for s in schemes)}")
 
@@ -298,8 +307,9 @@ def check_database_url(url: str, where: str | None = None) -> None:
 
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise refuse(f"not a database URL (e.g. {DATABASE_EXAMPLE})") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        detail = "" if isinstance(exc, ArgumentError) else f" ({mask_url(str(exc))})"
+        raise refuse(f"not a database URL{detail} (e.g. {DATABASE_EXAMPLE})") from None
     backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     if backend not in DATABASE_DRIVERS:
         raise refuse(f"{backend} is not supported: use {DATABASE_EXAMPLE}")

@@ -119,6 +119,9 @@ def test_every_numeric_setting_is_refused_outside_its_range_with_its_name(spec):
     ("BROKER_WINDOW", "-1", "must be 0 (twice the live workers' render slots) or from 1"),
     ("ALLOW_PRIVATE_MEDIA", "maybe", "must be one of 1, true, yes, on (on) or 0, false"),
     ("API_BASE", "ftp://host/v1", "not an http(s) URL"),
+    ("API_BASE", "http://[::1/v1", "not an http(s) URL"),
+    ("API_BASE", "http://host:99999/v1", "not an http(s) URL"),
+    ("API_BASE", "api.airforce/v1", "not an http(s) URL"),
     ("BROKER_URL", "amqp://host//", "must start with filesystem:// or redis://"),
     ("REDIS_URL", "memcached://host", "must start with redis:// or rediss://"),
     ("MODEL_RATES", "flux=fast", "is not MODEL=COUNT/UNIT"),
@@ -183,6 +186,7 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("url, reason", [
     ("garbage", "not a database URL"),
+    (f"postgresql+psycopg://u:{PASSWORD}@127.0.0.1:port/db", "not a database URL"),
     (f"mysql://root:{PASSWORD}@127.0.0.1/imagebatch", "mysql is not supported"),
     (f"oracle://scott:{PASSWORD}@db/orcl", "oracle is not supported"),
     (f"postgresql+asyncpg://u:{PASSWORD}@127.0.0.1/db", "the driver asyncpg is not supported"),
