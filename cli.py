@@ -22,10 +22,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.exc import OperationalError
 
 from pipeline.caps import Caps, load_caps
 from pipeline.db import (
     SchemaBehind,
+    error_reason,
     open_engine,
     prepare_schema,
     schema_revisions,
@@ -105,6 +107,9 @@ class Group(click.Group):
             raise
         except _known_errors() as exc:
             raise UserError(str(exc)) from None
+        except OperationalError as exc:  # the database went away or locked up mid-command
+            raise UserError(f"{Settings.from_env().database_label}: the database failed: "
+                            f"{error_reason(exc)}") from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -61,7 +61,8 @@ def open_engine(database_url: str, *, where: str | None = None, pool_size: int =
                 else "SELECT 1")
     except SQLAlchemyError as exc:
         engine.dispose()
-        raise DatabaseUnavailable(f"{where}: cannot open the database: {reason(exc)}") from None
+        raise DatabaseUnavailable(f"{where}: cannot open the database: {error_reason(exc)}"
+                                  ) from None
     return engine
 
 
@@ -86,7 +87,7 @@ def _check_sqlite_file(path: Path, where: str) -> None:
         raise DatabaseUnavailable(f"{where}: the folder {path.parent} is not writable")
 
 
-def reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     """The first line of a database error, from the driver, with any password masked."""
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines() or [type(orig).__name__]
@@ -194,7 +195,7 @@ def prepare_schema(engine: Engine, *, upgrade: bool, where: str) -> None:
     except SQLAlchemyError as exc:
         raise DatabaseUnavailable(
             f"{where}: the schema could not be {'created' if upgrade else 'read'}: "
-            f"{reason(exc)}") from None
+            f"{error_reason(exc)}") from None
 
 
 def upgrade_schema(engine: Engine) -> None:

@@ -226,6 +226,20 @@ def test_an_unusable_data_dir_names_imagebatch_data_dir(env, tmp_path):
         assert reason in line
 
 
+def test_a_database_failing_mid_command_is_one_line(env, tmp_path):
+    """The schema says current but a table is gone (someone's hand in the file): the
+    command's first statement fails; one line naming the database, not a traceback."""
+    assert imagebatch(env, "status").returncode == 0
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'imagebatch.db'}")
+    with engine.begin() as connection:
+        connection.execute(sa.text("PRAGMA foreign_keys=OFF"))
+        connection.execute(sa.text("DROP TABLE jobs"))
+    engine.dispose()
+    line = one_line_error(imagebatch(env, "status"))
+    assert line == (f"error: IMAGEBATCH_DATA_DIR='{tmp_path / 'data'}': the database failed: "
+                    "no such table: jobs")
+
+
 def test_a_read_only_database_file_is_named(tmp_path):
     path = tmp_path / "imagebatch.db"
     open_engine(f"sqlite:///{path}").dispose()
