@@ -51,8 +51,10 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def jobs_file(tmp_path: Path, count: int = 1, name: str = "jobs.jsonl") -> str:
+    """`count` lines; files of different names hold different lines (`run` refuses a file
+    whose copy is still running)."""
     path = tmp_path / name
-    path.write_text("".join(json.dumps({**FLUX, "prompt": f"otter {i}"}) + "\n"
+    path.write_text("".join(json.dumps({**FLUX, "prompt": f"otter {name} {i}"}) + "\n"
                             for i in range(count)))
     return str(path)
 
