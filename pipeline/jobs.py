@@ -141,6 +141,21 @@ FAIL_REPEATS = update(_items_t).where(
 ).values(status=ItemStatus.FAILED.value, error=bindparam("reason"))
 
 
+def _to_plan(db: Any, job_id: int) -> Any:
+    """The job's planning state (status, plan_cursor, source) when it has items to plan and
+    this transaction may plan them (PostgreSQL: no other dispatcher holds the job's advisory
+    lock); else None."""
+    if db.dialect.name == "postgresql" and not db.execute(
+            select(func.pg_try_advisory_xact_lock(PLAN_LOCK_NAMESPACE, job_id))).scalar():
+        return None  # another dispatcher is planning it
+    state = db.execute(PLAN_STATE, {"job": job_id}).one_or_none()
+    if state is None or (state.status != JobStatus.PENDING and (
+            state.plan_cursor is None
+            or state.status not in (JobStatus.RUNNING, JobStatus.PAUSED))):
+        return None
+    return state
+
+
 def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
              chunk: int = PLAN_CHUNK) -> int:
     """Plan the job's next `chunk` pending items: validate them, write their renders (they
@@ -148,16 +163,10 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
     how many items it took; 0 when there is nothing (left) to plan. The job runs from its
     first chunk on; it cannot close until its last chunk is planned."""
     db = session.connection()
-    if db.dialect.name == "postgresql" and not db.execute(
-            select(func.pg_try_advisory_xact_lock(PLAN_LOCK_NAMESPACE, job_id))).scalar():
-        return 0  # another dispatcher is planning it
-    state = db.execute(PLAN_STATE, {"job": job_id}).one_or_none()
+    state = _to_plan(db, job_id)
     if state is None:
         return 0
     starting = state.status == JobStatus.PENDING
-    if not starting and (state.plan_cursor is None
-                         or state.status not in (JobStatus.RUNNING, JobStatus.PAUSED)):
-        return 0
     if starting and state.source != "cli":  # the CLI refused repeated ids when it submitted
         _fail_repeated_ids(session, job_id)
     rows = db.execute(ITEMS_AFTER, {"job": job_id, "cursor": 0 if starting else
@@ -196,16 +205,10 @@ def fail_next_item(session: Session, job_id: int, reason: str) -> int:
     """The job's next item to plan fails with `reason`: planning it alone failed (see
     dispatch.plan_chunk). Returns 1, or 0 when no item is left to plan."""
     db = session.connection()
-    if db.dialect.name == "postgresql" and not db.execute(
-            select(func.pg_try_advisory_xact_lock(PLAN_LOCK_NAMESPACE, job_id))).scalar():
-        return 0
-    state = db.execute(PLAN_STATE, {"job": job_id}).one_or_none()
+    state = _to_plan(db, job_id)
     if state is None:
         return 0
     starting = state.status == JobStatus.PENDING
-    if not starting and (state.plan_cursor is None
-                         or state.status not in (JobStatus.RUNNING, JobStatus.PAUSED)):
-        return 0
     row = db.execute(ITEMS_AFTER, {"job": job_id, "cursor": 0 if starting else
                                    state.plan_cursor, "chunk": 1}).first()
     if row is None:
