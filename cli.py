@@ -50,6 +50,7 @@ from pipeline.jobs import (
     unfinished_job_of,
 )
 from pipeline.plan import column_problem, parse_cents, parse_dollars, shown
+from pipeline.redact import redact_url
 from pipeline.settings import Settings, SettingsError, unknown_settings
 from pipeline.submission import (
     JobFileError,
@@ -216,7 +217,8 @@ def fetch_models(settings: Settings) -> list[dict[str, Any]]:
 
 def model_caps(settings: Settings, sessions: Any, *, refresh: bool = False) -> dict[str, Caps]:
     return load_caps(sessions, settings.api_base, lambda: fetch_models(settings),
-                     ttl_seconds=settings.models_ttl, refresh=refresh)
+                     ttl_seconds=settings.models_ttl, refresh=refresh,
+                     allow_free=settings.allow_free_models)
 
 
 def read_job_text(path: str) -> tuple[str, str]:
@@ -402,7 +404,7 @@ def models(refresh: bool, as_json: bool) -> None:
     if as_json:
         print_json([c.__dict__ for c in caps.values()])
         return
-    table = Table(title=f"models at {settings.api_base}")
+    table = Table(title=f"models at {redact_url(settings.api_base)}")
     for column in ("model", "modalities", "max_n", "aspect ratios / sizes", "qualities",
                    "max input images", "price / image"):
         table.add_column(column)
@@ -412,9 +414,18 @@ def models(refresh: bool, as_json: bool) -> None:
             c.model, ", ".join(c.modalities), str(c.max_n or "any"), shapes,
             ", ".join(c.qualities or ()) or "any",
             "any" if c.max_input_images is None else str(c.max_input_images),
-            "no price" if c.price_per_image_cents is None else f"{c.price_per_image_cents}¢",
+            price_shown(c),
         )
     out.print(table)
+    for c in sorted(caps.values(), key=lambda c: c.model):
+        if c.refused is not None:  # why a model listed "refused" cannot run
+            out.print(c.refused, highlight=False, markup=False)
+
+
+def price_shown(caps: Caps) -> str:
+    if caps.refused is not None:
+        return "refused"
+    return "no price" if caps.price_per_image_cents is None else f"{caps.price_per_image_cents}¢"
 
 
 def plan_file(settings: Settings, sessions: Any, path: str) -> Submission:

@@ -63,7 +63,7 @@ class Request:
     n: int
     seed: int | None
     response_format: str
-    price_cents: int | None  # per image; None = the model has no price
+    price_cents: object  # per image, as the catalogue says (None: no price; may be anything)
     width: int
     height: int
     default_media: str

@@ -38,6 +38,9 @@ class Plan:
     latency: float
     kind: str  # media kind of every result ("garbage" for non-media bytes)
     media_bytes: int
+    # What `fake.echo_key` echoes: the credential of the Authorization header (a careless
+    # provider's "invalid key sk-..." or a prompt rewriter that repeats its headers).
+    echoed: str | None = None
 
     @property
     def billed_as(self) -> str:
@@ -52,15 +55,33 @@ async def generations(request: web.Request) -> web.StreamResponse:
     state.begin(body, bool(request.headers.get("Authorization")))
     try:
         try:
-            plan = _plan(body, state)
+            plan = _plan(body, state, _credential(request))
+            _take_a_place(state)
         except FakeError as exc:  # refused before any stream: never billed
             state.count(exc.outcome)
             return _error_response(exc)
-        if isinstance(body, dict) and body.get("sse") is True:
-            return await _stream(request, plan, state)
-        return await _plain(request, plan, state)
+        try:
+            if isinstance(body, dict) and body.get("sse") is True:
+                return await _stream(request, plan, state)
+            return await _plain(request, plan, state)
+        finally:
+            state.stop_serving()
     finally:
         state.end()
+
+
+def _credential(request: web.Request) -> str | None:
+    """The Authorization header's credential (a Bearer key, or Basic's base64)."""
+    _, _, credential = request.headers.get("Authorization", "").partition(" ")
+    return credential.strip() or None
+
+
+def _take_a_place(state: FakeState) -> None:
+    """A provider that serves max_concurrent calls at once answers one more with 429."""
+    if not state.start_serving():
+        raise FakeError(429, f"too many requests at once (at most {state.config.max_concurrent})",
+                        code="rate_limit_exceeded", outcome="rate_limited",
+                        retry_after=state.config.concurrency_retry_after)
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -70,10 +91,11 @@ async def _read_json(request: web.Request) -> Any:
         return None  # validate() answers 400 for anything that is not an object
 
 
-def _plan(body: Any, state: FakeState) -> Plan:
+def _plan(body: Any, state: FakeState, credential: str | None = None) -> Plan:
     accepted = validate(body, state.models)
     knobs = parse_knobs(body.get("fake"))
-    _refuse_if_asked(knobs, accepted, state)
+    echoed = credential if knobs.echo_key else None
+    _refuse_if_asked(knobs, accepted, state, echoed)
     outcome = _pick_outcome(knobs, state)
     config = state.config
     kind = "garbage" if knobs.garbage else knobs.media or accepted.default_media
@@ -82,22 +104,29 @@ def _plan(body: Any, state: FakeState) -> Plan:
         latency=config.latency if knobs.latency is None else float(knobs.latency),
         kind=kind,
         media_bytes=config.media_bytes if knobs.media_bytes is None else knobs.media_bytes,
+        echoed=echoed,
     )
 
 
-def _refuse_if_asked(knobs: Knobs, accepted: Request, state: FakeState) -> None:
+def _refuse_if_asked(knobs: Knobs, accepted: Request, state: FakeState,
+                     echoed: str | None = None) -> None:
     """fake.status always fails; with fail_first only the first k calls of `key` fail."""
     if knobs.fail_first is not None:
         key = accepted.prompt if knobs.key is None else knobs.key
         if state.fails_first(key, knobs.fail_first):
-            raise _asked_status(knobs.status or 500, knobs.retry_after)
+            raise _asked_status(knobs.status or 500, knobs.retry_after, echoed)
     elif knobs.status is not None:
-        raise _asked_status(knobs.status, knobs.retry_after)
+        raise _asked_status(knobs.status, knobs.retry_after, echoed)
 
 
-def _asked_status(status: int, retry_after: float | None) -> FakeError:
-    return FakeError(status, f"fake status {status}", code=f"fake_{status}",
+def _asked_status(status: int, retry_after: float | None, echoed: str | None = None
+                  ) -> FakeError:
+    return FakeError(status, _echoing(f"fake status {status}", echoed), code=f"fake_{status}",
                      outcome="error_status", retry_after=retry_after)
+
+
+def _echoing(message: str, echoed: str | None) -> str:
+    return message if echoed is None else f"{message} (key: {echoed})"
 
 
 def _pick_outcome(knobs: Knobs, state: FakeState) -> str:
@@ -122,9 +151,9 @@ def _error_response(exc: FakeError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status, headers=headers, dumps=_dumps)
 
 
-def _error_event_body() -> bytes:
+def _error_event_body(echoed: str | None = None) -> bytes:
     # A content-policy refusal mid-stream: the common real case, and a definite (unbilled) one.
-    error = error_object(422, "the output was refused by the content policy",
+    error = error_object(422, _echoing("the output was refused by the content policy", echoed),
                          "content_policy_violation")
     return _dumps({"error": error}).encode()
 
@@ -150,7 +179,7 @@ async def _stream_events(request: web.Request, stream: EventStream, plan: Plan,
     await _keepalives_or_leave(stream, plan.latency, interval, state)
     if plan.outcome == "error_event":
         state.count("error_event")
-        await stream.event(_error_event_body())
+        await stream.event(_error_event_body(plan.echoed))
         return
     result = _result_json(request, plan, state)
     _bill(state, plan)
@@ -187,7 +216,7 @@ async def _plain(request: web.Request, plan: Plan, state: FakeState) -> web.Stre
     await asyncio.sleep(plan.latency)
     if plan.outcome == "error_event":  # without SSE the error comes as a 200 body
         state.count("error_event")
-        return _json_bytes(_error_event_body())
+        return _json_bytes(_error_event_body(plan.echoed))
     if _gone(request, state):
         state.count("client_gone")
         return web.Response(status=204)
@@ -249,8 +278,11 @@ def _entry(request: web.Request, plan: Plan, spec: MediaSpec) -> list[bytes]:
         parts = [b'{"b64_json":"', *render(spec).b64_parts(), b'"']
     else:
         parts = [b'{"url":', _dumps(_media_url(request, spec, plan.knobs.redirect)).encode()]
-    if plan.knobs.revised_prompt is not None:
-        parts += [b',"revised_prompt":', _dumps(plan.knobs.revised_prompt).encode()]
+    revised = plan.knobs.revised_prompt
+    if plan.echoed is not None:
+        revised = _echoing(revised or plan.request.prompt, plan.echoed)
+    if revised is not None:
+        parts += [b',"revised_prompt":', _dumps(revised).encode()]
     return [*parts, b"}"]
 
 

@@ -32,6 +32,7 @@ class Knobs:
     media_bytes: int | None = None
     latency: float | None = None
     redirect: str | None = None
+    echo_key: bool = False
 
     @property
     def eol(self) -> str:
@@ -63,6 +64,7 @@ _RULES: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "media_bytes": ((int,), lambda v: 0 <= v <= MAX_MEDIA_BYTES, "a byte count"),
     "latency": ((int, float), lambda v: 0 <= v <= 3600, "seconds (0-3600)"),
     "redirect": ((str,), None, "a URL string"),
+    "echo_key": ((bool,), None, "a boolean"),
 }
 
 

@@ -20,6 +20,11 @@ class FakeConfig:
     fail_rate: float = 0.0  # fraction answered 500 before the stream (not billed)
     cut_rate: float = 0.0  # fraction whose stream is cut after keepalives (billed)
     rate_limit_rate: float = 0.0  # fraction answered 429 with Retry-After: 1 (not billed)
+    # Generations served at once at most: one more is answered 429 (not billed), as a
+    # provider with a concurrency limit does; None: no limit.
+    max_concurrent: int | None = None
+    # The Retry-After (seconds) of those 429s; None: no Retry-After header.
+    concurrency_retry_after: float | None = None
     seed: int | None = None  # seeds the random rates and seedless images
     # Replaces the built-in model list (tests that need other caps or prices).
     models: list[dict[str, Any]] | None = field(default=None, repr=False)
@@ -33,6 +38,7 @@ class FakeState:
         self.models = catalogue(config.models)
         self.closing = False  # set at shutdown so stalled streams end
         self.in_flight = 0
+        self.serving = 0  # accepted generations not finished (what max_concurrent limits)
         self.reset()
 
     def reset(self) -> None:
@@ -41,6 +47,7 @@ class FakeState:
         self.media_requests = 0
         self.by_outcome: Counter[str] = Counter()
         self.max_in_flight = self.in_flight
+        self.max_serving = self.serving
         self.fail_counts: Counter[str] = Counter()
         self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
 
@@ -54,15 +61,29 @@ class FakeState:
     def end(self) -> None:
         self.in_flight -= 1
 
+    def start_serving(self) -> bool:
+        """Take one of max_concurrent places; False when all are taken (answer 429)."""
+        limit = self.config.max_concurrent
+        if limit is not None and self.serving >= limit:
+            return False
+        self.serving += 1
+        self.max_serving = max(self.max_serving, self.serving)
+        return True
+
+    def stop_serving(self) -> None:
+        self.serving -= 1
+
     def count(self, outcome: str) -> None:
         self.by_outcome[outcome] += 1
 
-    def bill(self, outcome: str, price_cents: int | None, n: int) -> None:
+    def bill(self, outcome: str, price_cents: object, n: int) -> None:
         """The provider did the work: the call costs price x n (0 for an unpriced model)."""
         self.count(outcome)
         self.billed_calls += 1
         self.billed_images += n
-        self.billed_cents += (price_cents or 0) * n
+        # A catalogue may say anything (tests give prices of any value): only a number bills.
+        number = isinstance(price_cents, int | float) and not isinstance(price_cents, bool)
+        self.billed_cents += (price_cents if number else 0) * n
 
     def fails_first(self, key: str, times: int) -> bool:
         """True for the first `times` calls carrying `key`."""
@@ -75,4 +96,5 @@ class FakeState:
             "billed_images": self.billed_images, "billed_cents": self.billed_cents,
             "by_outcome": dict(self.by_outcome), "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight, "media_requests": self.media_requests,
+            "max_serving": self.max_serving,
         }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -14,11 +15,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
 from pipeline.models import ModelCaps, utcnow
+from pipeline.redact import redact_url
+
+# The largest price per image we believe (1,000,000 cents: $10,000). A catalogue can say
+# anything; a price past this is a mistake (or hostile), and it must stay far inside SQL's
+# BIGINT once multiplied by n (at most 10,000) and summed over a job's renders.
+MAX_PRICE_PER_IMAGE_CENTS = 1_000_000
+# The most images one request may ask for, as the job lines' own bound on n.
+MAX_MAX_N = 10_000
+# Model ids are stored in VARCHAR(200) columns (renders, ledger, the cache).
+MAX_MODEL_ID = 200
 
 
 @dataclass(frozen=True)
 class Caps:
-    """What one model accepts. None on an axis means no limit there (price: unknown)."""
+    """What one model accepts. None on an axis means no limit there (price: unknown).
+
+    `refused` says why the model cannot run at all (a price or max_n the catalogue gives
+    that cannot be meant); such a model also has no price, so nothing can be priced on it."""
 
     model: str
     modalities: tuple[str, ...] = ("image",)
@@ -28,18 +42,23 @@ class Caps:
     sizes: tuple[str, ...] | None = None
     max_input_images: int | None = None
     price_per_image_cents: int | None = None
+    refused: str | None = None
 
 
-def caps_from_entry(entry: Mapping[str, Any]) -> Caps | None:
-    """A /models entry as Caps, or None for a model that makes no media (a chat model)."""
-    modalities = tuple(str(m) for m in entry.get("output_modalities") or ())
+def caps_from_entry(entry: Mapping[str, Any], *, allow_free: bool = False) -> Caps | None:
+    """A /models entry as Caps, or None for a model that makes no media (a chat model) or
+    whose id cannot be a model name. Never raises, whatever the entry holds."""
+    model = entry.get("id")
+    if not _usable_id(model):
+        return None
+    modalities = _strings_or_none(entry.get("output_modalities")) or ()
     raw = entry.get("image_caps")
     if not isinstance(raw, Mapping):
         if "image" not in modalities:
             return None
         raw = {}
-    return Caps(
-        model=str(entry["id"]),
+    caps = Caps(
+        model=model,
         modalities=modalities or ("image",),
         max_n=_int_or_none(raw.get("max_n")),
         aspect_ratios=_strings_or_none(raw.get("aspect_ratios")),
@@ -48,6 +67,48 @@ def caps_from_entry(entry: Mapping[str, Any]) -> Caps | None:
         max_input_images=_int_or_none(raw.get("max_input_images")),
         price_per_image_cents=_int_or_none(raw.get("price_per_image_cents")),
     )
+    problem = caps_problem(raw, allow_free=allow_free)
+    if problem is None:
+        return caps
+    # No price and no max_n: whatever reads these caps can neither price nor split on them.
+    return replace(caps, max_n=None, price_per_image_cents=None,
+                   refused=f"model {model!r} is refused: {problem}")
+
+
+def _usable_id(model: object) -> TypeGuard[str]:
+    return isinstance(model, str) and bool(model.strip()) and len(model) <= MAX_MODEL_ID
+
+
+def caps_problem(raw: Mapping[str, Any], *, allow_free: bool = False) -> str | None:
+    """Why a model's image_caps cannot be trusted, or None. A missing (or null) field is no
+    limit on its axis, as UPSTREAM.md says; a field that is there must make sense."""
+    price = raw.get("price_per_image_cents")
+    if price is not None:
+        cents = _int_or_none(price)
+        lowest = 0 if allow_free else 1
+        if cents is None:
+            return f"its price_per_image_cents {_shown(price)} is not a whole number of cents"
+        if cents == 0 and not allow_free:
+            return ("its price_per_image_cents is 0: a free model is not bounded by any cap "
+                    "(IMAGEBATCH_ALLOW_FREE_MODELS=1 allows it)")
+        if not lowest <= cents <= MAX_PRICE_PER_IMAGE_CENTS:
+            return (f"its price_per_image_cents {_shown(price)} is outside "
+                    f"{lowest}-{MAX_PRICE_PER_IMAGE_CENTS}")
+    for name, lowest, highest in (("max_n", 1, MAX_MAX_N), ("max_input_images", 0, None)):
+        value = raw.get(name)
+        if value is None:
+            continue
+        number = _int_or_none(value)
+        if number is None or number < lowest or (highest is not None and number > highest):
+            bounds = f"from {lowest} to {highest}" if highest else f"of {lowest} or more"
+            return f"its {name} {_shown(value)} is not a whole number {bounds}"
+    return None
+
+
+def _shown(value: object) -> str:
+    """A catalogue value for a message: short, whatever it is."""
+    text = json.dumps(value, default=str) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def _int_or_none(value: object) -> int | None:
@@ -66,8 +127,10 @@ def _strings_or_none(value: object) -> tuple[str, ...] | None:
     return tuple(str(v) for v in value)
 
 
-def caps_by_model(entries: list[Mapping[str, Any]]) -> dict[str, Caps]:
-    found = (caps_from_entry(e) for e in entries if isinstance(e, Mapping) and "id" in e)
+def caps_by_model(entries: list[Mapping[str, Any]], *, allow_free: bool = False
+                  ) -> dict[str, Caps]:
+    """Every usable entry's caps (a bad entry is refused or skipped alone, never the list)."""
+    found = (caps_from_entry(e, allow_free=allow_free) for e in entries if isinstance(e, Mapping))
     return {c.model: c for c in found if c is not None}
 
 
@@ -81,15 +144,27 @@ def load_caps(
     *,
     ttl_seconds: int,
     refresh: bool = False,
+    allow_free: bool = False,
 ) -> dict[str, Caps]:
-    """Caps for every model, from the SQL cache while fresh, else from /models (then cached)."""
+    """Caps for every model, from the SQL cache while fresh, else from /models (then cached).
+    The cache is keyed by the API base without its credentials (they never reach SQL)."""
+    cache_key = api_base_key(api_base)
     if not refresh:
-        cached = _cached_entries(sessions, api_base, ttl_seconds)
+        cached = _cached_entries(sessions, cache_key, ttl_seconds)
         if cached is not None:
-            return caps_by_model(cached)
+            return caps_by_model(cached, allow_free=allow_free)
     entries = fetch()
-    _store_entries(sessions, api_base, entries)
-    return caps_by_model(entries)
+    _store_entries(sessions, cache_key, entries)
+    return caps_by_model(entries, allow_free=allow_free)
+
+
+def api_base_key(api_base: str) -> str:
+    """The API base as the cache's key: credentials and query masked (redact_url), and
+    short enough for its VARCHAR(500) column (a longer one keeps a digest of the rest)."""
+    shown = redact_url(api_base)
+    if len(shown) <= 500:
+        return shown
+    return shown[:436] + "…" + hashlib.sha256(shown.encode()).hexdigest()
 
 
 def _cached_entries(
@@ -114,13 +189,14 @@ def _store_entries(
             session.execute(delete(ModelCaps).where(ModelCaps.api_base == api_base))
             seen: set[str] = set()
             for entry in entries:
-                if not isinstance(entry, Mapping) or "id" not in entry or entry["id"] in seen:
+                # The id is the row's key: one that is no model name (see caps_from_entry)
+                # is not kept, so no entry can fail the cache's INSERT for all the others.
+                model = entry.get("id") if isinstance(entry, Mapping) else None
+                if not _usable_id(model) or model in seen:
                     continue
-                seen.add(str(entry["id"]))
-                session.add(
-                    ModelCaps(id=str(entry["id"]), api_base=api_base, entry=json.dumps(entry),
-                              fetched_at=now)
-                )
+                seen.add(model)
+                session.add(ModelCaps(id=model, api_base=api_base, entry=json.dumps(entry),
+                                      fetched_at=now))
     except IntegrityError:
         # Another process (a second dispatcher, a worker's ticker) cached the same /models
         # answer in the same moment (PostgreSQL: our DELETE did not see its uncommitted rows).

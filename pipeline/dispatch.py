@@ -25,6 +25,7 @@ def current_caps(svc: Services, *, refresh: bool = False) -> dict[str, Caps]:
         lambda: svc.io.run(svc.upstream.list_models()),
         ttl_seconds=svc.settings.models_ttl,
         refresh=refresh,
+        allow_free=svc.settings.allow_free_models,
     )
 
 

@@ -1,5 +1,7 @@
 """Limits that hold across all workers: renders in flight, per-model request rates, and the
-pause every worker takes after a 429. Kept in Redis when there is one, in-process otherwise."""
+pause every worker takes after a 429 with Retry-After. Kept in Redis when there is one,
+in-process otherwise. Plus each worker's own window of calls in flight per model, which
+adapts to the 429s it gets (AIMD), so a provider that serves k calls at once gets about k."""
 
 from __future__ import annotations
 
@@ -11,13 +13,118 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.settings import SettingsError
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-DEFAULT_429_PAUSE = 2.0
 POLL = 0.05
 PAUSE_RECHECK = 0.1  # seconds a worker trusts Redis' last "no 429 pause" for a model
+# Above the level at which the model last answered 429, the window grows this many times
+# slower: it still finds a limit that was raised, but probes it with few 429s.
+PROBE_SLOWDOWN = 8
+
+
+class ModelWindow:
+    """One worker's calls in flight to one model: additive increase (about one more call per
+    window of successes), multiplicative decrease on a 429 (halved, and never above what the
+    provider was serving at that moment, floor 1). Only the first 429 of the calls sent under
+    one window size shrinks it: the rest of that burst was sent before the provider said no.
+    Lives on the worker's event loop."""
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = max(1, ceiling)
+        self.allowed = float(self.ceiling)
+        self.in_flight = 0
+        self.serving = 0  # calls in flight that the provider accepted (a 2xx came)
+        self.epoch = 0  # bumped by each decrease
+        self.limit_seen: int | None = None  # what was being served at the last 429
+        self._room = asyncio.Condition()
+
+    async def enter(self) -> int:
+        """Wait for room; returns the epoch the call is sent under."""
+        async with self._room:
+            await self._room.wait_for(lambda: self.in_flight < int(self.allowed))
+            self.in_flight += 1
+            return self.epoch
+
+    def accepted(self) -> None:
+        self.serving += 1
+
+    async def leave(self, epoch: int, *, accepted: bool, answer: str) -> None:
+        """`answer`: 'served' (a result), 'rate_limited' (429) or 'other'."""
+        self.in_flight -= 1
+        if accepted:
+            self.serving -= 1
+        if answer == "rate_limited" and epoch == self.epoch:
+            self.limit_seen = max(1, self.serving)
+            self.allowed = max(1.0, min(self.allowed / 2, float(self.serving)))
+            self.epoch += 1
+        elif answer == "served" and self.allowed < self.ceiling:
+            probing = self.limit_seen is not None and self.allowed >= self.limit_seen
+            step = 1 / self.allowed / (PROBE_SLOWDOWN if probing else 1)
+            self.allowed = min(float(self.ceiling), self.allowed + step)
+        async with self._room:
+            self._room.notify_all()
+
+
+class CallWindows:
+    """A worker's windows, one per model, created on first use."""
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self._models: dict[str, ModelWindow] = {}
+
+    def of(self, model: str) -> ModelWindow:
+        window = self._models.get(model)
+        if window is None:
+            window = self._models[model] = ModelWindow(self.ceiling)
+        return window
+
+
+class CallSlot:
+    """Room for one call to a model: the worker's window for it, then the shared limits.
+
+    async with limiter.slot(model) as slot:
+        outcome = await client.generate(body, on_accepted=slot.accepted)
+        slot.answered("served" | "rate_limited" | "other")
+    """
+
+    def __init__(self, window: ModelWindow, shared: Any) -> None:
+        self._window = window
+        self._shared = shared  # the limiter's own context manager (pause, rate, slot)
+        self._epoch: int | None = None
+        self._accepted = False
+        self._answer = "other"
+
+    def accepted(self) -> None:
+        """The provider took the call (a 2xx status): it counts as served meanwhile."""
+        if not self._accepted and self._epoch is not None:
+            self._accepted = True
+            self._window.accepted()
+
+    def answered(self, answer: str) -> None:
+        self._answer = answer
+
+    async def __aenter__(self) -> CallSlot:
+        self._epoch = await self._window.enter()
+        try:
+            await self._shared.__aenter__()
+        except BaseException:
+            await self._leave()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._shared.__aexit__(None, None, None)
+        finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
+        if self._epoch is not None:
+            epoch, self._epoch = self._epoch, None
+            await self._window.leave(epoch, accepted=self._accepted, answer=self._answer)
 
 
 @dataclass(frozen=True)
@@ -78,8 +185,10 @@ class RedisLimits:
     """Shared limits for every worker that uses the same Redis."""
 
     def __init__(self, url: str, *, max_in_flight: int, rates: dict[str, Rate],
-                 slot_ttl: float, prefix: str = "imagebatch") -> None:
+                 slot_ttl: float, prefix: str = "imagebatch", window: int = 64) -> None:
         import redis.asyncio as redis
+
+        self.windows = CallWindows(window)
 
         self.redis = redis.from_url(url, max_connections=None)
         self.max_in_flight = max_in_flight
@@ -90,8 +199,11 @@ class RedisLimits:
         self._slot = self.redis.register_script(_SLOT_SCRIPT)
         self._no_pause_seen: dict[str, float] = {}  # model -> when Redis last said "no pause"
 
+    def slot(self, model: str) -> CallSlot:
+        return CallSlot(self.windows.of(model), self._shared_slot(model))
+
     @asynccontextmanager
-    async def slot(self, model: str) -> AsyncIterator[None]:
+    async def _shared_slot(self, model: str) -> AsyncIterator[None]:
         await self._wait_out_pause(model)
         await self._take_rate(model)
         token = await self._take_slot()
@@ -102,9 +214,13 @@ class RedisLimits:
                 await self.redis.zrem(f"{self.prefix}:inflight", token)
 
     async def slow_down(self, model: str, retry_after: float | None) -> None:
-        pause = retry_after if retry_after and retry_after > 0 else DEFAULT_429_PAUSE
+        """A 429 with Retry-After pauses the model for every worker that long. Without one
+        the pause would only stop the model's calls for a guess of a time: the windows of
+        the workers (CallWindows) shrink instead."""
+        if not retry_after or retry_after <= 0:
+            return
         self._no_pause_seen.pop(model, None)
-        await self.redis.set(f"{self.prefix}:pause:{model}", "1", px=int(pause * 1000))
+        await self.redis.set(f"{self.prefix}:pause:{model}", "1", px=int(retry_after * 1000))
 
     async def in_flight(self) -> int:
         await self.redis.zremrangebyscore(f"{self.prefix}:inflight", "-inf", time.time())
@@ -146,14 +262,18 @@ class RedisLimits:
 class LocalLimits:
     """The same limits for one process, when there is no Redis to share them through."""
 
-    def __init__(self, *, max_in_flight: int, rates: dict[str, Rate]) -> None:
+    def __init__(self, *, max_in_flight: int, rates: dict[str, Rate], window: int = 64) -> None:
+        self.windows = CallWindows(window)
         self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self.rates = rates
         self._tat: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
 
+    def slot(self, model: str) -> CallSlot:
+        return CallSlot(self.windows.of(model), self._shared_slot(model))
+
     @asynccontextmanager
-    async def slot(self, model: str) -> AsyncIterator[None]:
+    async def _shared_slot(self, model: str) -> AsyncIterator[None]:
         while (left := self._paused_until.get(model, 0.0) - time.monotonic()) > 0:
             await asyncio.sleep(left)
         await self._take_rate(model)
@@ -174,8 +294,8 @@ class LocalLimits:
             await asyncio.sleep(start - now)
 
     async def slow_down(self, model: str, retry_after: float | None) -> None:
-        pause = retry_after if retry_after and retry_after > 0 else DEFAULT_429_PAUSE
-        self._paused_until[model] = time.monotonic() + pause
+        if retry_after and retry_after > 0:  # without one, the model's window shrinks
+            self._paused_until[model] = time.monotonic() + retry_after
 
     async def aclose(self) -> None:
         return None

@@ -340,6 +340,8 @@ def check_caps(line: JobLine, caps: Mapping[str, Caps]) -> str | None:
     model = caps.get(line.model)
     if model is None:
         return f"unknown model {shown(line.model)} (not an image model in /models)"
+    if model.refused is not None:  # a price or max_n in /models that cannot be meant
+        return model.refused
     if model.price_per_image_cents is None:
         return f"model {shown(line.model)} has no known price: it cannot run under a budget"
     body = line.body

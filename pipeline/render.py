@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -30,6 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
+from pipeline.attempts import out_of_attempts
 from pipeline.exhaustion import end_rest_for_budget, mark_if_exhausted
 from pipeline.jobs import STORAGE_FAILING, pause_job, settle_item, unpause_job
 from pipeline.media import MediaInfo, NotMedia, sniff
@@ -49,8 +51,16 @@ from pipeline.models import (
 )
 from pipeline.plan import RenderSpec, render_request
 from pipeline.runtime import Services
+from pipeline.settings import Settings
 from pipeline.storage import StorageError, media_key
-from pipeline.upstream import Delivered, MediaRefused, Refused, Unknown, decode_b64
+from pipeline.upstream import (
+    Delivered,
+    MediaRefused,
+    Refused,
+    Unknown,
+    decode_b64,
+    rate_limited,
+)
 
 log = logging.getLogger("imagebatch.render")
 
@@ -252,7 +262,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     if render.job_status in WAIT_IN_SQL:
         return _back_to_sql_queue(db, render.id, forgiven=0)  # no delivery counted
     delivered = render.deliveries + (1 if holder is None else 0)
-    reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
+    reason = _cannot_start(db, render, render.job_status, delivered, settings)
     if reason is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),
                                      team_period=render.team_period, sent=False)
@@ -329,13 +339,13 @@ def settle_abandoned_attempt(session: Session, render: Any) -> None:
                       error="the worker was lost during the call; the provider may have billed it")
 
 
-def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: int
+def _cannot_start(db: Any, render: Any, job_status: str, delivered: int, settings: Settings
                   ) -> str | None:
     if job_status == JobStatus.CANCELLED:
         return "cancelled"
-    if render.attempts - render.retry_from >= max_attempts:
-        last = render.error or "no result"
-        return f"attempts: gave up after {max_attempts} attempts ({last})"
+    max_attempts = settings.max_attempts
+    if (gave_up := out_of_attempts(db, render, max_attempts, settings.max_rate_limited)):
+        return f"attempts: {gave_up} ({render.error or 'no result'})"
     if delivered > 3 * max_attempts + 3:
         return f"redelivered: the task was delivered {delivered} times"
     return None
@@ -447,13 +457,16 @@ async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Un
         stop = await _send_or_not(svc, begun)
         if stop is not None:
             return stop
-        outcome = await _generate(svc, begun)
+        # The worker's window for the model adapts: shrinks on a 429, grows on results.
+        outcome = await _generate(svc, begun, on_accepted=slot.accepted)
+        slot.answered("served" if isinstance(outcome, Delivered) else
+                      "rate_limited" if rate_limited(outcome) else "other")
     finally:
         try:
             await slot.__aexit__(None, None, None)
         except Exception as exc:  # the outcome is known; a lost slot expires on its own
             log.warning("releasing a limiter slot failed: %s", exc.__class__.__name__)
-    if isinstance(outcome, Refused) and outcome.status == 429:
+    if rate_limited(outcome):
         try:
             await limiter.slow_down(model, outcome.retry_after)
         except Exception as exc:
@@ -461,10 +474,11 @@ async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Un
     return outcome
 
 
-async def _generate(svc: Services, begun: Begun) -> Delivered | Refused | Unknown:
+async def _generate(svc: Services, begun: Begun, on_accepted: Callable[[], None] | None = None
+                    ) -> Delivered | Refused | Unknown:
     svc.calls_in_flight += 1  # on the loop's one thread: no lock needed
     try:
-        return await svc.upstream.generate(begun.request)
+        return await svc.upstream.generate(begun.request, on_accepted=on_accepted)
     finally:
         svc.calls_in_flight -= 1
 
@@ -494,7 +508,7 @@ async def collect_media(svc: Services, begun: Begun, delivered: Delivered) -> Co
     async with svc.media_slots:
         payloads = await _fetch_all(svc, delivered.data)
         stored: list[StoredMedia] = []
-        problems: list[str] = []
+        problems = [delivered.refused] if delivered.refused else []
         for index, (entry, payload) in enumerate(zip(delivered.data, payloads, strict=True)):
             if isinstance(payload, str):
                 problems.append(f"result {index}: {payload}")
@@ -505,7 +519,7 @@ async def collect_media(svc: Services, begun: Begun, delivered: Delivered) -> Co
                 problems.append(f"result {index} is not media: {exc}")
             except StorageError as exc:
                 problems.append(f"result {index} could not be stored: {exc}")
-    if len(delivered.data) < begun.n:
+    if len(delivered.data) < begun.n and not delivered.refused:
         problems.append(f"the upstream returned {len(delivered.data)} of {begun.n} results")
     return Collected(tuple(stored), tuple(problems))
 
@@ -609,7 +623,7 @@ def finish_attempt(
     if claim is None:
         return Settled()  # the sweeper settled it first; it owns the render now
     error = _describe(outcome)
-    if not _should_retry(session, render, outcome, svc.settings.max_attempts):
+    if not _should_retry(session, render, outcome, svc.settings):
         end_render(session, render, RenderStatus.FAILED, error, claim=claim, item_locked=True)
         return Settled()
     retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
@@ -667,10 +681,11 @@ def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
 
 
 def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
-                  max_attempts: int) -> bool:
+                  settings: Settings) -> bool:
     if isinstance(outcome, Refused) and not outcome.retryable:
         return False
-    if render.attempts - render.retry_from >= max_attempts:
+    if out_of_attempts(session.connection(), render, settings.max_attempts,
+                       settings.max_rate_limited):
         return False
     # A paused job's render retries too: its next begin_attempt puts it back in the SQL
     # queue, so the pause costs it nothing.

@@ -108,8 +108,10 @@ def build_limits(settings: Settings) -> RedisLimits | LocalLimits:
     redis_url = settings.shared_redis_url
     if redis_url:
         return RedisLimits(redis_url, max_in_flight=settings.max_in_flight, rates=rates,
-                           slot_ttl=settings.render_deadline + 120)
-    return LocalLimits(max_in_flight=settings.max_in_flight, rates=rates)
+                           slot_ttl=settings.render_deadline + 120,
+                           window=max(1, settings.concurrency))
+    return LocalLimits(max_in_flight=settings.max_in_flight, rates=rates,
+                       window=max(1, settings.concurrency))
 
 
 def start_services(settings: Settings) -> Services:

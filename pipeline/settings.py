@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipeline.redact import redact_url, url_secrets
+
 DEFAULT_API_BASE = "https://api.airforce/v1"
 
 
@@ -32,12 +34,17 @@ class Settings:
     # None: half of concurrency (bench/README.md: what keeps every call slot busy).
     renders_ahead: int | None = None
     max_attempts: int = 4
+    # 429s one render may get (they cost it no attempt) before it fails: the bound that
+    # keeps a provider answering 429 forever from keeping a render going forever.
+    max_rate_limited: int = 20
     max_media_bytes: int = 64 * 1024 * 1024
     models_ttl: int = 3600
     render_deadline: float = 900.0
     read_timeout: float = 120.0
     connect_timeout: float = 30.0
     allow_private_media: bool = False
+    # Models priced 0 in /models are refused unless this is set: no cap bounds their calls.
+    allow_free_models: bool = False
     # A render sent to the broker this long ago and still not started, when renders sent after
     # it have started (or none has for this long), lost its message: it goes back to SQL.
     # None: lease_seconds, so a dead worker's received messages come back as soon as its
@@ -97,6 +104,11 @@ class Settings:
                 f"{self.backoff_base:g}: the longest wait between two attempts cannot be "
                 "shorter than the first")
         check_api_base(self.api_base)
+        if self.api_key and url_secrets(self.api_base):
+            # One Authorization header: the key (Bearer) or the base's credentials (Basic).
+            raise SettingsError(
+                f"IMAGEBATCH_API_BASE={redact_url(self.api_base)!r} holds credentials and an "
+                "API key is set too (IMAGEBATCH_API_KEY); only one can be sent")
         if self.api_key is not None and not self.api_key.isprintable():
             # Never echoed: the value is the secret.
             raise SettingsError("IMAGEBATCH_API_KEY: holds a line break or another control "
@@ -165,7 +177,7 @@ TEXTS = {
     "broker_url": "BROKER_URL", "storage_url": "STORAGE_URL",
     "model_rates": "MODEL_RATES", "redis_url": "REDIS_URL",
 }
-FLAGS = {"allow_private_media": "ALLOW_PRIVATE_MEDIA"}
+FLAGS = {"allow_private_media": "ALLOW_PRIVATE_MEDIA", "allow_free_models": "ALLOW_FREE_MODELS"}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 BROKER_SCHEMES = ("filesystem", "redis", "rediss", "memory")
 # The drivers the pipeline is tested with; others (async ones, MySQL) cannot run its SQL.
@@ -213,6 +225,7 @@ NUMBERS = (
     Number("renders_ahead", "RENDERS_AHEAD", int, 0, 10_000),
     Number("committers", "COMMITTERS", int, 1, 64),
     Number("max_attempts", "MAX_ATTEMPTS", int, 1, 100),
+    Number("max_rate_limited", "MAX_RATE_LIMITED", int, 1, 10_000),
     Number("max_media_bytes", "MAX_MEDIA_BYTES", int, 1, 2**36, "bytes"),
     Number("models_ttl", "MODELS_TTL", int, 0, 365 * DAY, "seconds"),
     Number("media_concurrency", "MEDIA_CONCURRENCY", int, 1, 10_000),

@@ -17,12 +17,13 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from pipeline.redact import redact_url, redactor_for, url_secrets
 from pipeline.sse import SSEEvent, SSEParser
 
 log = logging.getLogger("imagebatch.upstream")
@@ -64,8 +65,12 @@ class MediaRefused(Exception):
 
 @dataclass(frozen=True)
 class Delivered:
+    """A result came back: the provider did the work, so it is charged. `refused` says why
+    none of it can be kept (a body over the size cap): charged, not kept, not retried."""
+
     data: list[dict[str, Any]]
     created: int | None = None
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,11 @@ class Unknown:
 Outcome = Delivered | Refused | Unknown
 
 
+def rate_limited(outcome: object) -> TypeGuard[Refused]:
+    """A 429 worth another try: "not now" (render.py does not count it as an attempt)."""
+    return isinstance(outcome, Refused) and outcome.status == 429 and outcome.retryable
+
+
 class UpstreamClient:
     """One per worker process; lives on one asyncio loop (aiohttp sessions are loop-bound), so
     it is built inside a coroutine running on that loop."""
@@ -97,6 +107,13 @@ class UpstreamClient:
                  max_media_bytes: int, allow_private_media: bool) -> None:
         self._api_base = api_base.rstrip("/")
         self._api_key = api_key or None
+        # The key and the base's credentials, taken out of every upstream text we keep.
+        self._redact = redactor_for(self._api_base, self._api_key)
+        # One Authorization header: a key (Bearer) or the base's credentials (Basic).
+        self._auth_conflict = (
+            f"bad api_base: {redact_url(self._api_base)} holds credentials and an API key is "
+            "set too; only one can be sent" if self._api_key and url_secrets(self._api_base)
+            else None)
         self._read_timeout = read_timeout
         self._deadline = deadline
         self._max_media_bytes = max_media_bytes
@@ -134,8 +151,10 @@ class UpstreamClient:
 
     # --- generation -------------------------------------------------------------------------
 
-    async def generate(self, body: dict[str, Any]) -> Outcome:
-        """POST one generation with `sse: true` and say how it ended (never raises for I/O)."""
+    async def generate(self, body: dict[str, Any],
+                       on_accepted: Callable[[], None] | None = None) -> Outcome:
+        """POST one generation with `sse: true` and say how it ended (never raises for I/O).
+        `on_accepted` is called once the upstream answers 2xx (it is serving the call)."""
         payload = {**body, "sse": True}  # a copy: the caller's dict is never changed
         try:
             content = _json_body(payload)
@@ -143,12 +162,15 @@ class UpstreamClient:
             return Refused(self._scrub(f"the request body is not JSON: {exc}"), None, False)
         try:
             async with asyncio.timeout(self._deadline):
-                return await self._send_generation(content)
+                return await self._send_generation(content, on_accepted)
         except TimeoutError:
             # Keepalive comments reset the read timeout forever; only this ends a stall.
             return Unknown(f"no result within the {self._deadline:g}s render deadline")
 
-    async def _send_generation(self, content: bytes) -> Outcome:
+    async def _send_generation(self, content: bytes,
+                               on_accepted: Callable[[], None] | None = None) -> Outcome:
+        if self._auth_conflict is not None:
+            return Refused(self._auth_conflict, None, False)
         try:
             response = await self._api.post(_sendable(self._generations_url), data=content,
                                              headers=self._generation_headers,
@@ -157,6 +179,8 @@ class UpstreamClient:
             return self._send_failed(exc)
         try:
             _log_response("POST", self._generations_url, response)
+            if on_accepted is not None and 200 <= response.status < 300:
+                on_accepted()
             return await self._read_outcome(response)
         except _TRANSPORT_ERRORS as exc:
             return Unknown(self._scrub(f"the response broke off: {self._detail(exc)}"))
@@ -193,17 +217,18 @@ class UpstreamClient:
         return Refused(
             message=self._scrub(message),
             status=status,
-            retryable=_retryable_status(status),
+            # A 429 that says the account's quota is spent is no "not now": it fails at once.
+            retryable=_retryable_status(status) and not _quota_spent(raw),
             retry_after=parse_retry_after(_header(response, "retry-after") or None),
         )
 
     async def _json_outcome(self, response: aiohttp.ClientResponse) -> Outcome:
         raw = await _read_at_most(response, self._max_result_bytes + 1)
         if len(raw) > self._max_result_bytes:
-            return Unknown(f"the response body is larger than {self._max_result_bytes} bytes")
+            return self._too_large("response body")
         try:
             document = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return Unknown("the upstream's JSON body could not be parsed")
         outcome = self._document_outcome(document)
         return outcome or Unknown("the JSON body holds neither a result nor an error")
@@ -216,7 +241,7 @@ class UpstreamClient:
         async for chunk in response.content.iter_any():
             received += len(chunk)
             if received > self._max_result_bytes:
-                return Unknown(f"the stream is larger than {self._max_result_bytes} bytes")
+                return self._too_large("stream")
             for event in parser.feed(chunk):
                 outcome = self._event_outcome(event)
                 if outcome is not None:
@@ -224,13 +249,21 @@ class UpstreamClient:
         parser.close()
         return Unknown("the stream ended before a result")
 
+    def _too_large(self, what: str) -> Delivered:
+        """A success answer past every result we could keep (n files at the media cap): the
+        provider made it, so it is charged like an over-size file by URL, and never asked for
+        again (the same request makes the same over-size result)."""
+        return Delivered(data=[], refused=(
+            f"the result is too large to keep: the {what} passed {self._max_result_bytes} "
+            f"bytes (IMAGEBATCH_MAX_MEDIA_BYTES is {self._max_media_bytes} per file)"))
+
     def _event_outcome(self, event: SSEEvent) -> Outcome | None:
         data = event.data.strip()
         if data == "[DONE]":
             return Unknown("the stream ended ([DONE]) without a result")
         try:
             document = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.debug("ignoring an SSE event that is not JSON (%d chars)", len(data))
             return None
         return self._document_outcome(document)
@@ -245,8 +278,16 @@ class UpstreamClient:
         if isinstance(data, list):
             created = document.get("created")
             valid = isinstance(created, int) and not isinstance(created, bool)
-            return Delivered(data=data, created=created if valid else None)
+            return Delivered(data=[self._kept_entry(entry) for entry in data],
+                             created=created if valid else None)
         return None
+
+    def _kept_entry(self, entry: Any) -> Any:
+        """A result entry with its revised prompt (the one text of it we keep) redacted: an
+        upstream that echoes the key or the base's password back must not get it stored."""
+        if isinstance(entry, dict) and isinstance(entry.get("revised_prompt"), str):
+            return {**entry, "revised_prompt": self._redact(entry["revised_prompt"])}
+        return entry
 
     def _error_event(self, error: Any) -> Refused:
         if isinstance(error, dict):
@@ -270,7 +311,7 @@ class UpstreamClient:
             raise UpstreamError(self._scrub(f"GET /models answered HTTP {status}: {message}"))
         try:
             document = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             raise UpstreamError("GET /models answered a body that is not JSON") from None
         data = document.get("data") if isinstance(document, dict) else None
         if not isinstance(data, list):
@@ -278,6 +319,8 @@ class UpstreamClient:
         return [entry for entry in data if isinstance(entry, dict)]
 
     async def _get_models(self) -> tuple[int, bytes]:
+        if self._auth_conflict is not None:
+            raise UpstreamError(self._auth_conflict)
         try:
             async with self._api.get(_sendable(self._models_url), headers=self._auth_headers,
                                      allow_redirects=False) as response:
@@ -382,10 +425,9 @@ class UpstreamClient:
     # --- helpers ----------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        """Make a message safe to store and log: no key, no URL query, bounded length."""
-        if self._api_key:
-            text = text.replace(self._api_key, "[redacted]")
-        text = _URL_SECRET.sub(r"\1?…", text)
+        """Make a message safe to store and log: no key, no URL credentials or query,
+        bounded length."""
+        text = _URL_SECRET.sub(r"\1?…", self._redact(text))
         return _clip(text)
 
     def _detail(self, exc: BaseException) -> str:
@@ -520,12 +562,17 @@ def _error_text(error: dict[str, Any]) -> str | None:
     return f"{message} ({label})" if label else message
 
 
+def _quota_spent(raw: bytes) -> bool:
+    """OpenAI-style `insufficient_quota` (sent with 429): no retry can succeed."""
+    return b"insufficient_quota" in raw or b"quota_exceeded" in raw
+
+
 def _error_body_message(raw: bytes) -> str | None:
     """The message of an OpenAI-style error body, or the body itself as text."""
     text = raw.decode("utf-8", "replace").strip()
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text or None
     if isinstance(document, dict):
         error = document.get("error")
