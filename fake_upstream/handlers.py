@@ -274,7 +274,9 @@ def _spec(plan: Plan, state: FakeState, index: int) -> MediaSpec:
 
 
 def _entry(request: web.Request, plan: Plan, spec: MediaSpec) -> list[bytes]:
-    if plan.request.response_format == "b64_json":
+    if plan.request.response_format == "b64_json" and plan.knobs.bad_b64:
+        parts = [b'{"b64_json":"iVBORw0KGgo*not*base64*"']  # billed, but cannot be decoded
+    elif plan.request.response_format == "b64_json":
         parts = [b'{"b64_json":"', *render(spec).b64_parts(), b'"']
     else:
         parts = [b'{"url":', _dumps(_media_url(request, spec, plan.knobs.redirect)).encode()]

@@ -33,6 +33,7 @@ class Knobs:
     latency: float | None = None
     redirect: str | None = None
     echo_key: bool = False
+    bad_b64: bool = False
 
     @property
     def eol(self) -> str:
@@ -65,6 +66,7 @@ _RULES: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "latency": ((int, float), lambda v: 0 <= v <= 3600, "seconds (0-3600)"),
     "redirect": ((str,), None, "a URL string"),
     "echo_key": ((bool,), None, "a boolean"),
+    "bad_b64": ((bool,), None, "a boolean"),
 }
 
 
