@@ -1,0 +1,160 @@
+"""A /models catalogue that says things no price can mean: negative, zero, beyond any sum SQL
+can hold, not whole cents; a max_n of 0, below, or absurd. Such a model is refused the way
+an unpriced model is (its lines fail with the reason), and no bad entry stops the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from fake_upstream.app import FakeConfig, FakeServer
+from fake_upstream.catalog import MODELS
+from pipeline.caps import MAX_PRICE_PER_IMAGE_CENTS, caps_by_model
+from pipeline.dispatch import dispatch_pending
+from pipeline.models import JobItem, ModelCaps
+from pipeline.runtime import start_services
+from pipeline.settings import Settings
+from tests.helpers import assert_books_balance, render_all, submit, summary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def model(model_id: str, **caps: Any) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "output_modalities": ["image"],
+            "image_caps": {"max_n": 2, "price_per_image_cents": 2, **caps}}
+
+
+# model id -> (its entry, what the refusal says)
+BAD = {
+    "negative": (model("negative", price_per_image_cents=-5), "-5 is outside 1-1000000"),
+    "free": (model("free", price_per_image_cents=0), "IMAGEBATCH_ALLOW_FREE_MODELS=1"),
+    "huge": (model("huge", price_per_image_cents=10**30), "outside 1-1000000"),
+    "past-max": (model("past-max", price_per_image_cents=MAX_PRICE_PER_IMAGE_CENTS + 1),
+                 "outside 1-1000000"),
+    "fraction": (model("fraction", price_per_image_cents=2.5), "not a whole number of cents"),
+    "text-price": (model("text-price", price_per_image_cents="3"), "not a whole number"),
+    "bool-price": (model("bool-price", price_per_image_cents=True), "not a whole number"),
+    "infinite": (model("infinite", price_per_image_cents=float("inf")), "not a whole number"),
+    "n-zero": (model("n-zero", max_n=0), "max_n 0 is not a whole number from 1 to 10000"),
+    "n-negative": (model("n-negative", max_n=-3), "max_n -3"),
+    "n-huge": (model("n-huge", max_n=10**30), "max_n"),
+    "n-text": (model("n-text", max_n="4"), "max_n"),
+    "inputs-negative": (model("inputs-negative", max_input_images=-1), "max_input_images"),
+}
+ODD_ENTRIES: list[Any] = [
+    {"id": "x" * 300, "output_modalities": ["image"], "image_caps": {"price_per_image_cents": 1}},
+    {"id": 12345, "output_modalities": ["image"], "image_caps": {"price_per_image_cents": 1}},
+    {"id": "modalities-text", "output_modalities": "image", "image_caps": "nonsense"},
+    {"id": "caps-list", "output_modalities": ["image"], "image_caps": [1, 2]},
+    {"no-id": True},
+]
+GOOD = model("good", max_n=2, price_per_image_cents=2)
+
+
+@pytest.fixture
+def odd_catalogue() -> Iterator[FakeServer]:
+    models = [GOOD, *(entry for entry, _ in BAD.values()), *ODD_ENTRIES]
+    with FakeServer(FakeConfig(latency=0.02, keepalive_interval=0.01, models=models)) as server:
+        yield server
+
+
+def test_every_bad_model_is_refused_alone_and_the_rest_runs(settings: Settings,
+                                                             odd_catalogue: FakeServer) -> None:
+    """A job written with SQL (no CLI check first) with a line per bad model and good
+    lines: each bad line fails with its model's reason, the good ones are rendered and
+    charged, and a second job in the same database finishes too."""
+    svc = start_services(replace(settings, api_base=odd_catalogue.base_url))
+    try:
+        lines = [{"custom_id": name, "model": name, "prompt": "p", "n": 3} for name in BAD]
+        job = submit(svc, [*lines, {"custom_id": "ok", "model": "good", "prompt": "p", "n": 3}])
+        other = submit(svc, [{"model": "good", "prompt": "q"}])
+        render_all(svc, dispatch_pending(svc))
+        s, o = summary(svc, job), summary(svc, other)
+        assert_books_balance(svc, job)
+        assert_books_balance(svc, other)
+        with svc.sessions() as session:
+            reasons = dict(session.execute(select(JobItem.custom_id, JobItem.error)
+                                           .where(JobItem.job_id == job)).all())
+            cached = set(session.scalars(select(ModelCaps.id)))
+    finally:
+        svc.close()
+    assert (s["status"], s["items_succeeded"], s["items_failed"]) == ("partial", 1, len(BAD))
+    assert (s["images"], s["spent_cents"]) == (3, 6)  # the good line: 2 calls, 3 images at 2¢
+    assert (o["status"], o["spent_cents"]) == ("succeeded", 2)
+    assert odd_catalogue.stats()["billed_cents"] == 8  # nothing was sent for a bad model
+    for name, (_, reason) in BAD.items():
+        assert reasons[name].startswith(f"model {name!r} is refused: "), reasons[name]
+        assert reason in reasons[name], (name, reasons[name])
+    assert reasons["ok"] is None
+    # The cache keeps what could be a model's row; an id too long for it is not kept.
+    assert "good" in cached and "x" * 300 not in cached
+
+
+def test_free_models_run_only_when_allowed(settings: Settings, odd_catalogue: FakeServer) -> None:
+    """IMAGEBATCH_ALLOW_FREE_MODELS=1 lets a model priced 0 run: its calls cost nothing, so
+    the cap does not bound them (only the job's lines and the attempts rules do)."""
+    svc = start_services(replace(settings, api_base=odd_catalogue.base_url,
+                                 allow_free_models=True))
+    try:
+        s = summary(svc, _run(svc, [{"model": "free", "prompt": "p", "n": 4},
+                                    {"model": "negative", "prompt": "p"}], budget=1))
+    finally:
+        svc.close()
+    assert (s["status"], s["items_succeeded"], s["images"]) == ("partial", 1, 4)
+    assert s["spent_cents"] == 0
+
+
+def _run(svc: Any, lines: list[dict[str, Any]], budget: int) -> int:
+    job = submit(svc, lines, budget_cents=budget)
+    render_all(svc, dispatch_pending(svc))
+    return job
+
+
+def test_the_caps_of_every_bad_entry_can_price_nothing() -> None:
+    """Whatever reads the caps (a planner without the refusal check too) finds no price."""
+    caps = caps_by_model([*(entry for entry, _ in BAD.values()), *ODD_ENTRIES, GOOD])
+    assert set(caps) == {*BAD, "good", "caps-list"} - {"modalities-text"}
+    for name in BAD:
+        assert caps[name].refused and caps[name].price_per_image_cents is None
+        assert caps[name].max_n is None
+    assert caps["good"].refused is None and caps["good"].price_per_image_cents == 2
+    assert caps["caps-list"].price_per_image_cents is None  # no caps: no price, as before
+    free = caps_by_model([BAD["free"][0]], allow_free=True)["free"]
+    assert (free.refused, free.price_per_image_cents) == (None, 0)
+    assert caps_by_model([BAD["negative"][0]], allow_free=True)["negative"].refused
+
+
+def test_models_command_shows_refused_models_and_why(tmp_path: Path,
+                                                     odd_catalogue: FakeServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
+    env.update(IMAGEBATCH_DATA_DIR=str(tmp_path / "data"),
+               IMAGEBATCH_API_BASE=odd_catalogue.base_url)
+    table = subprocess.run([sys.executable, "-m", "cli", "models"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "refused" in table.stdout and "Traceback" not in table.stderr
+    assert "model 'huge' is refused: its price_per_image_cents" in table.stdout
+    listed = subprocess.run([sys.executable, "-m", "cli", "models", "--json"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    by_id = {m["model"]: m for m in json.loads(listed.stdout)}
+    assert by_id["huge"]["price_per_image_cents"] is None and by_id["huge"]["refused"]
+    assert by_id["good"]["refused"] is None
+    planned = subprocess.run(
+        [sys.executable, "-m", "cli", "plan", "-"], env=env, cwd=ROOT, capture_output=True,
+        text=True, timeout=120, input=json.dumps({"model": "negative", "prompt": "p"}) + "\n")
+    assert planned.returncode == 2 and "Traceback" not in planned.stderr
+    assert "model 'negative' is refused" in planned.stderr
+
+
+def test_the_built_in_catalogue_is_all_accepted() -> None:
+    caps = caps_by_model(MODELS)
+    assert all(c.refused is None for c in caps.values())
