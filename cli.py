@@ -1452,14 +1452,21 @@ def db_current() -> None:
 @click.option("--fail-rate", type=float, default=0.0, help="Share of calls answered 500.")
 @click.option("--cut-rate", type=float, default=0.0, help="Share of streams cut (billed).")
 @click.option("--rate-limit-rate", type=float, default=0.0, help="Share answered 429.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="Serve this many generations at once; answer 429 to more.")
+@click.option("--concurrency-retry-after", type=click.FloatRange(min=0), default=None,
+              help="Retry-After seconds of those 429s (none by default).")
 def fake_upstream(host: str, port: int, latency: float, keepalive: float, media_bytes: int,
-                  fail_rate: float, cut_rate: float, rate_limit_rate: float) -> None:
+                  fail_rate: float, cut_rate: float, rate_limit_rate: float,
+                  max_concurrent: int | None, concurrency_retry_after: float | None) -> None:
     """Serve a fake provider (/v1/models, /v1/images/generations) for trying job files and
     budgets without spending: set IMAGEBATCH_API_BASE=http://HOST:PORT/v1."""
     from fake_upstream.app import FakeConfig, serve
 
     config = FakeConfig(latency=latency, keepalive_interval=keepalive, media_bytes=media_bytes,
-                        fail_rate=fail_rate, cut_rate=cut_rate, rate_limit_rate=rate_limit_rate)
+                        fail_rate=fail_rate, cut_rate=cut_rate, rate_limit_rate=rate_limit_rate,
+                        max_concurrent=max_concurrent,
+                        concurrency_retry_after=concurrency_retry_after)
     err.print(f"fake upstream on http://{host}:{port}/v1 (Ctrl-C stops it)")
     serve(host, port, config)
 

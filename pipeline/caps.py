@@ -76,7 +76,10 @@ def caps_from_entry(entry: Mapping[str, Any], *, allow_free: bool = False) -> Ca
 
 
 def _usable_id(model: object) -> TypeGuard[str]:
-    return isinstance(model, str) and bool(model.strip()) and len(model) <= MAX_MODEL_ID
+    """An id that can be a row's key: text that fits the column, with no control character
+    (PostgreSQL refuses NUL) or lone surrogate (not UTF-8, so no database can store it)."""
+    return (isinstance(model, str) and bool(model.strip()) and len(model) <= MAX_MODEL_ID
+            and model.isprintable())
 
 
 def caps_problem(raw: Mapping[str, Any], *, allow_free: bool = False) -> str | None:

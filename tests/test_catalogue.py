@@ -158,3 +158,24 @@ def test_models_command_shows_refused_models_and_why(tmp_path: Path,
 def test_the_built_in_catalogue_is_all_accepted() -> None:
     caps = caps_by_model(MODELS)
     assert all(c.refused is None for c in caps.values())
+
+
+def test_ids_no_database_can_hold_are_not_cached_and_stop_nothing(database_url: str) -> None:
+    """A lone surrogate, a NUL or 300 characters in a model id: that entry is skipped (it
+    can be no row's key), the others are cached and read back, on SQLite and PostgreSQL."""
+    from pipeline.caps import load_caps
+    from pipeline.db import make_engine, session_factory
+
+    entries = [{"id": "bad\ud800", "image_caps": {"price_per_image_cents": 1}},
+               {"id": "nul\x00", "image_caps": {"price_per_image_cents": 1}},
+               {"id": "y" * 300, "image_caps": {"price_per_image_cents": 1}},
+               {"id": "weird-price", "image_caps": {"price_per_image_cents": 10**30}}, GOOD]
+    engine = make_engine(database_url)
+    sessions = session_factory(engine)
+    try:
+        fetched = load_caps(sessions, "http://api/v1", lambda: entries, ttl_seconds=60)
+        cached = load_caps(sessions, "http://api/v1", lambda: [], ttl_seconds=60)
+    finally:
+        engine.dispose()
+    assert set(fetched) == set(cached) == {"good", "weird-price"}
+    assert cached["weird-price"].refused and cached["good"].price_per_image_cents == 2
