@@ -20,17 +20,20 @@ from pipeline.settings import SettingsError
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 POLL = 0.05
 PAUSE_RECHECK = 0.1  # seconds a worker trusts Redis' last "no 429 pause" for a model
-# Above the level at which the model last answered 429, the window grows this many times
-# slower: it still finds a limit that was raised, but probes it with few 429s.
+# From the level the provider served when it last answered 429, the window grows this many
+# times slower than additive increase: the next level is probed with few 429s.
 PROBE_SLOWDOWN = 8
 
 
 class ModelWindow:
-    """One worker's calls in flight to one model: additive increase (about one more call per
-    window of successes), multiplicative decrease on a 429 (halved, and never above what the
-    provider was serving at that moment, floor 1). Only the first 429 of the calls sent under
-    one window size shrinks it: the rest of that burst was sent before the provider said no.
-    Lives on the worker's event loop."""
+    """One worker's calls in flight to one model (AIMD). A 429 halves the window, never above
+    what the provider was serving at that moment (floor 1); only the first 429 of the calls
+    sent under one window size counts (the rest of that burst was sent before the provider
+    said no). A result grows it: by one call per result up to the level served at the last
+    429 (known to be fine), by 1/(8 x window) per result from there (probing the level that
+    got the 429), and by one per result again once the provider serves more calls at once than
+    then (the limit went away). Starts at the worker's call slots, so it costs nothing until
+    a 429. Lives on the worker's event loop."""
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = max(1, ceiling)
@@ -50,6 +53,8 @@ class ModelWindow:
 
     def accepted(self) -> None:
         self.serving += 1
+        if self.limit_seen is not None and self.serving > self.limit_seen:
+            self.limit_seen = None  # served more at once than at the last 429: it is gone
 
     async def leave(self, epoch: int, *, accepted: bool, answer: str) -> None:
         """`answer`: 'served' (a result), 'rate_limited' (429) or 'other'."""
@@ -62,7 +67,7 @@ class ModelWindow:
             self.epoch += 1
         elif answer == "served" and self.allowed < self.ceiling:
             probing = self.limit_seen is not None and self.allowed >= self.limit_seen
-            step = 1 / self.allowed / (PROBE_SLOWDOWN if probing else 1)
+            step = 1 / (self.allowed * PROBE_SLOWDOWN) if probing else 1.0
             self.allowed = min(float(self.ceiling), self.allowed + step)
         async with self._room:
             self._room.notify_all()

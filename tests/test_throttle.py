@@ -210,3 +210,32 @@ def test_calls_wait_for_room_in_the_window() -> None:
         return window.in_flight
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_the_window_grows_back_fast_once_the_provider_serves_more_than_at_the_429() -> None:
+    """A passing 429 (a rate blip while 1 call was served) must not keep a worker at a crawl:
+    once the provider serves 2 at once the limit is forgotten and each result adds a call."""
+    async def scenario() -> tuple[float, float]:
+        window = ModelWindow(64)
+        first = await window.enter()
+        window.accepted()
+        blip = await window.enter()
+        await window.leave(blip, accepted=False, answer="rate_limited")
+        low = window.allowed
+        for _ in range(20):  # 1/8 a result from 1 up: about 8 results to send 2 at once
+            await window.leave(first, accepted=True, answer="served")
+            first = await window.enter()
+            window.accepted()
+            if int(window.allowed) >= 2:
+                break
+        second = await window.enter()
+        window.accepted()  # 2 served at once: more than at the 429
+        for _ in range(6):
+            await window.leave(second, accepted=True, answer="served")
+            second = await window.enter()
+            window.accepted()
+        return low, window.allowed
+
+    low, grown = asyncio.run(scenario())
+    assert low == 1
+    assert grown >= 8  # one more call per result
