@@ -32,13 +32,13 @@ def out_of_attempts(db: Any, render: Any, max_attempts: int, max_rate_limited: i
     connection or session; `render` a renders row (or Render) whose attempts so far are
     settled or being settled in this transaction."""
     made = render.attempts - render.retry_from
-    if made < max_attempts:
-        return None
+    if made < max_attempts and made < max_rate_limited:
+        return None  # neither limit can be reached yet, whatever the calls were
     rate_limited = int(db.execute(COUNT_RATE_LIMITED, {
         "render": render.id, "since": render.retry_from}).scalar_one())
     if made - rate_limited >= max_attempts:
         return f"gave up after {max_attempts} attempts"
-    if rate_limited >= max_rate_limited:
+    if rate_limited and rate_limited >= max_rate_limited:
         return (f"gave up after {rate_limited} answers of 429 (rate limited; "
                 "IMAGEBATCH_MAX_RATE_LIMITED)")
     return None

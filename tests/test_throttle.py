@@ -239,3 +239,14 @@ def test_the_window_grows_back_fast_once_the_provider_serves_more_than_at_the_42
     low, grown = asyncio.run(scenario())
     assert low == 1
     assert grown >= 8  # one more call per result
+
+
+def test_max_rate_limited_below_max_attempts_still_ends_the_render(settings: Settings,
+                                                                  fake: FakeServer) -> None:
+    svc = services(settings, fake, max_attempts=4, max_rate_limited=2)
+    try:
+        s = run_job(svc, [{**ONE, "fake": {"status": 429}}])
+        assert_books_balance(svc, s["id"])
+    finally:
+        svc.close()
+    assert (s["status"], fake.stats()["calls"]) == ("failed", 2)

@@ -439,6 +439,18 @@ async def _echo_key(request: web.Request) -> web.Response:
     return web.json_response({"error": {"message": f"bad key {leak} " + "x" * 2000}}, status=401)
 
 
+async def _quota_spent(request: web.Request) -> web.Response:
+    error = {"message": "You exceeded your current quota", "type": "insufficient_quota",
+             "code": "insufficient_quota"}
+    return web.json_response({"error": error}, status=429)
+
+
+async def _huge_json_result(request: web.Request) -> web.Response:
+    # A plain JSON answer past what any result may hold (see make_client's media cap).
+    body = b'{"created":1,"data":[{"b64_json":"' + b"A" * 3_000_000 + b'"}]}'
+    return web.Response(body=body, content_type="application/json")
+
+
 async def _json_result(request: web.Request) -> web.Response:
     return web.json_response({"created": 1, "data": [{"url": "http://cdn.invalid/a.png"}]})
 
@@ -463,6 +475,8 @@ def _sse(*events: bytes) -> Callable[[web.Request], Awaitable[web.StreamResponse
 _ROUTES = [
     web.post("/leak/images/generations", _echo_key),
     web.post("/json/images/generations", _json_result),
+    web.post("/quota/images/generations", _quota_spent),
+    web.post("/huge/images/generations", _huge_json_result),
     web.post("/done/images/generations", _sse(b"[DONE]")),
     web.post("/progress/images/generations", _sse(b'{"progress": 0.5}', b"not json",
                                                   b'{"created": 2, "data": []}')),
@@ -559,3 +573,15 @@ def test_redirect_loop_stops_and_urls_stay_out_of_logs(caplog: pytest.LogCapture
                     if not record.name.startswith("aiohttp.access")]
     assert any("HTTP Request" in line for line in client_lines)
     assert not any("SECRET" in line or "/loop" in line for line in client_lines)
+
+
+def test_a_429_for_a_spent_quota_is_not_worth_another_try() -> None:
+    outcome = with_edge_server(lambda base: _generate_at(f"{base}/quota"))
+    assert isinstance(outcome, Refused) and outcome.status == 429, outcome
+    assert not outcome.retryable and "quota" in outcome.message
+
+
+def test_a_plain_json_result_past_the_cap_is_delivered_and_refused() -> None:
+    outcome = with_edge_server(lambda base: _generate_at(f"{base}/huge", max_media_bytes=10_000))
+    assert isinstance(outcome, Delivered) and outcome.data == [], outcome
+    assert outcome.refused is not None and "too large to keep" in outcome.refused
