@@ -31,7 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
-from pipeline.attempts import out_of_attempts
+from pipeline.attempts import rate_limited_too_long
 from pipeline.exhaustion import end_rest_for_budget, mark_if_exhausted
 from pipeline.jobs import STORAGE_FAILING, pause_job, settle_item, unpause_job
 from pipeline.media import MediaInfo, NotMedia, sniff
@@ -51,7 +51,6 @@ from pipeline.models import (
 )
 from pipeline.plan import RenderSpec, render_request
 from pipeline.runtime import Services
-from pipeline.settings import Settings
 from pipeline.storage import StorageError, media_key
 from pipeline.upstream import (
     Delivered,
@@ -217,8 +216,10 @@ END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values
     status=bindparam("new_status"), error=bindparam("message"), lease_until=None,
     updated_at=bindparam("now"))
 INSERT_IMAGE = insert(Image.__table__)
+# `forgiven` (0 or 1): a 429 takes back its attempt, as a pause does (attempts.py).
 WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"))
+    error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"),
+    retry_from=_renders.c.retry_from + bindparam("forgiven"))
 # Back in the SQL queue: the dispatcher sends it again once its job runs. `forgiven` (0 or 1)
 # takes back an attempt released unsent and the delivery that began it: a pause costs the
 # render neither an attempt of its MAX_ATTEMPTS (counted from retry_from) nor a delivery.
@@ -262,7 +263,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     if render.job_status in WAIT_IN_SQL:
         return _back_to_sql_queue(db, render.id, forgiven=0)  # no delivery counted
     delivered = render.deliveries + (1 if holder is None else 0)
-    reason = _cannot_start(db, render, render.job_status, delivered, settings)
+    reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
     if reason is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),
                                      team_period=render.team_period, sent=False)
@@ -339,13 +340,13 @@ def settle_abandoned_attempt(session: Session, render: Any) -> None:
                       error="the worker was lost during the call; the provider may have billed it")
 
 
-def _cannot_start(db: Any, render: Any, job_status: str, delivered: int, settings: Settings
+def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: int
                   ) -> str | None:
     if job_status == JobStatus.CANCELLED:
         return "cancelled"
-    max_attempts = settings.max_attempts
-    if (gave_up := out_of_attempts(db, render, max_attempts, settings.max_rate_limited)):
-        return f"attempts: {gave_up} ({render.error or 'no result'})"
+    if render.attempts - render.retry_from >= max_attempts:
+        last = render.error or "no result"
+        return f"attempts: gave up after {max_attempts} attempts ({last})"
     if delivered > 3 * max_attempts + 3:
         return f"redelivered: the task was delivered {delivered} times"
     return None
@@ -623,15 +624,20 @@ def finish_attempt(
     if claim is None:
         return Settled()  # the sweeper settled it first; it owns the render now
     error = _describe(outcome)
-    if not _should_retry(session, render, outcome, svc.settings):
-        end_render(session, render, RenderStatus.FAILED, error, claim=claim, item_locked=True)
+    not_now = rate_limited(outcome)  # a 429 uses no attempt, unless 429s go on too long
+    gave_up = (rate_limited_too_long(session.connection(), render.id,
+                                     svc.settings.max_rate_limited) if not_now else None)
+    if gave_up or not _should_retry(session, render, outcome, svc.settings.max_attempts,
+                                    forgiven=not_now):
+        end_render(session, render, RenderStatus.FAILED,
+                   f"{error} ({gave_up})" if gave_up else error, claim=claim, item_locked=True)
         return Settled()
     retry_after = outcome.retry_after if isinstance(outcome, Refused) else None
     delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
                           svc.settings.backoff_cap)
     now = utcnow()
     session.connection().execute(WAIT_FOR_RETRY, {
-        "render": render.id, "message": error, "now": now,
+        "render": render.id, "message": error, "now": now, "forgiven": int(not_now),
         "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
     ledger.apply_settlement(session, claim)
     return Settled(retry_in=delay)
@@ -681,11 +687,10 @@ def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
 
 
 def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
-                  settings: Settings) -> bool:
+                  max_attempts: int, *, forgiven: bool = False) -> bool:
     if isinstance(outcome, Refused) and not outcome.retryable:
         return False
-    if out_of_attempts(session.connection(), render, settings.max_attempts,
-                       settings.max_rate_limited):
+    if render.attempts - render.retry_from - int(forgiven) >= max_attempts:
         return False
     # A paused job's render retries too: its next begin_attempt puts it back in the SQL
     # queue, so the pause costs it nothing.

@@ -34,7 +34,7 @@ class Settings:
     # None: half of concurrency (bench/README.md: what keeps every call slot busy).
     renders_ahead: int | None = None
     max_attempts: int = 4
-    # 429s one render may get (they cost it no attempt) before it fails: the bound that
+    # 429s in a row after which a render fails (a 429 costs it no attempt): the bound that
     # keeps a provider answering 429 forever from keeping a render going forever.
     max_rate_limited: int = 20
     max_media_bytes: int = 64 * 1024 * 1024

@@ -119,7 +119,7 @@ def test_a_provider_that_answers_429_forever_ends_the_render_at_max_rate_limited
     assert (s["status"], s["spent_cents"], s["reserved_cents"]) == ("failed", 0, 0)
     assert [(a.outcome, a.http_status) for a in attempts] == [("released", 429)] * 5
     assert fake.stats()["calls"] == 5
-    assert "HTTP 429" in error
+    assert "HTTP 429" in error and "gave up after 5 answers of 429 in a row" in error
 
 
 def test_the_sweeper_does_not_count_429s_against_a_lost_render(settings: Settings,
