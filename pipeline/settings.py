@@ -6,7 +6,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,7 +22,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     api_base: str = DEFAULT_API_BASE
-    # repr=False: a Settings printed into a log or a traceback never shows the key.
+    # repr=False: a Settings printed into a log or a traceback never shows the key (and
+    # __repr__ masks the URLs' credentials).
     api_key: str | None = field(default=None, repr=False)
     data_dir: Path = Path("imagebatch-data")
     database_url: str = ""
@@ -70,6 +71,18 @@ class Settings:
     lease_seconds: float = 60.0
     # Redis broker only: 0 = derived from the render deadline (it must outlast a render).
     visibility_timeout: float = 0.0
+
+    def __repr__(self) -> str:
+        """Printable into a log or a traceback: every URL's credentials masked, no key."""
+        shown = []
+        for spec in fields(self):
+            if not spec.repr:
+                continue
+            value = getattr(self, spec.name)
+            if isinstance(value, str) and (spec.name.endswith("_url") or spec.name == "api_base"):
+                value = redact_url(value)
+            shown.append(f"{spec.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

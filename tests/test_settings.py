@@ -405,3 +405,14 @@ def test_many_upgrades_at_once_on_a_fresh_postgresql_database(env, postgres_url)
         with admin.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_settings_printed_into_a_log_show_no_password_and_no_key() -> None:
+    settings = Settings(api_base="http://user:BASEPASS@h/v1", api_key="sk-NEVER-SHOWN",
+                        database_url="postgresql://app:DBPASS@db/imagebatch",
+                        broker_url="redis://:REDISPASS@r:6379/0",
+                        redis_url="rediss://u:LIMITPASS@r:6380/1")
+    shown = repr(settings)
+    for secret in ("BASEPASS", "sk-NEVER-SHOWN", "DBPASS", "REDISPASS", "LIMITPASS"):
+        assert secret not in shown
+    assert "postgresql://app:***@db/imagebatch" in shown and "concurrency=64" in shown
