@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import sqlite3
 import subprocess
 import sys
@@ -91,7 +92,14 @@ def test_beat_picks_up_a_sql_job_within_5_seconds(tmp_path, fake, database_url):
     beat = subprocess.Popen([sys.executable, "-m", "cli", "beat"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # beat is up and idle
+        # Beat is up (it says so once its ticker runs): a loaded machine starts it slowly.
+        deadline = time.monotonic() + 30
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([beat.stderr], [], [], left)
+            assert ready, "beat did not start within 30 s"
+            if "beat:" in beat.stderr.readline():
+                break
         run_readme_sql(database_url)
         inserted = time.monotonic()
         engine = sa.create_engine(database_url)
