@@ -2,7 +2,7 @@
 
 Task threads do their SQL themselves and hand every upstream call to the one event loop
 (`IOLoop.run`), so hundreds of renders share one aiohttp connection pool instead of a thread
-and a pool each (shared/PERFORMANCE.md).
+and a pool each (a thread doing its own HTTP per render falls apart past a few dozen).
 """
 
 from __future__ import annotations

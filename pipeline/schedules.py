@@ -115,7 +115,7 @@ def run_now(session: Session, name: str) -> int:
 
 def _create_from(session: Session, schedule: Schedule, job_name: str) -> int:
     return create_job(session, team=schedule.team, budget_cents=schedule.budget_cents,
-                      entries=parse_lines(schedule.job_text), name=job_name)
+                      entries=parse_lines(schedule.job_text), name=job_name, source="schedule")
 
 
 def remove_schedule(session: Session, name: str) -> None:

@@ -78,7 +78,9 @@ def test_nothing_fires_for_slots_before_the_schedule_existed(sessions):
 def test_run_now_and_bad_input(sessions):
     add(sessions)
     with transaction(sessions) as session:
-        assert run_now(session, "nightly") > 0
+        job_id = run_now(session, "nightly")
+    with sessions() as session:
+        assert session.get_one(Job, job_id).source == "schedule"  # not "cli"
     with transaction(sessions) as session, pytest.raises(ScheduleError, match="cron"):
         add_schedule(session, name="x", cron="every day", job_text=TEXT, team="t",
                      budget_cents=1)

@@ -10,7 +10,7 @@ from kombu.transport import memory
 from pipeline.settings import Settings, SettingsError, mask_url
 
 # Polling transports wait this long between reads of an empty queue; Celery's default of
-# 1 s costs a tenth of the efficiency of 1 s renders (shared/PERFORMANCE.md).
+# 1 s costs a tenth of the efficiency of 1 s renders (measured: bench/README.md).
 POLLING_INTERVAL = 0.1
 # How long the in-memory broker keeps the consumer's loop waiting for a message.
 DRAIN_TIMEOUT = 0.2

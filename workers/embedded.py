@@ -33,7 +33,7 @@ class InProcessWorker:
 
     def __init__(self, app: Celery, concurrency: int) -> None:
         self.app, self.concurrency = app, concurrency
-        app.set_default()  # or tasks run under an implicit app (shared/PERFORMANCE.md)
+        app.set_default()  # or tasks run under an implicit app Celery makes of its own
         self._ready = threading.Event()
         self.controller = app.WorkController(
             pool="threads",
