@@ -672,13 +672,19 @@ def render_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[st
     def stuck() -> str | None:
         """Why this process cannot go on: the database has refused writes (the feeder's) for
         DB_PATIENCE, and no paid call is in flight or waits to be recorded (leaving then
-        loses nothing)."""
+        loses nothing more)."""
         since = feeder.failing_since
         if since is None or time.monotonic() - since < DB_PATIENCE:
             return None
         if svc.commits.waiting or svc.calls_in_flight:
             return None
-        return feeder.failure
+        lost = svc.commits.lost
+        results = (f"{lost} paid result(s) waited longer than IMAGEBATCH_RENDER_DEADLINE and "
+                   "could not be recorded: they are charged unknown and rendered again"
+                   if lost else "every paid result was recorded")
+        return (f"the database refuses writes ({feeder.failure}) for {DB_PATIENCE:g} s: job "
+                f"{job_id} stopped with no call in flight ({results}); make room (or bring "
+                f"the database back), then `imagebatch resume {job_id}`")
 
     # The signals are taken before the first render is sent: a SIGTERM from then on pauses.
     with CtrlC(job_id) as ctrl_c:
@@ -732,7 +738,8 @@ class CtrlC:
 def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool,
                stuck: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
     """Show progress until the job ends, or is paused (by Ctrl-C here or `imagebatch pause`
-    anywhere) and none of its renders is in flight any more."""
+    anywhere) and none of its renders is in flight any more, or `stuck()` says why this
+    process cannot go on."""
     progress = JobProgress(err, job_id, quiet=quiet)
     asked = False
     told: str | None = None
@@ -761,10 +768,7 @@ def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool,
                 return summary
             why = stuck()
             if why is not None:
-                raise Stopped(
-                    f"the database refuses writes ({why}) for {DB_PATIENCE:g} s: job {job_id} "
-                    "stopped with no call in flight and every paid result recorded; make room "
-                    f"(or bring the database back), then `imagebatch resume {job_id}`")
+                raise Stopped(why)
             ctrl_c.pressed.wait(0.25) if not asked else time.sleep(0.25)
 
 

@@ -82,6 +82,7 @@ class GroupCommit:
         self.failing_since: float | None = None
         self.failure = ""
         self.waiting = 0
+        self.lost = 0  # paid results given up after `patience`: charged unknown later
 
     async def run_durably(self, work: Callable[[Session], T], patience: float, *,
                           paid: bool = False) -> T:
@@ -97,6 +98,11 @@ class GroupCommit:
                     result = await self.run(work)
                 except OperationalError as exc:
                     if time.monotonic() + delay > give_up_at:
+                        if paid:
+                            self.lost += 1
+                            log.error("a paid result could not be recorded (%s): its attempt "
+                                      "is charged unknown once the database takes writes, "
+                                      "and its render is sent again", _reason(exc))
                         raise
                     if paid and not waiting:
                         waiting = True

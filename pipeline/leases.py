@@ -85,7 +85,8 @@ class LeaseKeeper:
                 if self._worker is not None:
                     announce_worker(self.sessions, *self._worker)
             except Exception as exc:  # the database may be briefly away; try again next beat
-                log.warning("renewing render leases failed: %s", exc)
+                log.warning("renewing render leases failed: %s",
+                            str(getattr(exc, "orig", None) or exc).splitlines()[0])
 
     def stop(self) -> None:
         self._stop.set()
