@@ -78,9 +78,9 @@ def fill_window(sessions: sessionmaker[Session], override: int, *, live_within: 
     `only_job`, that job's alone, its window counted alone (a process of its own)."""
     with transaction(sessions) as session:
         db = session.connection()
-        jobs = list(db.execute(RUNNING_JOBS).scalars())
-        if only_job is not None:
-            jobs = [job_id for job_id in jobs if job_id == only_job]
+        running = RUNNING_JOBS if only_job is None else RUNNING_JOBS.where(
+            _jobs.c.id == only_job)
+        jobs = list(db.execute(running).scalars())
         if not jobs:
             return []
         now = utcnow()

@@ -553,7 +553,7 @@ async def _store_one(svc: Services, begun: Begun, index: int, entry: dict[str, A
 
 
 async def _put_with_retries(svc: Services, begun: Begun, key: str, data: bytes,
-                            content_type: str) -> str:
+                            content_type: str) -> None:
     """Storage that refuses must not lose a result we have paid for, nor have us pay for more
     that cannot be kept: the job is paused at the first refusal (nothing new is sent; the
     reason is the job's error) while this result keeps trying (backing off) for up to
@@ -562,7 +562,7 @@ async def _put_with_retries(svc: Services, begun: Begun, key: str, data: bytes,
     attempt = 0
     while True:
         try:
-            uri = await svc.store.put_async(key, data, content_type)
+            await svc.store.put_async(key, data, content_type)
         except StorageError as exc:
             attempt += 1
             if attempt == 1:
@@ -577,7 +577,7 @@ async def _put_with_retries(svc: Services, begun: Begun, key: str, data: bytes,
         if attempt:
             await _quietly(svc, partial(unpause_job, job_id=begun.job_id,
                                         cause=STORAGE_FAILING))
-        return uri
+        return
 
 
 async def _quietly(svc: Services, work: Any) -> None:
