@@ -8,7 +8,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
 from pipeline.jobs import CHUNK, fail_queued_renders
-from pipeline.models import Job, JobStatus, Render, RenderStatus, Team, TeamBudget, utcnow
+from pipeline.models import (
+    Job,
+    JobStatus,
+    Render,
+    RenderStatus,
+    Team,
+    TeamBudget,
+    status_is,
+    utcnow,
+)
 from pipeline.teams import current_team_budget
 
 # The job's error while the rest of it is being ended for budget (a marker: the render that
@@ -17,7 +26,7 @@ OUT_OF_BUDGET = "budget: "
 
 _renders, _jobs = Render.__table__, Job.__table__
 _QUEUED_OF_JOB = (_renders.c.job_id == bindparam("job"),
-                  _renders.c.status == RenderStatus.QUEUED.value)
+                  status_is(_renders.c.status, RenderStatus.QUEUED.value))
 ANY_QUEUED = select(exists().where(*_QUEUED_OF_JOB))
 ANY_RENDER_FITS = select(exists().where(
     *_QUEUED_OF_JOB, _renders.c.n * _renders.c.price_per_image_cents <= bindparam("left")))

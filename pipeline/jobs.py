@@ -36,6 +36,7 @@ from pipeline.models import (
     JobStatus,
     Render,
     RenderStatus,
+    status_is,
     utcnow,
 )
 from pipeline.plan import (
@@ -86,7 +87,7 @@ def _item_row(job_id: int, entry: JobLine | LineError) -> dict[str, Any]:
                 "status": ItemStatus.FAILED,
                 "error": entry.reason}
     return {"job_id": job_id, "line": entry.line, "custom_id": entry.custom_id,
-            "body": json.dumps(entry.body, ensure_ascii=False), "model": entry.model,
+            "body": json.dumps(entry.body, ensure_ascii=False),
             "meta": None if entry.metadata is None else json.dumps(entry.metadata),
             "status": ItemStatus.PENDING}
 
@@ -123,7 +124,7 @@ ITEMS_AFTER = (
     .order_by(_items_t.c.line).limit(bindparam("chunk"))
 )
 ITEM_PLANNED = update(_items_t).where(_items_t.c.id == bindparam("item")).values(
-    status=bindparam("new_status"), model=bindparam("model"), error=bindparam("reason"))
+    status=bindparam("new_status"), error=bindparam("reason"))
 INSERT_RENDERS = insert(_renders_t)
 JOB_PLANNED = (
     update(_jobs_t).where(_jobs_t.c.id == bindparam("job"))
@@ -176,13 +177,13 @@ def plan_job(session: Session, job_id: int, caps: Mapping[str, Caps],
     plan = plan_lines([_line_of(row) for row in rows], caps)
     ids = {row.line: row.id for row in rows}
     now = utcnow()
-    changes = [{"item": ids[e.line], "new_status": ItemStatus.FAILED.value, "model": None,
-                "reason": e.reason} for e in plan.errors]
+    changes = [{"item": ids[e.line], "new_status": ItemStatus.FAILED.value, "reason": e.reason}
+               for e in plan.errors]
     renders: list[tuple[Any, ...]] = []
     for planned in plan.items:
         item_id = ids[planned.line.line]
         changes.append({"item": item_id, "new_status": ItemStatus.RUNNING.value,
-                        "model": planned.line.model, "reason": None})
+                        "reason": None})
         renders.extend(render_rows(job_id, item_id, planned))
     _write_plan(db, changes, renders)
     more = len(rows) == chunk
@@ -216,7 +217,7 @@ def fail_next_item(session: Session, job_id: int, reason: str) -> int:
     if row is None:
         return 0
     db.execute(ITEM_PLANNED, {"item": row.id, "new_status": ItemStatus.FAILED.value,
-                              "model": None, "reason": reason})
+                              "reason": reason})
     if not starting:  # a job that starts planning counts its items then
         db.execute(ADD_FAILED, {"job": job_id, "failed": 1})
     return 1
@@ -224,13 +225,13 @@ def fail_next_item(session: Session, job_id: int, reason: str) -> int:
 
 # SQLite through the driver's own executemany: SQLAlchemy's handling of 2,000 parameter
 # dicts cost a third of a chunk's time (1M items: 100 s of planning on a loaded machine).
-SQLITE_ITEM_PLANNED = "UPDATE job_items SET status = ?, model = ?, error = ? WHERE id = ?"
+SQLITE_ITEM_PLANNED = "UPDATE job_items SET status = ?, error = ? WHERE id = ?"
 # PostgreSQL: a chunk's items in one statement from arrays, not a statement per item (a
 # 1,000,000-item job written with SQL was planned in 54.7 s).
 POSTGRES_ITEMS_PLANNED = (
-    "UPDATE job_items SET status = u.status, model = u.model, error = u.reason "
-    "FROM unnest(%(ids)s::int[], %(statuses)s::text[], %(models)s::text[], "
-    "%(reasons)s::text[]) AS u(id, status, model, reason) WHERE job_items.id = u.id")
+    "UPDATE job_items SET status = u.status, error = u.reason "
+    "FROM unnest(%(ids)s::int[], %(statuses)s::text[], %(reasons)s::text[]) "
+    "AS u(id, status, reason) WHERE job_items.id = u.id")
 RENDER_COLUMNS = ("job_id", "item_id", "render_index", "model", "n", "seed",
                   "price_per_image_cents", "status", "enqueued_at")
 SQLITE_INSERT_RENDERS = (f"INSERT INTO renders ({', '.join(RENDER_COLUMNS)}) "
@@ -266,11 +267,11 @@ def _write_plan(db: Any, changes: list[dict[str, Any]], renders: list[tuple[Any,
                 ) -> None:
     if changes and db.dialect.name == "sqlite":
         db.exec_driver_sql(SQLITE_ITEM_PLANNED, [
-            (c["new_status"], c["model"], c["reason"], c["item"]) for c in changes])
+            (c["new_status"], c["reason"], c["item"]) for c in changes])
     elif changes and db.dialect.name == "postgresql":
         db.exec_driver_sql(POSTGRES_ITEMS_PLANNED, {
             "ids": [c["item"] for c in changes], "statuses": [c["new_status"] for c in changes],
-            "models": [c["model"] for c in changes], "reasons": [c["reason"] for c in changes]})
+            "reasons": [c["reason"] for c in changes]})
     elif changes:
         db.execute(ITEM_PLANNED, changes)
     insert_renders(db, renders)
@@ -530,7 +531,7 @@ def unpause_job(session: Session, job_id: int, cause: str) -> bool:
 
 _QUEUED, _CANCELLED = RenderStatus.QUEUED.value, RenderStatus.CANCELLED.value
 RUNNING_RENDERS = select(func.count()).select_from(_renders).where(
-    _renders.c.job_id == bindparam("job"), _renders.c.status == RenderStatus.RUNNING.value)
+    _renders.c.job_id == bindparam("job"), status_is(_renders.c.status, RenderStatus.RUNNING.value))
 
 
 def renders_running(session: Session, job_id: int) -> int:
@@ -553,14 +554,14 @@ def unfinished_job_of(session: Session, digest: str) -> Job | None:
 # re-reads a row changed under it against the outer WHERE only).
 def _renders_of_job(status: str, *conditions: ColumnElement[bool]) -> Any:
     chosen = (select(_renders.c.id)
-              .where(_renders.c.job_id == bindparam("job"), _renders.c.status == status,
+              .where(_renders.c.job_id == bindparam("job"), status_is(_renders.c.status, status),
                      *conditions)
               .limit(bindparam("chunk")))
     return update(_renders).where(_renders.c.id.in_(chosen), _renders.c.status == status)
 
 
 CANCEL_QUEUED = _renders_of_job(_QUEUED).values(
-    status=_CANCELLED, error="cancelled", updated_at=bindparam("now"))
+    status=_CANCELLED, error="cancelled")
 # Items go by ranges of lines: (job_id, status, line) and (job_id, line) are both indexed, so
 # each chunk reads its own rows only, whatever the job's size.
 LINE_RANGE = select(func.min(_items.c.line), func.max(_items.c.line)).where(
@@ -614,7 +615,7 @@ def finish_cancel(transactions: Callable[[], AbstractContextManager[Session]], j
 
 
 FAIL_QUEUED = _renders_of_job(_QUEUED).values(
-    status=RenderStatus.FAILED.value, error=bindparam("reason"), updated_at=bindparam("now"))
+    status=RenderStatus.FAILED.value, error=bindparam("reason"))
 
 
 def fail_queued_renders(transactions: Callable[[], AbstractContextManager[Session]],
@@ -700,7 +701,7 @@ RESTORE_CANCELLED = _renders_of_job(
     select(_items.c.status).where(_items.c.id == _renders.c.item_id).scalar_subquery().in_(
         [ItemStatus.CANCELLED.value, ItemStatus.RUNNING.value]),
 ).values(status=_QUEUED, retry_from=_renders.c.attempts, deliveries=0, error=None,
-         enqueued_at=None, lease_until=None, updated_at=bindparam("now"))
+         enqueued_at=None, lease_until=None)
 FORGET_SENT = _renders_of_job(_QUEUED, _renders.c.enqueued_at.is_not(None)).values(
     enqueued_at=None)
 REOPEN_ITEMS = update(_items).where(
@@ -708,7 +709,8 @@ REOPEN_ITEMS = update(_items).where(
 ).values(status=case((exists().where(_renders.c.item_id == _items.c.id),
                       ItemStatus.RUNNING.value), else_=ItemStatus.PENDING.value), error=None)
 ANY_PENDING_ITEM = select(_items.c.id).where(
-    _items.c.job_id == bindparam("job"), _items.c.status == ItemStatus.PENDING.value).limit(1)
+    _items.c.job_id == bindparam("job"), status_is(_items.c.status, ItemStatus.PENDING.value)
+).limit(1)
 
 
 def resume_job(sessions: sessionmaker[Session], job_id: int, *, budget_cents: int | None = None,
@@ -783,13 +785,14 @@ def _repeat(sessions: sessionmaker[Session], statement: Any, job_id: int, chunk:
 
 _attempts = Attempt.__table__
 _RETRY_ITEMS: dict[str, ColumnElement[bool]] = {
-    "failed": _items.c.status == ItemStatus.FAILED.value,
-    "cancelled": _items.c.status == ItemStatus.CANCELLED.value,
-    "budget": and_(_items.c.status == ItemStatus.FAILED.value, exists().where(
+    "failed": status_is(_items.c.status, ItemStatus.FAILED.value),
+    "cancelled": status_is(_items.c.status, ItemStatus.CANCELLED.value),
+    "budget": and_(status_is(_items.c.status, ItemStatus.FAILED.value), exists().where(
         _renders.c.item_id == _items.c.id, _renders.c.status == RenderStatus.FAILED.value,
         _renders.c.error.like("budget:%"))),
     "unknown": and_(
-        _items.c.status.in_([ItemStatus.FAILED.value, ItemStatus.CANCELLED.value]),
+        or_(status_is(_items.c.status, ItemStatus.FAILED.value),
+            status_is(_items.c.status, ItemStatus.CANCELLED.value)),
         exists().where(_renders.c.item_id == _items.c.id, _attempts.c.render_id == _renders.c.id,
                        _attempts.c.number == _renders.c.attempts,
                        _attempts.c.outcome == AttemptOutcome.UNKNOWN.value)),
@@ -798,7 +801,7 @@ REQUEUE_RENDERS = update(_renders).where(
     _renders.c.item_id.in_(bindparam("items", expanding=True)),
     _renders.c.status.in_([RenderStatus.FAILED.value, _CANCELLED]),
 ).values(status=_QUEUED, retry_from=_renders.c.attempts, deliveries=0, error=None,
-         enqueued_at=None, lease_until=None, updated_at=bindparam("now"))
+         enqueued_at=None, lease_until=None)
 REOPEN_CHOSEN_ITEMS = update(_items).where(
     _items.c.id.in_(bindparam("items", expanding=True)),
 ).values(status=case((exists().where(_renders.c.item_id == _items.c.id),

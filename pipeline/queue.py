@@ -18,7 +18,16 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
-from pipeline.models import Attempt, Job, JobStatus, Render, RenderStatus, Worker, utcnow
+from pipeline.models import (
+    Attempt,
+    Job,
+    JobStatus,
+    Render,
+    RenderStatus,
+    Worker,
+    status_is,
+    utcnow,
+)
 
 # Messages per render slot of the live workers: one running, one waiting to start.
 WINDOW_FACTOR = 2
@@ -33,11 +42,11 @@ RUNNING_JOBS = (select(_jobs.c.id).where(_jobs.c.status == JobStatus.RUNNING.val
 SENT_NOT_STARTED = (
     select(func.count()).select_from(_renders)
     .where(_renders.c.job_id.in_(bindparam("jobs", expanding=True)),
-           _renders.c.status == QUEUED, _renders.c.enqueued_at.is_not(None))
+           status_is(_renders.c.status, QUEUED), _renders.c.enqueued_at.is_not(None))
 )
 NEXT_UNSENT = (
     select(_renders.c.id)
-    .where(_renders.c.job_id == bindparam("job"), _renders.c.status == QUEUED,
+    .where(_renders.c.job_id == bindparam("job"), status_is(_renders.c.status, QUEUED),
            _renders.c.enqueued_at.is_(None))
     # In the index's own order (the same as by id under these equalities): ordered by id
     # alone, PostgreSQL walked the primary key and filtered out every render already done
@@ -152,7 +161,7 @@ def put_back_lost(sessions: sessionmaker[Session], requeue_after: float, limit: 
         cutoff = min(cutoff, latest.enqueued_at)
     with transaction(sessions) as session:
         lost = (select(_renders.c.id)
-                .where(_renders.c.status == QUEUED, _renders.c.enqueued_at < cutoff,
+                .where(status_is(_renders.c.status, QUEUED), _renders.c.enqueued_at < cutoff,
                        _renders.c.job_id.in_(RUNNING_JOBS.scalar_subquery()))
                 .limit(limit).scalar_subquery())
         result = session.execute(

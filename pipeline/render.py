@@ -208,17 +208,15 @@ START_FACTS = (
 )
 START_ATTEMPT = update(_renders).where(_renders.c.id == bindparam("render")).values(
     attempts=bindparam("number"), status=RenderStatus.RUNNING.value,
-    lease_until=bindparam("lease"), deliveries=bindparam("delivered"),
-    updated_at=bindparam("now"))
+    lease_until=bindparam("lease"), deliveries=bindparam("delivered"))
 COUNT_DELIVERY = update(_renders).where(_renders.c.id == bindparam("render")).values(
     deliveries=bindparam("delivered"))
 END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    status=bindparam("new_status"), error=bindparam("message"), lease_until=None,
-    updated_at=bindparam("now"))
+    status=bindparam("new_status"), error=bindparam("message"), lease_until=None)
 INSERT_IMAGE = insert(Image.__table__)
 # `forgiven` (0 or 1): a 429 takes back its attempt, as a pause does (attempts.py).
 WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    error=bindparam("message"), lease_until=bindparam("lease"), updated_at=bindparam("now"),
+    error=bindparam("message"), lease_until=bindparam("lease"),
     retry_from=_renders.c.retry_from + bindparam("forgiven"))
 # Back in the SQL queue: the dispatcher sends it again once its job runs. `forgiven` (0 or 1)
 # takes back an attempt released unsent and the delivery that began it: a pause costs the
@@ -226,7 +224,7 @@ WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).va
 BACK_TO_SQL_QUEUE = update(_renders).where(_renders.c.id == bindparam("render")).values(
     status=RenderStatus.QUEUED.value, enqueued_at=None, lease_until=None,
     retry_from=_renders.c.retry_from + bindparam("forgiven"),
-    deliveries=_renders.c.deliveries - bindparam("forgiven"), updated_at=bindparam("now"))
+    deliveries=_renders.c.deliveries - bindparam("forgiven"))
 # The send, recorded before the call, in one statement while the job still runs (one round
 # trip for every render that goes on). No row: the job is not running, or the attempt was
 # settled already (its lease ran out and the sweeper took it).
@@ -305,14 +303,13 @@ def _start_attempt(db: Any, render: Any, delivered: int, now: datetime, lease_se
                    ) -> None:
     db.execute(START_ATTEMPT, {
         "render": render.id, "number": render.attempts + 1, "delivered": delivered,
-        "lease": now + timedelta(seconds=lease_seconds), "now": now,
+        "lease": now + timedelta(seconds=lease_seconds),
     })
 
 
 def _back_to_sql_queue(db: Any, render_id: int, *, forgiven: int) -> str:
     """The render waits in SQL (queued, no broker message) until its job runs again."""
-    db.execute(BACK_TO_SQL_QUEUE, {"render": render_id, "forgiven": forgiven,
-                                   "now": utcnow()})
+    db.execute(BACK_TO_SQL_QUEUE, {"render": render_id, "forgiven": forgiven})
     return PAUSED
 
 
@@ -378,8 +375,7 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
     db = session.connection()
     if not item_locked:
         db.execute(LOCK_ITEM, {"item": render.item_id})
-    db.execute(END_RENDER, {"render": render.id, "new_status": status.value, "message": error,
-                            "now": utcnow()})
+    db.execute(END_RENDER, {"render": render.id, "new_status": status.value, "message": error})
     final = settle_item(session, render.item_id)
     if final is not None:
         ledger.item_ended(session, render.job_id, final)
@@ -637,7 +633,7 @@ def finish_attempt(
                           svc.settings.backoff_cap)
     now = utcnow()
     session.connection().execute(WAIT_FOR_RETRY, {
-        "render": render.id, "message": error, "now": now, "forgiven": int(not_now),
+        "render": render.id, "message": error, "forgiven": int(not_now),
         "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
     ledger.apply_settlement(session, claim)
     return Settled(retry_in=delay)

@@ -39,7 +39,7 @@ MAX_LINE = 2**31 - 1
 
 _items = JobItem.__table__
 # job_id comes first; a row built by item_row is the rest, in this order.
-ITEM_COLUMNS = ("job_id", "line", "custom_id", "body", "model", "metadata", "status", "error")
+ITEM_COLUMNS = ("job_id", "line", "custom_id", "body", "metadata", "status", "error")
 INSERT_ITEMS = insert(_items)
 SQLITE_INSERT_ITEMS = (f"INSERT INTO job_items ({', '.join(ITEM_COLUMNS)}) "
                        f"VALUES ({', '.join('?' * len(ITEM_COLUMNS))})")
@@ -193,13 +193,13 @@ def item_row(entry: JobLine | LineError, outcome: PlannedItem | LineError) -> tu
     reason, and keeps its body (or, when it did not parse, its text) so `retry` can plan it
     again."""
     if isinstance(entry, LineError):
-        return (entry.line, entry.custom_id, storable_raw(entry.raw), None, None, _FAILED,
+        return (entry.line, entry.custom_id, storable_raw(entry.raw), None, _FAILED,
                 outcome.reason)
     meta = None if entry.metadata is None else json.dumps(entry.metadata)
     body = _body_json(entry.body)
     if isinstance(outcome, LineError):
-        return (entry.line, entry.custom_id, body, entry.model, meta, _FAILED, outcome.reason)
-    return (entry.line, entry.custom_id, body, entry.model, meta, _RUNNING, None)
+        return (entry.line, entry.custom_id, body, meta, _FAILED, outcome.reason)
+    return (entry.line, entry.custom_id, body, meta, _RUNNING, None)
 
 
 def storable_raw(raw: str) -> str:

@@ -66,7 +66,6 @@ def _revive(sessions: sessionmaker[Session], render_id: int, settings: Settings)
         render.status = RenderStatus.QUEUED
         render.lease_until = None
         render.enqueued_at = None
-        render.updated_at = now
         return True
 
 
