@@ -9,8 +9,8 @@ import signal
 import time
 
 from fake_upstream.app import FakeServer
+from tests.acceptance.test_faults import Stack, job_lines, stack  # noqa: F401 (the fixture)
 from tests.cluster import render_counts, wait_for_job, wait_until
-from tests.test_faults import Stack, job_lines, stack  # noqa: F401 (the fixture)
 
 LEASE = 6.0
 LATENCY = 4.0

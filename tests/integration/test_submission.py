@@ -4,11 +4,7 @@ chunked writes on SQLite and PostgreSQL, and what `imagebatch submit` prints for
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,17 +14,13 @@ import pipeline.submission as submission
 from pipeline.caps import Caps
 from pipeline.db import make_engine, session_factory
 from pipeline.models import Job, JobItem, Render
-from pipeline.plan import JobLine, LineError, PlannedItem, plan_line
 from pipeline.submission import (
     JobFileError,
     check_file,
     file_digest,
-    plan_stream,
-    read_lines,
     submit_file,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 CAPS = {
     "flux": Caps("flux", max_n=4, aspect_ratios=("1:1", "16:9"), price_per_image_cents=3),
     "gpt": Caps("gpt", max_n=10, price_per_image_cents=4),
@@ -50,42 +42,6 @@ def flux(i: int, **extra: object) -> dict[str, object]:
 
 
 # --- reading and planning, no server -------------------------------------------------------
-
-
-def test_lines_end_at_lf_only_crlf_and_blank_lines_are_handled():
-    data = (b'{"model": "flux", "prompt": "a\xe2\x80\xa8b"}\r\n'  # raw U+2028 inside a string
-            b"\r\n   \n"
-            b'{"model": "flux", "prompt": "c\xe2\x80\xa9d"}')  # U+2029, and no final newline
-    read = list(read_lines(io.BytesIO(data)))
-    assert [number for number, _ in read] == [1, 4]
-    parsed = [entry for entry, _ in plan_stream(io.BytesIO(data), CAPS)]
-    assert [p.body["prompt"] for p in parsed] == ["a\u2028b", "c\u2029d"]
-
-
-def test_a_line_that_is_not_utf8_is_an_error_naming_it_and_the_rest_is_read():
-    data = jsonl(flux(1)) + b'{"model": "flux", "prompt": "caf\xe9"}\n' + jsonl(flux(3))
-    outcomes = [outcome for _, outcome in plan_stream(io.BytesIO(data), CAPS)]
-    assert isinstance(outcomes[0], PlannedItem) and isinstance(outcomes[2], PlannedItem)
-    error = outcomes[1]
-    assert isinstance(error, LineError)
-    assert (error.line, error.reason) == (2, "not UTF-8 text (byte 33)")
-
-
-def test_a_repeated_custom_id_fails_the_later_line_with_the_first_ones_number():
-    data = jsonl(flux(1), {**flux(2), "custom_id": "c1"}, "{oops", flux(3))
-    outcomes = [outcome for _, outcome in plan_stream(io.BytesIO(data), CAPS)]
-    assert outcomes[1].reason == "custom_id 'c1' repeats line 1"
-    assert "not valid JSON" in outcomes[2].reason
-    assert isinstance(outcomes[3], PlannedItem)
-
-
-def test_plan_line_splits_prices_and_explains_a_caps_violation():
-    item = plan_line(JobLine(7, {"model": "flux", "prompt": "p", "n": 9, "seed": 10}), CAPS)
-    assert isinstance(item, PlannedItem)
-    assert [(r.n, r.seed) for r in item.renders] == [(4, 10), (4, 14), (1, 18)]
-    assert item.max_cost_cents == 27
-    bad = plan_line(JobLine(8, {"model": "flux", "prompt": "p", "aspect_ratio": "5:4"}), CAPS)
-    assert isinstance(bad, LineError) and bad.line == 8 and "aspect_ratio '5:4'" in bad.reason
 
 
 def test_check_file_keeps_the_first_100_errors_and_counts_them_all(tmp_path):
@@ -223,57 +179,3 @@ def test_an_empty_file_creates_nothing(sessions, tmp_path):
 
 
 # --- the command ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def env(tmp_path: Path, fake) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
-    environ.update(IMAGEBATCH_DATA_DIR=str(tmp_path / "data"), IMAGEBATCH_API_BASE=fake.base_url)
-    return environ
-
-
-def imagebatch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_submit_prints_the_first_100_invalid_lines_and_how_many_more(env, tmp_path):
-    lines = [{"model": "flux-2-dev", "prompt": f"p{i}", "custom_id": f"c{i}"}
-             for i in range(1, 301)]
-    for i in range(1, 301, 2):
-        lines[i] = {"model": "flux-2-dev", "custom_id": f"c{i + 1}"}  # 150 lines with no prompt
-    path = write(tmp_path, jsonl(*lines))
-    result = imagebatch(env, "submit", path, "--budget", "1")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    shown = [line for line in result.stderr.splitlines() if line.startswith(f"{path}:")]
-    assert len(shown) == 100
-    assert shown[0] == f"{path}:2 (c2): missing prompt"
-    assert "... and 50 more invalid lines" in result.stderr
-    assert "150 invalid line(s)" in result.stderr and "nothing was submitted" in result.stderr
-    assert json.loads(imagebatch(env, "status", "--json").stdout) == {"jobs": []}
-
-    planned = json.loads(imagebatch(env, "plan", path, "--json").stdout)
-    assert (planned["items"], planned["error_count"], len(planned["errors"])) == (150, 150, 100)
-    assert planned["max_cost_cents"] == 150 * 3
-
-
-def test_submit_of_a_directory_or_an_unreadable_file_is_one_line(env, tmp_path):
-    for target in (str(tmp_path), str(tmp_path / "missing.jsonl")):
-        result = imagebatch(env, "submit", target, "--budget", "1")
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert result.stderr.count("\n") == 1 and target in result.stderr
-    if os.geteuid() != 0:  # root reads any file
-        locked = Path(write(tmp_path, jsonl(flux(1)), "locked.jsonl"))
-        locked.chmod(0)
-        result = imagebatch(env, "plan", str(locked))
-        assert result.returncode == 2 and "cannot be read" in result.stderr
-
-
-def test_submit_writes_a_pending_job_with_every_line(env, tmp_path):
-    path = write(tmp_path, jsonl(*[{"model": "flux-2-dev", "prompt": f"p{i}", "n": 5}
-                                   for i in range(12)]))
-    result = imagebatch(env, "submit", path, "--budget", "5", "--json")
-    assert result.returncode == 0, result.stderr
-    job = json.loads(result.stdout)
-    assert job["items_total"] == 12 and job["name"] == "jobs.jsonl"
-    assert job["status"] in ("pending", "running")  # a dispatcher may already have planned it

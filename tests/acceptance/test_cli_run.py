@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import FLUX, ROOT, SECRET, imagebatch, otters, wait_for, write
+from tests.acceptance.test_cli import FLUX, ROOT, SECRET, imagebatch, otters, wait_for, write
 
 
 @pytest.fixture

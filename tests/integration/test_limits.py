@@ -7,19 +7,9 @@ import time
 import uuid
 from dataclasses import replace
 
-import pytest
-
-from pipeline.limits import LocalLimits, Rate, RedisLimits, parse_rates
+from pipeline.limits import Rate, RedisLimits
 from pipeline.runtime import start_services
-from pipeline.settings import Settings, SettingsError
 from tests.helpers import assert_books_balance, run_job
-
-
-def test_rates_parse_and_bad_ones_are_named():
-    assert parse_rates("flux-2-dev=120/m, nano-banana-pro=30/m,x=5/10s") == {
-        "flux-2-dev": Rate(120, 60.0), "nano-banana-pro": Rate(30, 60.0), "x": Rate(5, 10.0)}
-    with pytest.raises(SettingsError, match="'flux=fast'"):
-        parse_rates("flux=fast")
 
 
 def two_workers(redis_url: str, **kwargs: object) -> list[RedisLimits]:
@@ -81,13 +71,6 @@ def test_a_429_pauses_the_model_for_every_worker(redis_url):
     assert other < 0.2 and paused >= 0.9
 
 
-def test_local_limits_without_redis():
-    async def scenario() -> int:
-        return await _count_concurrency([LocalLimits(max_in_flight=3, rates={})], 30)
-
-    assert asyncio.run(scenario()) == 3
-
-
 def test_the_pipeline_respects_max_in_flight_through_redis(settings, fake, redis_url):
     svc = start_services(replace(settings, redis_url=redis_url, max_in_flight=4))
     try:
@@ -111,11 +94,3 @@ def test_a_worker_calls_at_most_its_concurrency_while_more_renders_run(settings,
     finally:
         svc.close()
     assert fake.stats()["max_in_flight"] == 3
-
-
-def test_renders_ahead_default_to_half_the_concurrency():
-    assert Settings(concurrency=200).render_slots == 300
-    assert Settings(concurrency=3, renders_ahead=0).render_slots == 3
-    assert Settings.from_env({"IMAGEBATCH_RENDERS_AHEAD": "7"}).render_slots == 64 + 7
-    with pytest.raises(SettingsError, match="IMAGEBATCH_RENDERS_AHEAD='-1'"):
-        Settings.from_env({"IMAGEBATCH_RENDERS_AHEAD": "-1"})

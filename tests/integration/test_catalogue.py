@@ -4,28 +4,20 @@ an unpriced model is (its lines fail with the reason), and no bad entry stops th
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from fake_upstream.app import FakeConfig, FakeServer
-from fake_upstream.catalog import MODELS
-from pipeline.caps import MAX_PRICE_PER_IMAGE_CENTS, caps_by_model
+from pipeline.caps import MAX_PRICE_PER_IMAGE_CENTS
 from pipeline.dispatch import dispatch_pending
 from pipeline.models import JobItem, ModelCaps
 from pipeline.runtime import start_services
 from pipeline.settings import Settings
 from tests.helpers import assert_books_balance, render_all, submit, summary
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def model(model_id: str, **caps: Any) -> dict[str, Any]:
@@ -117,47 +109,6 @@ def _run(svc: Any, lines: list[dict[str, Any]], budget: int) -> int:
     job = submit(svc, lines, budget_cents=budget)
     render_all(svc, dispatch_pending(svc))
     return job
-
-
-def test_the_caps_of_every_bad_entry_can_price_nothing() -> None:
-    """Whatever reads the caps (a planner without the refusal check too) finds no price."""
-    caps = caps_by_model([*(entry for entry, _ in BAD.values()), *ODD_ENTRIES, GOOD])
-    assert set(caps) == {*BAD, "good", "caps-list"} - {"modalities-text"}
-    for name in BAD:
-        assert caps[name].refused and caps[name].price_per_image_cents is None
-        assert caps[name].max_n is None
-    assert caps["good"].refused is None and caps["good"].price_per_image_cents == 2
-    assert caps["caps-list"].price_per_image_cents is None  # no caps: no price, as before
-    free = caps_by_model([BAD["free"][0]], allow_free=True)["free"]
-    assert (free.refused, free.price_per_image_cents) == (None, 0)
-    assert caps_by_model([BAD["negative"][0]], allow_free=True)["negative"].refused
-
-
-def test_models_command_shows_refused_models_and_why(tmp_path: Path,
-                                                     odd_catalogue: FakeServer) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
-    env.update(IMAGEBATCH_DATA_DIR=str(tmp_path / "data"),
-               IMAGEBATCH_API_BASE=odd_catalogue.base_url)
-    table = subprocess.run([sys.executable, "-m", "cli", "models"], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert table.returncode == 0, table.stderr
-    assert "refused" in table.stdout and "Traceback" not in table.stderr
-    assert "model 'huge' is refused: its price_per_image_cents" in table.stdout
-    listed = subprocess.run([sys.executable, "-m", "cli", "models", "--json"], env=env,
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    by_id = {m["model"]: m for m in json.loads(listed.stdout)}
-    assert by_id["huge"]["price_per_image_cents"] is None and by_id["huge"]["refused"]
-    assert by_id["good"]["refused"] is None
-    planned = subprocess.run(
-        [sys.executable, "-m", "cli", "plan", "-"], env=env, cwd=ROOT, capture_output=True,
-        text=True, timeout=120, input=json.dumps({"model": "negative", "prompt": "p"}) + "\n")
-    assert planned.returncode == 2 and "Traceback" not in planned.stderr
-    assert "model 'negative' is refused" in planned.stderr
-
-
-def test_the_built_in_catalogue_is_all_accepted() -> None:
-    caps = caps_by_model(MODELS)
-    assert all(c.refused is None for c in caps.values())
 
 
 def test_ids_no_database_can_hold_are_not_cached_and_stop_nothing(database_url: str) -> None:

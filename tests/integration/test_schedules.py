@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 
 from pipeline.db import make_engine, session_factory, transaction
 from pipeline.models import Job, Schedule
-from pipeline.schedules import ScheduleError, add_schedule, fire_due, latest_slot, run_now
+from pipeline.schedules import ScheduleError, add_schedule, fire_due, run_now
 
 TEXT = json.dumps({"model": "flux-2-dev", "prompt": "nightly"}) + "\n"
 
@@ -34,12 +34,6 @@ def add(sessions, name="nightly", cron="0 3 * * *", created=datetime(2026, 11, 1
 def jobs(sessions) -> int:
     with sessions() as session:
         return session.scalar(select(func.count()).select_from(Job))
-
-
-def test_cron_is_read_in_the_schedules_zone():
-    now = datetime(2026, 11, 24, 12)
-    assert latest_slot("0 3 * * *", "UTC", now) == datetime(2026, 11, 24, 3)
-    assert latest_slot("0 3 * * *", "Europe/Berlin", now) == datetime(2026, 11, 24, 2)
 
 
 def test_a_beat_down_for_three_slots_fires_once(sessions):

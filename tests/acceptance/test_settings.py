@@ -6,7 +6,6 @@ at once on a fresh database."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -17,12 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.db import open_engine, schema_revisions
-from pipeline.settings import NUMBERS, Settings, SettingsError
+from tests import ROOT
 from tests.servers import free_port
-from workers.app import create_app
-from workers.embedded import InProcessWorker
 
-ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "hunter2-SECRET"
 FLUX = {"model": "flux-2-dev", "prompt": "an otter"}
 
@@ -60,95 +56,6 @@ def jobs_file(tmp_path: Path, count: int = 1, name: str = "jobs.jsonl") -> str:
 
 
 # --- item 12: every setting checked when read ----------------------------------------------
-
-
-def test_defaults_are_the_documented_ones():
-    s = Settings.from_env({})
-    assert (s.concurrency, s.render_slots, s.committers, s.max_attempts) == (64, 96, 1, 4)
-    assert (s.max_media_bytes, s.models_ttl, s.broker_window, s.max_in_flight) == (
-        64 * 1024 * 1024, 3600, 0, 0)
-    assert (s.render_deadline, s.read_timeout, s.lease_seconds) == (900.0, 120.0, 60.0)
-    assert (s.requeue_after, s.sweep_interval, s.visibility_timeout) == (60.0, 30.0, 0.0)
-    assert s.allow_private_media is False
-    assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("imagebatch.db")
-    # Derived values follow the lease they derive from.
-    derived = Settings.from_env({"IMAGEBATCH_LEASE_SECONDS": "10"})
-    assert (derived.requeue_after, derived.sweep_interval) == (10.0, 5.0)
-
-
-def _bad_values(spec) -> list[str]:
-    if spec.low <= 0 or spec.zero:
-        below = "-1"
-    else:
-        below = str(spec.low / 2 if spec.kind is float else spec.low - 1)
-    values = ["lots", "nan", "inf", "-inf", "1e400", below, str(spec.high * 2), "-5"]
-    if spec.kind is int:
-        values.append("2.5")
-    if not spec.zero and spec.low > 0:
-        values.append("0")
-    return values
-
-
-@pytest.mark.parametrize("spec", NUMBERS, ids=[n.env for n in NUMBERS])
-def test_every_numeric_setting_is_refused_outside_its_range_with_its_name(spec):
-    for value in _bad_values(spec):
-        with pytest.raises(SettingsError) as refused:
-            Settings.from_env({f"IMAGEBATCH_{spec.env}": value})
-        message = str(refused.value)
-        assert message.startswith(f"IMAGEBATCH_{spec.env}={value!r}: "), message
-        assert "must be" in message and "\n" not in message
-    # Its bounds themselves are allowed, and 0 where 0 means something (the backoffs with
-    # a partner that keeps the cap at or above the base).
-    partner = {"BACKOFF_BASE": {"IMAGEBATCH_BACKOFF_CAP": "86400"},
-               "BACKOFF_CAP": {"IMAGEBATCH_BACKOFF_BASE": "0.01"}}.get(spec.env, {})
-    for value in (spec.low, spec.high) + ((0,) if spec.zero else ()):
-        text = str(int(value)) if spec.kind is int else repr(float(value))
-        read = Settings.from_env({f"IMAGEBATCH_{spec.env}": text, **partner})
-        assert getattr(read, spec.attr) == value
-
-
-@pytest.mark.parametrize("name, value, expected", [
-    ("LEASE_SECONDS", "0", "must be from 2 to 86,400 seconds"),
-    ("LEASE_SECONDS", "1", "must be from 2 to 86,400 seconds"),
-    ("RENDER_DEADLINE", "0", "must be from 1 to 604,800 seconds"),
-    ("RENDER_DEADLINE", "nan", "not a finite number"),
-    ("RENDER_DEADLINE", "inf", "not a finite number"),
-    ("CONCURRENCY", "0", "must be from 1 to 10,000"),
-    ("CONCURRENCY", "-3", "must be from 1 to 10,000"),
-    ("MAX_ATTEMPTS", "0", "must be from 1 to 100"),
-    ("SWEEP_INTERVAL", "0", "must be from 0.1 to 86,400 seconds"),
-    ("REQUEUE_AFTER", "0", "must be from 1 to 604,800 seconds"),
-    ("BROKER_WINDOW", "-1", "must be 0 (twice the live workers' render slots) or from 1"),
-    ("ALLOW_PRIVATE_MEDIA", "maybe", "must be one of 1, true, yes, on (on) or 0, false"),
-    ("API_BASE", "ftp://host/v1", "not an http(s) URL"),
-    ("API_BASE", "http://[::1/v1", "not an http(s) URL"),
-    ("API_BASE", "http://host:99999/v1", "not an http(s) URL"),
-    ("API_BASE", "api.airforce/v1", "not an http(s) URL"),
-    ("BROKER_URL", "amqp://host//", "must start with filesystem:// or redis://"),
-    ("REDIS_URL", "memcached://host", "must start with redis:// or rediss://"),
-    ("MODEL_RATES", "flux=fast", "is not MODEL=COUNT/UNIT"),
-])
-def test_bad_settings_name_the_variable_the_value_and_what_is_allowed(name, value, expected):
-    with pytest.raises(SettingsError) as refused:
-        Settings.from_env({f"IMAGEBATCH_{name}": value})
-    message = str(refused.value)
-    assert f"IMAGEBATCH_{name}" in message and expected in message, message
-
-
-def test_an_api_key_with_a_line_break_is_refused_without_showing_it():
-    with pytest.raises(SettingsError) as refused:
-        Settings.from_env({"IMAGEBATCH_API_KEY": "sk-air-SECRET123\n"})
-    assert str(refused.value).startswith("IMAGEBATCH_API_KEY: holds a line break")
-    assert "SECRET123" not in str(refused.value)
-
-
-def test_settings_that_depend_on_each_other_are_checked_together():
-    with pytest.raises(SettingsError, match=r"IMAGEBATCH_BACKOFF_CAP=0\.5 is below "
-                                            r"IMAGEBATCH_BACKOFF_BASE=2"):
-        Settings.from_env({"IMAGEBATCH_BACKOFF_BASE": "2", "IMAGEBATCH_BACKOFF_CAP": "0.5"})
-    # A lease short enough for its derived sweep and requeue delays is refused as the lease.
-    with pytest.raises(SettingsError, match=r"IMAGEBATCH_LEASE_SECONDS='0\.5'"):
-        Settings.from_env({"IMAGEBATCH_LEASE_SECONDS": "0.5"})
 
 
 def test_a_lease_of_zero_is_refused_before_anything_is_sent(env, tmp_path, fake):
@@ -242,17 +149,6 @@ def test_a_database_failing_mid_command_is_one_line(env, tmp_path):
                     "no such table: jobs")
 
 
-def test_a_read_only_database_file_is_named(tmp_path):
-    path = tmp_path / "imagebatch.db"
-    open_engine(f"sqlite:///{path}").dispose()
-    path.chmod(0o444)
-    if os.access(path, os.W_OK):  # root writes anyway: a read-only file system says it then
-        path = Path("/proc/imagebatch.db")
-    with pytest.raises(SettingsError) as refused:
-        open_engine(f"sqlite:///{path}")
-    assert str(refused.value).startswith(f"IMAGEBATCH_DATABASE_URL='sqlite:///{path}': ")
-
-
 # --- item 13: the job file looked at before any worker starts --------------------------------
 
 
@@ -295,42 +191,6 @@ def test_run_on_bad_utf8_lists_the_line_and_no_celery_traceback(env, tmp_path, f
                        stdin="\n" + json.dumps(FLUX) + "\n\n")
     assert piped.returncode == 0, piped.stderr
     assert json.loads(piped.stdout)["images"] == 1 == fake.stats()["calls"]
-
-
-def test_a_worker_stopped_the_moment_it_starts_stops_without_a_traceback(tmp_path, caplog):
-    """`run` of a file refused at once stopped the in-process worker while Celery was still
-    starting it: a CRITICAL 'Unrecoverable error' traceback, or a worker left running."""
-    settings = Settings.from_env({"IMAGEBATCH_DATA_DIR": str(tmp_path)})
-    app = create_app(settings, broker_url="memory://localhost//")
-    for _ in range(3):
-        worker = InProcessWorker(app, 4)
-        with caplog.at_level(logging.WARNING):
-            worker._thread.start()  # Celery's start alone, no announce: the narrowest window
-            started = time.monotonic()
-            worker.stop()
-        assert not worker._thread.is_alive()
-        assert time.monotonic() - started < 10
-    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
-
-
-def test_celery_records_reach_stderr_as_one_line():
-    """Whatever Celery logs with a traceback (at start-up, at shutdown) is printed as one
-    line; -vv keeps the whole record."""
-    from cli import one_line_transport_logs
-
-    try:
-        raise AttributeError("'NoneType' object has no attribute 'qos_semantics_matches_spec'")
-    except AttributeError:
-        exc_info = sys.exc_info()
-    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
-    for name, lines in (("celery.worker", 1), ("imagebatch.render", 3)):
-        record = logging.LogRecord(name, logging.CRITICAL, __file__, 1,
-                                   "Unrecoverable error: %r", (exc_info[1],), exc_info)
-        assert one_line_transport_logs(record)
-        text = formatter.format(record)
-        assert len(text.splitlines()) >= lines and ("Traceback" in text) == (lines > 1), text
-        if lines == 1:
-            assert text.startswith("CRITICAL celery.worker: Unrecoverable error: AttributeError")
 
 
 def test_a_broker_out_of_reach_is_said_before_anything_is_written(env, tmp_path):
@@ -405,14 +265,3 @@ def test_many_upgrades_at_once_on_a_fresh_postgresql_database(env, postgres_url)
         with admin.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-def test_settings_printed_into_a_log_show_no_password_and_no_key() -> None:
-    settings = Settings(api_base="http://user:BASEPASS@h/v1", api_key="sk-NEVER-SHOWN",
-                        database_url="postgresql://app:DBPASS@db/imagebatch",
-                        broker_url="redis://:REDISPASS@r:6379/0",
-                        redis_url="rediss://u:LIMITPASS@r:6380/1")
-    shown = repr(settings)
-    for secret in ("BASEPASS", "sk-NEVER-SHOWN", "DBPASS", "REDISPASS", "LIMITPASS"):
-        assert secret not in shown
-    assert "postgresql://app:***@db/imagebatch" in shown and "concurrency=64" in shown

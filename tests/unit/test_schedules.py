@@ -1,0 +1,13 @@
+"""Schedules: stored with their job text, each slot fired once, missed slots fired once."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pipeline.schedules import latest_slot
+
+
+def test_cron_is_read_in_the_schedules_zone():
+    now = datetime(2026, 11, 24, 12)
+    assert latest_slot("0 3 * * *", "UTC", now) == datetime(2026, 11, 24, 3)
+    assert latest_slot("0 3 * * *", "Europe/Berlin", now) == datetime(2026, 11, 24, 2)
