@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers started once per session, a fresh data folder per test."""
+"""Shared fixtures: real servers started once per session (only when a test asks for one, so
+the unit lane runs with no server installed), a fresh data folder per test."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ from pipeline.db import make_engine, upgrade_schema
 from pipeline.runtime import Services, start_services
 from pipeline.settings import Settings
 from tests.servers import start_moto, start_postgres, start_redis
+
+# The fast lane first: a whole run fails in seconds on a broken unit before starting servers.
+LANES = ("unit", "integration", "acceptance")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_lane_rank)  # stable: the order within a lane stays pytest's
+
+
+def _lane_rank(item: pytest.Item) -> int:
+    parts = item.path.parts
+    return next((rank for rank, lane in enumerate(LANES) if lane in parts), 1)
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,7 @@ def start_redis(port: int | None = None) -> tuple[str, Stop]:
     (redis://..., stop). A fixed port lets a test start a new server where one was killed."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise ServerError("redis-server is not on PATH: apt-get install -y redis-server")
+        raise ServerError(f"redis-server is not on PATH: apt-get install -y {REDIS_PACKAGE}")
     if port is not None:
         return _start_redis_once(binary, port)
     return _with_port_retries(lambda port: _start_redis_once(binary, port))
@@ -96,18 +96,49 @@ def start_postgres(settings: dict[str, str] | None = None) -> tuple[str, Stop]:
 
 
 def _pg_bindir() -> Path:
-    pg_config = shutil.which("pg_config")
-    if pg_config is None:
-        raise ServerError("pg_config is not on PATH: install PostgreSQL 15 (postgresql-15)")
-    out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
-    bindir = Path(out.stdout.strip())
-    for name in ("initdb", "postgres"):
-        if not (bindir / name).is_file():
-            raise ServerError(
-                f"{bindir / name} not found (pg_config --bindir): install the PostgreSQL "
-                "server package (postgresql-15), not only the client"
-            )
+    bindir = pg_bindir()
+    if bindir is None:
+        raise ServerError(f"the PostgreSQL server (initdb, postgres) is not installed: "
+                          f"apt-get install -y {POSTGRES_PACKAGE}")
     return bindir
+
+
+# Debian's and Ubuntu's package for the PostgreSQL server of the release (15 on Debian 12).
+POSTGRES_PACKAGE = "postgresql"
+REDIS_PACKAGE = "redis-server"
+
+
+def pg_bindir() -> Path | None:
+    """The folder holding the PostgreSQL server's `initdb` and `postgres`, or None.
+
+    Debian puts them off PATH, in /usr/lib/postgresql/VERSION/bin, and `pg_config` (which names
+    that folder) comes with libpq-dev, which the server package does not pull in: so look where
+    pg_config says, then in Debian's folders (newest version first), then on PATH."""
+    candidates: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        candidates.append(Path(out.stdout.strip()))
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                    key=lambda path: _version_key(path.parent.name), reverse=True)
+    candidates.extend(debian)
+    on_path = shutil.which("initdb")
+    if on_path is not None:
+        candidates.append(Path(on_path).resolve().parent)
+    for bindir in candidates:
+        if all((bindir / name).is_file() for name in ("initdb", "postgres")):
+            return bindir
+    return None
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in name.split(".") if part.isdigit())
+
+
+def missing_servers() -> list[str]:
+    """The Debian packages the integration and acceptance tests need and do not find."""
+    missing = [] if shutil.which("redis-server") else [REDIS_PACKAGE]
+    return missing if pg_bindir() is not None else [*missing, POSTGRES_PACKAGE]
 
 
 def _start_postgres_once(bindir: Path, port: int, extra: list[str]) -> tuple[str, Stop]:
@@ -201,7 +232,7 @@ def start_moto() -> tuple[str, Stop]:
 
     Port 0 lets the OS pick: ThreadedMotoServer.start() would hang forever if its bind
     failed. moto's (werkzeug's) server answers `Expect: 100-continue` at once, so a PUT does
-    not stall (tests/test_storage.py checks it).
+    not stall (tests/integration/test_storage.py checks it).
     """
     try:
         from moto.server import ThreadedMotoServer

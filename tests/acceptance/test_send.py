@@ -32,7 +32,7 @@ from tests.integration.test_send import FLUX
 @pytest.fixture
 def cluster(tmp_path: Path, database_url: str, redis_url: str, s3_endpoint: str,
             fake: FakeServer) -> Iterator[Cluster]:
-    from tests.test_faults import _redis_db_url
+    from tests.acceptance.test_faults import _redis_db_url
 
     s3 = s3_client(s3_endpoint)
     bucket = f"send-{uuid.uuid4().hex[:12]}"
