@@ -706,7 +706,9 @@ def backoff_delay(attempt: int, retry_after: float | None, base: float, cap: flo
     """Capped exponential backoff with full jitter, never shorter than the upstream's
     Retry-After (itself capped, so one bad header cannot park a render for hours)."""
     rng = rng or random.Random()
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    # The exponent is bounded: a render's attempts count its 429s too (up to
+    # IMAGEBATCH_MAX_RATE_LIMITED, 10,000), and 2 ** 1024 is beyond any float.
+    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 64))
     delay = rng.uniform(ceiling / 2, ceiling)
     if retry_after is not None:
         delay = max(delay, min(retry_after, MAX_RETRY_WAIT))
