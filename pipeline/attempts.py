@@ -1,4 +1,8 @@
-"""429s and the attempt limit.
+"""The attempt limit, and 429s.
+
+A render may make IMAGEBATCH_MAX_ATTEMPTS attempts, counted from `renders.retry_from` (a
+`retry`, a `resume` or a pause starts the count again): `out_of_attempts` is that rule, for
+the render that starts, the one that settles and the one the sweeper revives.
 
 A 429 says "not now", not "this render is bad": it costs the render no attempt of its
 IMAGEBATCH_MAX_ATTEMPTS (render.py takes it back through `renders.retry_from`, as a pause
@@ -17,6 +21,12 @@ from pipeline.models import Attempt
 
 RATE_LIMITED = 429
 _attempts = Attempt.__table__
+
+
+def out_of_attempts(render: Any, max_attempts: int, *, forgiven: bool = False) -> bool:
+    """Whether the render (a renders row or an ORM Render) has used every attempt it may
+    make. `forgiven`: its latest attempt does not count (a 429, or a pause)."""
+    return render.attempts - render.retry_from - int(forgiven) >= max_attempts
 
 
 def rate_limited_too_long(db: Any, render_id: int, max_rate_limited: int) -> str | None:

@@ -16,6 +16,7 @@ item running.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import random
@@ -31,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline import ledger
-from pipeline.attempts import rate_limited_too_long
+from pipeline.attempts import out_of_attempts, rate_limited_too_long
 from pipeline.exhaustion import end_rest_for_budget, mark_if_exhausted
 from pipeline.jobs import STORAGE_FAILING, pause_job, settle_item, unpause_job
 from pipeline.media import MediaInfo, NotMedia, sniff
@@ -66,10 +67,34 @@ log = logging.getLogger("imagebatch.render")
 MAX_RETRY_WAIT = 600.0
 # Job statuses in which a render neither starts nor calls: it waits in SQL until the job runs.
 WAIT_IN_SQL = frozenset({JobStatus.PAUSED, JobStatus.PENDING, JobStatus.SUBMITTING})
-PAUSED = "paused"  # what a render put back in the SQL queue returns
 HASH_ON_LOOP_MAX = 256 * 1024  # about 0.15 ms of SHA-256
 # How long a paid result waits for storage that refuses it (its job paused meanwhile).
 STORAGE_PATIENCE = 120.0
+
+
+class Stop(enum.StrEnum):
+    """How a render task ended (what `run_render` returns, a task's result)."""
+
+    FINISHED = "finished"  # the render reached a terminal status, or waits for a retry no more
+    MISSING = "missing"  # no such render (its job was deleted)
+    TERMINAL = "terminal"  # it had ended already: a redelivered task
+    BUSY = "busy"  # another task holds its live lease: a redelivered task
+    PAUSED = "paused"  # its job is paused (or not running yet): back in the SQL queue
+    CANCELLED = "cancelled"  # its job was cancelled: the render ended cancelled
+    SWEPT = "swept"  # its lease ran out while it waited: the sweeper settled it, owns it now
+    BUDGET = "budget"  # a hold was refused: the render failed for budget
+    ATTEMPTS = "attempts"  # every attempt it may make was made: it failed
+    REDELIVERED = "redelivered"  # its task came back too many times: it failed
+    JOB = "job"  # its job ended otherwise: it failed
+    DATABASE = "database"  # the database refused writes: SQL says what is left
+
+
+@dataclass(frozen=True)
+class NotStarted:
+    """Why a render ends without an attempt, and the error it ends with (None: cancelled)."""
+
+    stop: Stop
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,13 +150,13 @@ class Collected:
     problems: tuple[str, ...]
 
 
-def run_render(svc: Services, render_id: int) -> str:
+def run_render(svc: Services, render_id: int) -> Stop:
     """Do what is left of one render; safe to call again for the same render at any time.
     Blocks the calling thread; the render itself runs on the worker's event loop."""
     return svc.io.run(render_to_end(svc, render_id))
 
 
-async def render_to_end(svc: Services, render_id: int) -> str:
+async def render_to_end(svc: Services, render_id: int) -> Stop:
     try:
         return await _attempts_until_done(svc, render_id)
     except OperationalError as exc:
@@ -141,10 +166,10 @@ async def render_to_end(svc: Services, render_id: int) -> str:
         # again once its lease or message is found lost.
         log.warning("render %d stopped: the database refuses writes (%s)", render_id,
                     str(exc.orig).splitlines()[0] if exc.orig is not None else exc)
-        return "database"
+        return Stop.DATABASE
 
 
-async def _attempts_until_done(svc: Services, render_id: int) -> str:
+async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
     holder: int | None = None
     with svc.leases.hold(render_id):
         while True:
@@ -157,12 +182,12 @@ async def _attempts_until_done(svc: Services, render_id: int) -> str:
             if isinstance(step, EndRest):
                 await asyncio.to_thread(end_rest_for_budget, svc.sessions, step.job_id,
                                         step.reason)
-                return "budget"
+                return Stop.BUDGET
             if not isinstance(step, Begun):
                 return step
             holder = step.number
             outcome = await call_upstream(svc, step)
-            if isinstance(outcome, str):  # nothing was sent: cancelled, paused or swept
+            if isinstance(outcome, Stop):  # nothing was sent: cancelled, paused or swept
                 return outcome
             collected = (await collect_media(svc, step, outcome)
                          if isinstance(outcome, Delivered) else None)
@@ -174,7 +199,7 @@ async def _attempts_until_done(svc: Services, render_id: int) -> str:
             if settled.unkept:
                 await _delete_unkept(svc, settled.unkept)
             if settled.retry_in is None:
-                return "finished"
+                return Stop.FINISHED
             await asyncio.sleep(settled.retry_in)
 
 
@@ -239,7 +264,7 @@ RECORD_SEND = (
 
 
 def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session
-                  ) -> Begun | EndRest | str:
+                  ) -> Begun | EndRest | Stop:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
 
     `holder` is the attempt number this task already holds (a retry in the same task);
@@ -249,36 +274,36 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     db = session.connection()
     render = db.execute(START_FACTS, {"render": render_id}).one_or_none()
     if render is None:
-        return "missing"
+        return Stop.MISSING
     if render.status in TERMINAL_RENDER:
-        return "terminal"
+        return Stop.TERMINAL
     now = utcnow()
     lease_live = render.lease_until is not None and render.lease_until > now
     if render.status == RenderStatus.RUNNING and lease_live and holder != render.attempts:
-        return "busy"
+        return Stop.BUSY
     if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
         settle_abandoned_attempt(session, render)
     if render.job_status in WAIT_IN_SQL:
         return _back_to_sql_queue(db, render.id, forgiven=0)  # no delivery counted
     delivered = render.deliveries + (1 if holder is None else 0)
-    reason = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
-    if reason is None:
+    refused = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
+    if refused is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),
                                      team_period=render.team_period, sent=False)
         if reservation is None:
             job = db.execute(JOB_STATE, {"job": render.job_id}).one()
-            reason = _no_reservation_reason(render, job)
-            if reason == PAUSED:  # the job was paused since START_FACTS read it
+            refused = _no_reservation_reason(render, job)
+            if refused.stop == Stop.PAUSED:  # the job was paused since START_FACTS read it
                 return _back_to_sql_queue(db, render.id, forgiven=0)
-    if reason is not None:
+    if refused is not None:
         db.execute(COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
-        status = RenderStatus.CANCELLED if reason == "cancelled" else RenderStatus.FAILED
-        end_render(session, render, status, None if reason == "cancelled" else reason)
-        if reason.startswith("budget:"):
+        status = RenderStatus.CANCELLED if refused.stop == Stop.CANCELLED else RenderStatus.FAILED
+        end_render(session, render, status, refused.error)
+        if refused.stop == Stop.BUDGET:
             rest = mark_if_exhausted(session, render.job_id, render.team)
             if rest is not None:
                 return EndRest(render.job_id, rest)
-        return reason.split(":")[0]
+        return refused.stop
     # The lease runs from now, after the holds: they may have queued on the job's hot row,
     # and a lease already spent by then gets a live worker's call swept as lost.
     _start_attempt(db, render, delivered, utcnow(), settings.lease_seconds)
@@ -307,10 +332,10 @@ def _start_attempt(db: Any, render: Any, delivered: int, now: datetime, lease_se
     })
 
 
-def _back_to_sql_queue(db: Any, render_id: int, *, forgiven: int) -> str:
+def _back_to_sql_queue(db: Any, render_id: int, *, forgiven: int) -> Stop:
     """The render waits in SQL (queued, no broker message) until its job runs again."""
     db.execute(BACK_TO_SQL_QUEUE, {"render": render_id, "forgiven": forgiven})
-    return PAUSED
+    return Stop.PAUSED
 
 
 def settle_abandoned_attempt(session: Session, render: Any) -> None:
@@ -338,29 +363,33 @@ def settle_abandoned_attempt(session: Session, render: Any) -> None:
 
 
 def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: int
-                  ) -> str | None:
+                  ) -> NotStarted | None:
     if job_status == JobStatus.CANCELLED:
-        return "cancelled"
-    if render.attempts - render.retry_from >= max_attempts:
+        return NotStarted(Stop.CANCELLED)
+    if out_of_attempts(render, max_attempts):
         last = render.error or "no result"
-        return f"attempts: gave up after {max_attempts} attempts ({last})"
+        return NotStarted(Stop.ATTEMPTS,
+                          f"attempts: gave up after {max_attempts} attempts ({last})")
     if delivered > 3 * max_attempts + 3:
-        return f"redelivered: the task was delivered {delivered} times"
+        return NotStarted(Stop.REDELIVERED,
+                          f"redelivered: the task was delivered {delivered} times")
     return None
 
 
-def _no_reservation_reason(render: Any, job: Any) -> str:
+def _no_reservation_reason(render: Any, job: Any) -> NotStarted:
     if job.status == JobStatus.CANCELLED:
-        return "cancelled"
+        return NotStarted(Stop.CANCELLED)
     if job.status in WAIT_IN_SQL:
-        return PAUSED
+        return NotStarted(Stop.PAUSED)
     if job.status != JobStatus.RUNNING:
-        return f"job: the job is {job.status}"
+        return NotStarted(Stop.JOB, f"job: the job is {job.status}")
     price = render.n * render.price_per_image_cents
     left = job.budget_cents - job.spent_cents - job.reserved_cents
     if left < price:
-        return f"budget: this render costs {price}¢ and the job has {max(left, 0)}¢ left"
-    return f"budget: this render costs {price}¢ and its team's period budget has too little left"
+        return NotStarted(Stop.BUDGET, f"budget: this render costs {price}¢ and the job has "
+                                       f"{max(left, 0)}¢ left")
+    return NotStarted(Stop.BUDGET, f"budget: this render costs {price}¢ and its team's period "
+                                   "budget has too little left")
 
 
 def end_render(session: Session, render: Any, status: RenderStatus, error: str | None,
@@ -388,23 +417,23 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
 # --- the call and the media, outside any transaction ----------------------------------------
 
 
-async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | str:
+async def call_upstream(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | Stop:
     """The call, once one of the worker's call slots is free (the render has its reservation
-    by then, so the slot goes straight to the upstream) and its send is recorded. A string
-    when nothing was sent: 'cancelled' or 'paused' (the job was, while the render waited;
-    its reservation is released), or 'swept' (its lease ran out meanwhile: the sweeper
+    by then, so the slot goes straight to the upstream) and its send is recorded. A Stop
+    when nothing was sent: CANCELLED or PAUSED (the job was, while the render waited;
+    its reservation is released), or SWEPT (its lease ran out meanwhile: the sweeper
     settled the attempt and owns the render)."""
     async with svc.call_slots:
         return await _call_in_slot(svc, begun)
 
 
-async def _send_or_not(svc: Services, begun: Begun) -> str | None:
+async def _send_or_not(svc: Services, begun: Begun) -> Stop | None:
     """`record_send`, committed with other renders' writes: None to go on and call."""
     return await svc.commits.run_durably(partial(record_send, begun),
                                          svc.settings.lease_seconds)
 
 
-def record_send(begun: Begun, session: Session) -> str | None:
+def record_send(begun: Begun, session: Session) -> Stop | None:
     """Just before the call: if the job still runs, record the send (committed before the
     call is made: an attempt whose worker dies with no send recorded is released, not
     charged unknown) and return None. Otherwise nothing is sent and the reservation is
@@ -426,16 +455,16 @@ def record_send(begun: Begun, session: Session) -> str | None:
                                     error=f"the job was {why} before the call was sent",
                                     render=render)
     if claim is None:
-        return "swept"  # the sweeper settled the attempt first and owns the render
+        return Stop.SWEPT  # the sweeper settled the attempt first and owns the render
     if cancelled:
         end_render(session, render, RenderStatus.CANCELLED, None, claim=claim,
                    item_locked=True)
-        return "cancelled"
+        return Stop.CANCELLED
     ledger.apply_settlement(session, claim)  # the render is still open: no render_ended
     return _back_to_sql_queue(db, render.id, forgiven=1)
 
 
-async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | str:
+async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | Stop:
     limiter = svc.limiter
     if limiter is None:
         stop = await _send_or_not(svc, begun)
@@ -686,7 +715,7 @@ def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
                   max_attempts: int, *, forgiven: bool = False) -> bool:
     if isinstance(outcome, Refused) and not outcome.retryable:
         return False
-    if render.attempts - render.retry_from - int(forgiven) >= max_attempts:
+    if out_of_attempts(render, max_attempts, forgiven=forgiven):
         return False
     # A paused job's render retries too: its next begin_attempt puts it back in the SQL
     # queue, so the pause costs it nothing.

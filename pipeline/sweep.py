@@ -8,6 +8,7 @@ from collections.abc import Collection
 from sqlalchemy import literal_column, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.attempts import out_of_attempts
 from pipeline.db import transaction
 from pipeline.exhaustion import end_marked_jobs
 from pipeline.jobs import close_job_if_done, recount_open_renders
@@ -58,7 +59,7 @@ def _revive(sessions: sessionmaker[Session], render_id: int, settings: Settings)
         if render.status != RenderStatus.RUNNING or (render.lease_until or now) > now:
             return False
         settle_abandoned_attempt(session, render)
-        if render.attempts - render.retry_from >= settings.max_attempts:
+        if out_of_attempts(render, settings.max_attempts):
             end_render(session, render, RenderStatus.FAILED,
                        render.error or f"gave up after {settings.max_attempts} attempts "
                        "(the last one lost its worker)")
