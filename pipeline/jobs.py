@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline import ledger
 from pipeline.caps import Caps
 from pipeline.db import transaction
 from pipeline.models import (
@@ -398,6 +399,13 @@ def recount_items(session: Session, job_id: int) -> None:
 
 ADD_FAILED = update(_jobs).where(_jobs.c.id == bindparam("job")).values(
     items_failed=_jobs.c.items_failed + bindparam("failed"))
+
+
+def _close_drained(session: Session, job_id: int) -> None:
+    close_job_if_done(session, job_id, 0)
+
+
+ledger.when_drained(_close_drained)
 
 
 def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:

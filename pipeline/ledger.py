@@ -1,12 +1,36 @@
-"""Money: atomic reservations on every budget a render draws on, and exactly-once settlement.
+"""Money: every reservation and every settlement, on the job's cap and its team's period.
 
-Every function here runs inside the caller's transaction, so a reservation or a settlement
-commits together with the render state it belongs to. Counters on `jobs` and `team_budgets`
-move in the same transaction as the append-only `ledger` row that explains them.
+A reservation (`reserve`) holds an attempt's full price (n x price per image) on the job and
+on its team's current period budget, or on neither: each hold is one conditional UPDATE,
+`spent + reserved + amount <= limit` (`_fits`, the one budget condition), and it writes the
+attempt's row and a `reserve` ledger row in the same transaction.
+
+A settlement is claimed once (`claim_settlement`: the attempt's UPDATE guarded by
+`outcome = 'reserved'`, so whoever comes second finds nothing) and applied
+(`apply_settlement`): a `charge`, `release` or `unknown` ledger row and the counters it
+explains. Where each path settles:
+- usual: render.finish_attempt claims the attempt it called for (charged when a result came
+  back, released on a definite refusal, unknown otherwise) and applies it with the render's
+  end or its wait for a retry;
+- grouped: inside a committer's group (groupcommit.py) the holds and the counter moves of all
+  its works gather in one `Moves`, applied at the group's end: one UPDATE per hot row; a hold
+  that does not fit there rolls the group back (`HoldRefused`), and each work runs alone;
+- not sent: render.record_send releases the attempt when its job was paused or cancelled
+  before the call;
+- lost worker: `settle_abandoned_attempt` (from render.begin_attempt and sweep.py) releases
+  an attempt whose send was never recorded, and charges one that was as unknown;
+- cancel: jobs.begin_cancel stops new sends (record_send then releases); the attempts in
+  flight settle on the usual path.
+
+Every function here runs inside the caller's transaction, so the money commits with the
+render state it belongs to. Counters on `jobs` and `team_budgets` move in the same
+transaction as the append-only `ledger` row that explains them. A job whose last open render
+ends here is handed to the jobs module (`when_drained`): closing a job is its business.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -15,7 +39,6 @@ from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, up
 from sqlalchemy.orm import Session
 
 from pipeline.groupcommit import at_group_end
-from pipeline.jobs import close_job_if_done
 from pipeline.models import (
     Attempt,
     AttemptOutcome,
@@ -45,28 +68,6 @@ class Reservation:
 _jobs, _teams, _budgets = Job.__table__, Team.__table__, TeamBudget.__table__
 _attempts, _ledger = Attempt.__table__, LedgerEntry.__table__
 
-HOLD_JOB = (
-    update(_jobs)
-    .where(
-        _jobs.c.id == bindparam("job"),
-        _jobs.c.status == JobStatus.RUNNING.value,
-        _jobs.c.spent_cents + _jobs.c.reserved_cents + bindparam("amount") <= _jobs.c.budget_cents,
-    )
-    .values(reserved_cents=_jobs.c.reserved_cents + bindparam("amount"))
-)
-# The team's limit is read inside the statement, so lowering it takes effect at once.
-HOLD_TEAM = (
-    update(_budgets)
-    .where(
-        _budgets.c.id == bindparam("budget"),
-        _budgets.c.spent_cents + _budgets.c.reserved_cents + bindparam("amount")
-        <= select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
-        .scalar_subquery(),
-    )
-    .values(reserved_cents=_budgets.c.reserved_cents + bindparam("amount"))
-)
-
-
 # The job's counters that `status` shows, moved with its money (see Moves.item_ended).
 SHOWN = ("items_succeeded", "items_failed", "items_cancelled", "images")
 ITEM_COUNTER = {"succeeded": "items_succeeded", "failed": "items_failed",
@@ -80,10 +81,12 @@ def _moved(table: Table) -> dict[str, ColumnElement[Any]]:
             "unknown_cents": table.c.unknown_cents + bindparam("d_unknown")}
 
 
-def _after_moves(table: Table) -> ColumnElement[Any]:
-    """spent + reserved as the row's moves leave it."""
+def _fits(table: Table, limit: ColumnElement[Any]) -> ColumnElement[bool]:
+    """The budget condition, the only one: spent + reserved, as the row's moves leave it,
+    within `limit`. A settlement never raises spent + reserved, so with holds among the
+    moves it is what they need; alone, a hold is a move of its amount into reserved."""
     return (table.c.spent_cents + table.c.reserved_cents + bindparam("d_spent")
-            + bindparam("d_reserved"))
+            + bindparam("d_reserved")) <= limit
 
 
 # The job's row is every render's hot row: on PostgreSQL each UPDATE of it leaves a dead
@@ -104,14 +107,12 @@ MOVE_TEAM = update(_budgets).where(_budgets.c.id == bindparam("budget")).values(
 # settlements. With holds it is conditional on the row's state after all of them: a
 # settlement never raises spent + reserved, so what it frees is there for the holds.
 HOLD_AND_MOVE_JOB = MOVE_JOB.where(
-    _jobs.c.status == JobStatus.RUNNING.value,
-    _after_moves(_jobs) <= _jobs.c.budget_cents,
-)
-HOLD_AND_MOVE_TEAM = MOVE_TEAM.where(
-    _after_moves(_budgets)
-    <= select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
-    .scalar_subquery(),
-)
+    _jobs.c.status == JobStatus.RUNNING.value, _fits(_jobs, _jobs.c.budget_cents))
+# The team's limit is read inside the statement, so lowering it takes effect at once.
+HOLD_AND_MOVE_TEAM = MOVE_TEAM.where(_fits(
+    _budgets,
+    select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
+    .scalar_subquery()))
 INSERT_ATTEMPT = insert(_attempts).returning(_attempts.c.id)
 # The guard `outcome = 'reserved'` makes settling exactly-once.
 SETTLE_ATTEMPT = (
@@ -137,6 +138,17 @@ class RenderLike(Protocol):
     n: int
     price_per_image_cents: int
     attempts: int
+
+
+# Who closes a job whose last open render ended (jobs.close_job_if_done, registered by the
+# jobs module): given the session and the job's id, with the job's row locked.
+_drained: list[Callable[[Session, int], object]] = []
+
+
+def when_drained(close: Callable[[Session, int], object]) -> None:
+    """Have `close(session, job_id)` called, in the same transaction, for every job whose
+    open renders reach zero in a move of this module."""
+    _drained.append(close)
 
 
 class HoldRefused(Exception):
@@ -207,7 +219,7 @@ class Moves:
 
     def apply(self, session: Session) -> None:
         """Raises HoldRefused if a hold does not fit (the caller's transaction must then roll
-        back). Closes a job whose last render ended here."""
+        back). A job whose last open render ended here goes to `when_drained`'s closer."""
         db = session.connection()
         if self.ledger_rows:
             db.execute(INSERT_LEDGER, self.ledger_rows)
@@ -219,8 +231,9 @@ class Moves:
                                                 "d_open": move.d_open}).scalar()
             if still_open is None:  # only a conditional UPDATE finds no row
                 raise HoldRefused(job_id)
-            if job_id in self.ended:
-                close_job_if_done(session, job_id, still_open)
+            if job_id in self.ended and still_open == 0:
+                for close in _drained:
+                    close(session, job_id)
         for budget_id in sorted(self.budgets):
             move = self.budgets[budget_id]
             if move.holds:
@@ -286,10 +299,12 @@ def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,
     """Both holds or neither. The job row first, then the team row (as settling does): one
     lock order, no deadlock."""
     db = session.connection()  # Core statements go straight to the connection
-    if db.execute(HOLD_JOB, {"job": job_id, "amount": amount}).rowcount != 1:
+    hold = {"d_reserved": amount, "d_spent": 0, "d_unknown": 0}
+    if db.execute(HOLD_AND_MOVE_JOB, {"job": job_id, **hold, "d_open": 0,
+                                      **_RowMove().shown_deltas()}).scalar() is None:
         return False
     if team_budget_id is None or db.execute(
-        HOLD_TEAM, {"budget": team_budget_id, "team_name": team, "amount": amount}
+        HOLD_AND_MOVE_TEAM, {"budget": team_budget_id, "team_name": team, **hold}
     ).rowcount == 1:
         return True
     db.execute(MOVE_JOB, {"job": job_id, "d_reserved": -amount, "d_spent": 0, "d_unknown": 0,
@@ -406,6 +421,30 @@ def settle(
         return False
     apply_settlement(session, claim)
     return True
+
+
+def settle_abandoned_attempt(session: Session, render: Any) -> None:
+    """An attempt still 'reserved' whose lease has run out lost its worker. With its send
+    recorded it is charged unknown (the provider may have billed it); with none it never
+    reached the upstream (its worker died between the reservation and `record_send`), so it
+    is released.
+
+    The attempt's row is locked before its send is read (PostgreSQL; SQLite's BEGIN
+    IMMEDIATE already excludes every other writer): a worker recording the send just as its
+    lease is swept either commits first, and the send is seen here, or finds the attempt
+    settled and calls nobody."""
+    last = session.scalars(
+        select(Attempt).where(Attempt.render_id == render.id).order_by(Attempt.number.desc())
+        .limit(1).with_for_update().execution_options(populate_existing=True)
+    ).first()
+    if last is None or last.outcome != AttemptOutcome.RESERVED:
+        return
+    if last.sent_at is None:
+        settle(session, last.id, AttemptOutcome.RELEASED,
+                      error="the worker was lost before the call was sent; nothing was billed")
+    else:
+        settle(session, last.id, AttemptOutcome.UNKNOWN,
+                      error="the worker was lost during the call; the provider may have billed it")
 
 
 def _ledger_row(job_id: int, render_id: int, model: str, images: int, team: str,

@@ -282,7 +282,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     if render.status == RenderStatus.RUNNING and lease_live and holder != render.attempts:
         return Stop.BUSY
     if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
-        settle_abandoned_attempt(session, render)
+        ledger.settle_abandoned_attempt(session, render)
     if render.job_status in WAIT_IN_SQL:
         return _back_to_sql_queue(db, render.id, forgiven=0)  # no delivery counted
     delivered = render.deliveries + (1 if holder is None else 0)
@@ -336,30 +336,6 @@ def _back_to_sql_queue(db: Any, render_id: int, *, forgiven: int) -> Stop:
     """The render waits in SQL (queued, no broker message) until its job runs again."""
     db.execute(BACK_TO_SQL_QUEUE, {"render": render_id, "forgiven": forgiven})
     return Stop.PAUSED
-
-
-def settle_abandoned_attempt(session: Session, render: Any) -> None:
-    """An attempt still 'reserved' whose lease has run out lost its worker. With its send
-    recorded it is charged unknown (the provider may have billed it); with none it never
-    reached the upstream (its worker died between the reservation and `record_send`), so it
-    is released.
-
-    The attempt's row is locked before its send is read (PostgreSQL; SQLite's BEGIN
-    IMMEDIATE already excludes every other writer): a worker recording the send just as its
-    lease is swept either commits first, and the send is seen here, or finds the attempt
-    settled and calls nobody."""
-    last = session.scalars(
-        select(Attempt).where(Attempt.render_id == render.id).order_by(Attempt.number.desc())
-        .limit(1).with_for_update().execution_options(populate_existing=True)
-    ).first()
-    if last is None or last.outcome != AttemptOutcome.RESERVED:
-        return
-    if last.sent_at is None:
-        ledger.settle(session, last.id, AttemptOutcome.RELEASED,
-                      error="the worker was lost before the call was sent; nothing was billed")
-    else:
-        ledger.settle(session, last.id, AttemptOutcome.UNKNOWN,
-                      error="the worker was lost during the call; the provider may have billed it")
 
 
 def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: int

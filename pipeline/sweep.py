@@ -12,9 +12,10 @@ from pipeline.attempts import out_of_attempts
 from pipeline.db import transaction
 from pipeline.exhaustion import end_marked_jobs
 from pipeline.jobs import close_job_if_done, recount_open_renders
+from pipeline.ledger import settle_abandoned_attempt
 from pipeline.models import Job, JobStatus, Render, RenderStatus, utcnow
 from pipeline.queue import put_back_lost
-from pipeline.render import end_render, settle_abandoned_attempt
+from pipeline.render import end_render
 from pipeline.settings import Settings
 
 # The backstop recount reads every open render of a job; it runs on jobs whose counter says
