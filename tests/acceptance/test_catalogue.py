@@ -1,6 +1,5 @@
-"""A /models catalogue that says things no price can mean: negative, zero, beyond any sum SQL
-can hold, not whole cents; a max_n of 0, below, or absurd. Such a model is refused the way
-an unpriced model is (its lines fail with the reason), and no bad entry stops the others."""
+"""A /models catalogue that says things no price can mean, as `imagebatch models` and
+`imagebatch plan` show it: the refused models and why."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""The send, recorded before the call, and paused jobs: a render that has sent nothing never
-costs more than its reservation for a while, on both databases.
-
-- A render holding its reservation while it waits for a call slot records its send (a
-  committed `attempts.sent_at`) only once its job is still running; a paused job's render
-  releases its reservation and goes back to the SQL queue instead, without losing an
-  attempt; a cancelled job's render ends cancelled.
-- A task delivered for a paused job's render reserves nothing and puts it back in SQL.
-- A worker killed with reservations not yet sent: those attempts are released by the
-  sweeper, only the sent ones are charged unknown (tested on real worker processes).
-"""
+"""A worker process killed with reservations not yet sent: those attempts are released by
+the sweeper, only the sent ones are charged unknown (real worker processes, both
+databases)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Jobs written by another program with plain SQL (the README's exact statements) are picked
-up, validated and planned like CLI jobs; a schema that is behind is refused."""
+"""Jobs written with plain SQL, as `imagebatch beat` and `imagebatch worker` meet them: beat
+picks one up within seconds; a worker refuses a schema that is behind until
+`imagebatch db upgrade`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Submitting a job file, streamed: the line reader and per-line planning (no server), the
-chunked writes on SQLite and PostgreSQL, and what `imagebatch submit` prints for bad files."""
+"""What `imagebatch submit` prints for bad files and writes for a good one."""
 
 from __future__ import annotations
 

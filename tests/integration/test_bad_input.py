@@ -1,6 +1,5 @@
-"""Bad values in job files, budgets and caps (issue 16, items 1, 10 and 15), as a user meets
-them: `python -m cli` in a subprocess, exit code 2, one line naming where and why, never a
-traceback, and nothing written or changed."""
+"""Caps lowered below what a job has spent and reserved are refused while a render is in
+flight, and the books still balance."""
 
 from __future__ import annotations
 

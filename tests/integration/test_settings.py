@@ -1,7 +1,5 @@
-"""Settings, the database URL and start-up, as a user meets them: every IMAGEBATCH_* value
-checked when read (one line naming the variable, exit 2), a database that cannot be used
-said in one line, job files looked at before any worker starts, and many processes starting
-at once on a fresh database."""
+"""Start-up, in process: a read-only SQLite file is named by its setting, and a worker stopped
+the moment it starts stops without a traceback."""
 
 from __future__ import annotations
 

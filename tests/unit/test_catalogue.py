@@ -1,6 +1,6 @@
-"""A /models catalogue that says things no price can mean: negative, zero, beyond any sum SQL
-can hold, not whole cents; a max_n of 0, below, or absurd. Such a model is refused the way
-an unpriced model is (its lines fail with the reason), and no bad entry stops the others."""
+"""A /models catalogue that says things no price can mean: each bad entry's caps are refused
+with the reason its lines will carry, and the built-in catalogue is all accepted (the jobs
+that run on such a catalogue: tests/integration/test_catalogue.py)."""
 
 from __future__ import annotations
 

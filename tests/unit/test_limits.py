@@ -1,4 +1,6 @@
-"""Limits shared through real Redis: renders in flight, per-model rates, 429 pauses."""
+"""Limits without Redis: rate settings parsed (a bad one named), the in-process limit on
+renders in flight, and how many renders a worker runs ahead of its calls (the limits shared
+through real Redis: tests/integration/test_limits.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Secrets stay out of what we keep and print: an API base with credentials
-(`http://user:PASSWORD@host/v1`) is masked in the models cache, `imagebatch models`, logs and
-errors; the API key (and the base's password) echoed back by an upstream, in a revised
-prompt or an error message, is redacted before it reaches SQL, logs or exports."""
+"""Secrets stay out of what we keep and print: the URL and secret redactors that every
+message, log line and stored string goes through (the CLI end to end:
+tests/acceptance/test_redaction.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Schedules: stored with their job text, each slot fired once, missed slots fired once."""
+"""Schedules: a cron expression is read in the schedule's own time zone (firing slots in SQL:
+tests/integration/test_schedules.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Settings, the database URL and start-up, as a user meets them: every IMAGEBATCH_* value
-checked when read (one line naming the variable, exit 2), a database that cannot be used
-said in one line, job files looked at before any worker starts, and many processes starting
-at once on a fresh database."""
+"""Settings as a user meets them: every IMAGEBATCH_* value checked when read (one line naming
+the variable, the value and what is allowed), settings that depend on each other checked
+together, and no password or key in what is logged (the CLI's answers to bad settings:
+tests/acceptance/test_settings.py)."""
 
 from __future__ import annotations
 

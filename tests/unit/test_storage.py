@@ -1,4 +1,6 @@
-"""Storage: the local folder store, the S3 store against a real moto server, keys and slugs."""
+"""Storage without a store: keys and slugs (deterministic, one per attempt, always safe), which
+URL opens which store, the proxy an S3 upload takes, and error messages that hide
+credentials (the stores themselves: tests/integration/test_storage.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Submitting a job file, streamed: the line reader and per-line planning (no server), the
-chunked writes on SQLite and PostgreSQL, and what `imagebatch submit` prints for bad files."""
+"""Submitting a job file: the line reader (line ends, bad UTF-8, repeated ids) and per-line
+planning, with no file and no database (the chunked writes: tests/integration; what
+`imagebatch submit` prints: tests/acceptance)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Team period budgets: one atomic hold on job and team, periods by their own key."""
+"""Team period budgets: periods are UTC calendar periods (the holds on job and team:
+tests/integration/test_teams.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""429 storms: a 429 is "not now". It costs a render no attempt (its reservation is released),
-the worker's window of calls to that model shrinks on it and grows on results, so a provider
-that serves 2 calls at once gets about 2 at once; a render still ends after
-IMAGEBATCH_MAX_RATE_LIMITED 429s."""
+"""429 storms, the worker's side: its window of calls to a model shrinks on a 429 and grows
+on results, so a provider that serves 2 calls at once gets about 2 at once (the renders
+end to end: tests/integration/test_throttle.py)."""
 
 from __future__ import annotations
 

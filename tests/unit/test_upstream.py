@@ -1,4 +1,6 @@
-"""UpstreamClient over real HTTP against the fake upstream: outcomes, timeouts, media guards."""
+"""The upstream client's rules that need no HTTP: base64 decoding and its cap, which addresses
+media may come from, Retry-After (the client over real HTTP:
+tests/integration/test_upstream.py)."""
 
 from __future__ import annotations
 
