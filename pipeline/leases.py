@@ -14,27 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline import queries
 from pipeline.db import transaction
-from pipeline.models import Render, RenderStatus, utcnow
+from pipeline.models import utcnow
 from pipeline.queue import announce_worker, forget_worker
 
 log = logging.getLogger("imagebatch.leases")
-
-
-# Rows another transaction has locked are skipped, not waited for (PostgreSQL): a group
-# commit settling several renders locks them in its own order, and waiting here deadlocked
-# with it ("renewing render leases failed: deadlock detected" at 64 in flight). A render
-# skipped is ending, or is renewed at the next beat, two more before its lease runs out.
-_renders = Render.__table__
-RENEW = update(_renders).where(_renders.c.id.in_(
-    select(_renders.c.id)
-    .where(_renders.c.id.in_(bindparam("held", expanding=True)),
-           _renders.c.status == RenderStatus.RUNNING.value)
-    .with_for_update(skip_locked=True).scalar_subquery(),
-)).values(lease_until=bindparam("until"))
 
 
 class LeaseKeeper:
@@ -77,9 +64,9 @@ class LeaseKeeper:
         renewed = 0
         for start in range(0, len(held), 500):
             with transaction(self.sessions) as session:
-                result = session.execute(RENEW, {"held": held[start:start + 500],
-                                                 "until": until})
-                renewed += result.rowcount
+                # Rows another transaction locks are skipped (see queries.renew_leases).
+                renewed += queries.renew_leases(session.connection(),
+                                                held[start:start + 500], until)
         return renewed
 
     def announce(self, name: str, slots: int) -> None:

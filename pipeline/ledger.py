@@ -35,20 +35,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Table, bindparam, func, insert, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from pipeline import queries
 from pipeline.groupcommit import at_group_end
 from pipeline.models import (
-    Attempt,
     AttemptOutcome,
-    Job,
-    JobStatus,
     LedgerEntry,
     LedgerKind,
-    Render,
-    Team,
-    TeamBudget,
     utcnow,
 )
 from pipeline.teams import UNREAD, current_team_budget
@@ -62,71 +57,10 @@ class Reservation:
     team_budget_id: int | None
 
 
-# Statements built once: on the hot path (two transactions per render) building and
-# compiling them each time cost more than running them. Core tables, not ORM entities, so
-# they skip the ORM's bulk-update machinery too.
-_jobs, _teams, _budgets = Job.__table__, Team.__table__, TeamBudget.__table__
-_attempts, _ledger = Attempt.__table__, LedgerEntry.__table__
-
-# The job's counters that `status` shows, moved with its money (see Moves.item_ended).
-SHOWN = ("items_succeeded", "items_failed", "items_cancelled", "images")
+# The job's counters that `status` shows, and the item counter for each final status.
+SHOWN = queries.SHOWN
 ITEM_COUNTER = {"succeeded": "items_succeeded", "failed": "items_failed",
                 "cancelled": "items_cancelled"}
-
-
-def _moved(table: Table) -> dict[str, ColumnElement[Any]]:
-    """The counters of a job or team budget row, each moved by its delta."""
-    return {"reserved_cents": table.c.reserved_cents + bindparam("d_reserved"),
-            "spent_cents": table.c.spent_cents + bindparam("d_spent"),
-            "unknown_cents": table.c.unknown_cents + bindparam("d_unknown")}
-
-
-def _fits(table: Table, limit: ColumnElement[Any]) -> ColumnElement[bool]:
-    """The budget condition, the only one: spent + reserved, as the row's moves leave it,
-    within `limit`. A settlement never raises spent + reserved, so with holds among the
-    moves it is what they need; alone, a hold is a move of its amount into reserved."""
-    return (table.c.spent_cents + table.c.reserved_cents + bindparam("d_spent")
-            + bindparam("d_reserved")) <= limit
-
-
-# The job's row is every render's hot row: on PostgreSQL each UPDATE of it leaves a dead
-# version behind, so a settlement that also ends its render takes the render off the job's
-# open count in the same UPDATE (d_open) rather than in one more. The UPDATE takes the
-# row's lock (FOR NO KEY UPDATE, as any UPDATE of non-key columns), which orders the last
-# renders of a job: the later sees the earlier's count, so exactly one finds zero and
-# closes the job.
-MOVE_JOB = (
-    update(_jobs).where(_jobs.c.id == bindparam("job"))
-    .values(**_moved(_jobs), open_renders=_jobs.c.open_renders + bindparam("d_open"),
-            # What `status` shows rides on the same UPDATE: items ended, files stored.
-            **{column: _jobs.c[column] + bindparam(f"d_{column}") for column in SHOWN})
-    .returning(_jobs.c.open_renders)
-)
-MOVE_TEAM = update(_budgets).where(_budgets.c.id == bindparam("budget")).values(**_moved(_budgets))
-# A group's moves of one row in one statement: its holds (in d_reserved) and its
-# settlements. With holds it is conditional on the row's state after all of them: a
-# settlement never raises spent + reserved, so what it frees is there for the holds.
-HOLD_AND_MOVE_JOB = MOVE_JOB.where(
-    _jobs.c.status == JobStatus.RUNNING.value, _fits(_jobs, _jobs.c.budget_cents))
-# The team's limit is read inside the statement, so lowering it takes effect at once.
-HOLD_AND_MOVE_TEAM = MOVE_TEAM.where(_fits(
-    _budgets,
-    select(_teams.c.budget_cents).where(_teams.c.name == bindparam("team_name"))
-    .scalar_subquery()))
-INSERT_ATTEMPT = insert(_attempts).returning(_attempts.c.id)
-# The guard `outcome = 'reserved'` makes settling exactly-once.
-SETTLE_ATTEMPT = (
-    update(_attempts)
-    .where(_attempts.c.id == bindparam("attempt"),
-           _attempts.c.outcome == AttemptOutcome.RESERVED.value)
-    .values(outcome=bindparam("new_outcome"), settled_at=bindparam("now"),
-            http_status=bindparam("status"), error=bindparam("message"))
-    .returning(_attempts.c.render_id, _attempts.c.amount_cents, _attempts.c.team,
-               _attempts.c.team_budget_id, _attempts.c.price_per_image_cents)
-)
-INSERT_LEDGER = insert(_ledger)
-RENDER_FACTS = select(Render.__table__.c.job_id, Render.__table__.c.model,
-                      Render.__table__.c.n).where(Render.__table__.c.id == bindparam("render"))
 
 
 class RenderLike(Protocol):
@@ -167,11 +101,14 @@ class _RowMove:
     shown: dict[str, int] = field(default_factory=dict)  # a job's SHOWN counters' deltas
 
     def deltas(self) -> dict[str, int]:
+        """The row's money deltas (what the UPDATE adds to reserved, spent, unknown)."""
         return {"d_reserved": self.d_reserved, "d_spent": self.d_spent,
                 "d_unknown": self.d_unknown}
 
     def shown_deltas(self) -> dict[str, int]:
+        """A job's deltas of every counter `status` shows, zero where it did not move."""
         return {f"d_{column}": self.shown.get(column, 0) for column in SHOWN}
+
 
 
 @dataclass
@@ -222,13 +159,13 @@ class Moves:
         back). A job whose last open render ended here goes to `when_drained`'s closer."""
         db = session.connection()
         if self.ledger_rows:
-            db.execute(INSERT_LEDGER, self.ledger_rows)
+            queries.insert_ledger(db, self.ledger_rows)
         for job_id in sorted(self.jobs):
             move = self.jobs[job_id]
-            statement = HOLD_AND_MOVE_JOB if move.holds else MOVE_JOB
-            still_open = db.execute(statement, {"job": job_id, **move.deltas(),
-                                                **move.shown_deltas(),
-                                                "d_open": move.d_open}).scalar()
+            still_open = queries.move_job(
+                db, job_id, reserved=move.d_reserved, spent=move.d_spent,
+                unknown=move.d_unknown, open_renders=move.d_open, shown=move.shown,
+                holds=move.holds)
             if still_open is None:  # only a conditional UPDATE finds no row
                 raise HoldRefused(job_id)
             if job_id in self.ended and still_open == 0:
@@ -236,12 +173,10 @@ class Moves:
                     close(session, job_id)
         for budget_id in sorted(self.budgets):
             move = self.budgets[budget_id]
-            if move.holds:
-                if db.execute(HOLD_AND_MOVE_TEAM, {"budget": budget_id, "team_name": move.team,
-                                                   **move.deltas()}).rowcount != 1:
-                    raise HoldRefused(budget_id)
-            else:
-                db.execute(MOVE_TEAM, {"budget": budget_id, **move.deltas()})
+            if not queries.move_team_budget(db, budget_id, move.team, reserved=move.d_reserved,
+                                            spent=move.d_spent, unknown=move.d_unknown,
+                                            holds=move.holds):
+                raise HoldRefused(budget_id)
 
 
 def _moves(session: Session) -> tuple[Moves, bool]:
@@ -278,12 +213,10 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     if alone and not _hold(session, render.job_id, team, team_budget_id, amount):
         return None
     number = render.attempts + 1
-    attempt_id = session.connection().execute(INSERT_ATTEMPT, {
-        "render_id": render.id, "number": number, "amount_cents": amount, "started_at": now,
-        "sent_at": now if sent else None,
-        "team": team, "team_budget_id": team_budget_id,
-        "price_per_image_cents": render.price_per_image_cents,
-    }).scalar_one()
+    attempt_id = queries.insert_attempt(
+        session.connection(), render_id=render.id, number=number, amount_cents=amount,
+        started_at=now, sent_at=now if sent else None, team=team,
+        team_budget_id=team_budget_id, price_per_image_cents=render.price_per_image_cents)
     moves.ledger_rows.append(_ledger_row(
         render.job_id, render.id, render.model, render.n, team, attempt_id, team_budget_id,
         LedgerKind.RESERVE, amount, render.price_per_image_cents))
@@ -299,16 +232,12 @@ def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,
     """Both holds or neither. The job row first, then the team row (as settling does): one
     lock order, no deadlock."""
     db = session.connection()  # Core statements go straight to the connection
-    hold = {"d_reserved": amount, "d_spent": 0, "d_unknown": 0}
-    if db.execute(HOLD_AND_MOVE_JOB, {"job": job_id, **hold, "d_open": 0,
-                                      **_RowMove().shown_deltas()}).scalar() is None:
+    if queries.move_job(db, job_id, reserved=amount, holds=True) is None:
         return False
-    if team_budget_id is None or db.execute(
-        HOLD_AND_MOVE_TEAM, {"budget": team_budget_id, "team_name": team, **hold}
-    ).rowcount == 1:
+    if team_budget_id is None or queries.move_team_budget(db, team_budget_id, team,
+                                                          reserved=amount, holds=True):
         return True
-    db.execute(MOVE_JOB, {"job": job_id, "d_reserved": -amount, "d_spent": 0, "d_unknown": 0,
-                          "d_open": 0, **_RowMove().shown_deltas()})
+    queries.move_job(db, job_id, reserved=-amount)
     return False
 
 
@@ -350,19 +279,18 @@ def claim_settlement(
     and the worker itself can all try, and only the first moves money.
     """
     db = session.connection()
-    claimed = db.execute(SETTLE_ATTEMPT, {
-        "attempt": attempt_id, "new_outcome": outcome.value, "now": utcnow(),
-        "status": http_status, "message": error,
-    }).one_or_none()
+    claimed = queries.claim_attempt(db, attempt_id, outcome, utcnow(), http_status=http_status,
+                                    error=error)
     if claimed is None:
         return None
-    render_id, amount, team, team_budget_id, price = claimed
+    render_id = claimed.render_id
     if render is not None and render.id == render_id:  # the caller's row: no second read
         job_id, model, n = render.job_id, render.model, render.n
     else:
-        job_id, model, n = db.execute(RENDER_FACTS, {"render": render_id}).one()
-    return Settlement(attempt_id, outcome, render_id, job_id, model, n, team, team_budget_id,
-                      amount, price)
+        job_id, model, n = queries.render_facts(db, render_id)
+    return Settlement(attempt_id, outcome, render_id, job_id, model, n, claimed.team,
+                      claimed.team_budget_id, claimed.amount_cents,
+                      claimed.price_per_image_cents)
 
 
 def apply_settlement(session: Session, claim: Settlement, *, render_ended: bool = False
@@ -433,10 +361,7 @@ def settle_abandoned_attempt(session: Session, render: Any) -> None:
     IMMEDIATE already excludes every other writer): a worker recording the send just as its
     lease is swept either commits first, and the send is seen here, or finds the attempt
     settled and calls nobody."""
-    last = session.scalars(
-        select(Attempt).where(Attempt.render_id == render.id).order_by(Attempt.number.desc())
-        .limit(1).with_for_update().execution_options(populate_existing=True)
-    ).first()
+    last = queries.lock_last_attempt(session.connection(), render.id)
     if last is None or last.outcome != AttemptOutcome.RESERVED:
         return
     if last.sent_at is None:
@@ -450,12 +375,10 @@ def settle_abandoned_attempt(session: Session, render: Any) -> None:
 def _ledger_row(job_id: int, render_id: int, model: str, images: int, team: str,
                 attempt_id: int, team_budget_id: int | None, kind: LedgerKind, amount: int,
                 price: int) -> dict[str, Any]:
-    return {
-        "job_id": job_id, "render_id": render_id, "attempt_id": attempt_id,
-        "team_budget_id": team_budget_id, "team": team, "model": model, "kind": kind.value,
-        "amount_cents": amount, "images": images, "price_per_image_cents": price,
-        "created_at": utcnow(),
-    }
+    return queries.ledger_entry(
+        job_id=job_id, render_id=render_id, attempt_id=attempt_id,
+        team_budget_id=team_budget_id, team=team, model=model, kind=kind.value,
+        amount_cents=amount, images=images, price_per_image_cents=price, created_at=utcnow())
 
 
 @dataclass(frozen=True)

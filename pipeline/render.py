@@ -27,11 +27,11 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from pipeline import ledger
+from pipeline import ledger, queries
 from pipeline.attempts import out_of_attempts, rate_limited_too_long
 from pipeline.exhaustion import end_rest_for_budget, mark_if_exhausted
 from pipeline.jobs import STORAGE_FAILING, pause_job, settle_item, unpause_job
@@ -39,15 +39,9 @@ from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
     TERMINAL_JOB,
     TERMINAL_RENDER,
-    Attempt,
     AttemptOutcome,
-    Image,
-    Job,
-    JobItem,
     JobStatus,
-    Render,
     RenderStatus,
-    Team,
     utcnow,
 )
 from pipeline.plan import RenderSpec, render_request
@@ -206,63 +200,6 @@ async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
 # --- first transaction: lease and reservation ------------------------------------------------
 
 
-_renders, _jobs, _items = Render.__table__, Job.__table__, JobItem.__table__
-_teams, _attempts = Team.__table__, Attempt.__table__
-# Statements built once (see ledger.py). FOR UPDATE locks the row on PostgreSQL; SQLite's
-# BEGIN IMMEDIATE already holds the database's one write lock.
-# The render's item is locked with it: two renders of one item ending at once are ordered by
-# it, so the later one's item status sees the earlier one's render committed.
-LOCK_RENDER_AND_ITEM = (
-    select(_renders).join(_items, _items.c.id == _renders.c.item_id)
-    .where(_renders.c.id == bindparam("render")).with_for_update(of=[_renders, _items])
-)
-LOCK_ITEM = select(_items.c.id).where(_items.c.id == bindparam("item")).with_for_update()
-JOB_STATE = select(_jobs.c.status, _jobs.c.team, _jobs.c.budget_cents, _jobs.c.spent_cents,
-                   _jobs.c.reserved_cents).where(_jobs.c.id == bindparam("job"))
-# Everything an attempt needs to start, in one read: the render (locked), its job's state,
-# its item's request and its team's budget period (NULL: no team budget). FOR UPDATE OF
-# locks the render's row only, never the hot job row.
-START_FACTS = (
-    select(_renders, _jobs.c.status.label("job_status"), _jobs.c.team, _items.c.line,
-           _items.c.custom_id, _items.c.body, _teams.c.period.label("team_period"))
-    .join_from(_renders, _jobs, _jobs.c.id == _renders.c.job_id)
-    .join(_items, _items.c.id == _renders.c.item_id)
-    .outerjoin(_teams, and_(_teams.c.name == _jobs.c.team, _teams.c.budget_cents.is_not(None)))
-    .where(_renders.c.id == bindparam("render"))
-    .with_for_update(of=_renders)
-)
-START_ATTEMPT = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    attempts=bindparam("number"), status=RenderStatus.RUNNING.value,
-    lease_until=bindparam("lease"), deliveries=bindparam("delivered"))
-COUNT_DELIVERY = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    deliveries=bindparam("delivered"))
-END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    status=bindparam("new_status"), error=bindparam("message"), lease_until=None)
-INSERT_IMAGE = insert(Image.__table__)
-# `forgiven` (0 or 1): a 429 takes back its attempt, as a pause does (attempts.py).
-WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    error=bindparam("message"), lease_until=bindparam("lease"),
-    retry_from=_renders.c.retry_from + bindparam("forgiven"))
-# Back in the SQL queue: the dispatcher sends it again once its job runs. `forgiven` (0 or 1)
-# takes back an attempt released unsent and the delivery that began it: a pause costs the
-# render neither an attempt of its MAX_ATTEMPTS (counted from retry_from) nor a delivery.
-BACK_TO_SQL_QUEUE = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    status=RenderStatus.QUEUED.value, enqueued_at=None, lease_until=None,
-    retry_from=_renders.c.retry_from + bindparam("forgiven"),
-    deliveries=_renders.c.deliveries - bindparam("forgiven"))
-# The send, recorded before the call, in one statement while the job still runs (one round
-# trip for every render that goes on). No row: the job is not running, or the attempt was
-# settled already (its lease ran out and the sweeper took it).
-RECORD_SEND = (
-    update(_attempts)
-    .where(_attempts.c.id == bindparam("attempt"),
-           _attempts.c.outcome == AttemptOutcome.RESERVED.value,
-           select(_jobs.c.status).where(_jobs.c.id == bindparam("job")).scalar_subquery()
-           == JobStatus.RUNNING.value)
-    .values(sent_at=bindparam("now"))
-)
-
-
 def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session
                   ) -> Begun | EndRest | Stop:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
@@ -272,7 +209,7 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     """
     settings = svc.settings
     db = session.connection()
-    render = db.execute(START_FACTS, {"render": render_id}).one_or_none()
+    render = queries.start_facts(db, render_id)
     if render is None:
         return Stop.MISSING
     if render.status in TERMINAL_RENDER:
@@ -284,19 +221,19 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
         ledger.settle_abandoned_attempt(session, render)
     if render.job_status in WAIT_IN_SQL:
-        return _back_to_sql_queue(db, render.id, forgiven=0)  # no delivery counted
+        return _back_to_sql_queue(db, render.id, forgiven=False)  # no delivery counted
     delivered = render.deliveries + (1 if holder is None else 0)
     refused = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
     if refused is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),
                                      team_period=render.team_period, sent=False)
         if reservation is None:
-            job = db.execute(JOB_STATE, {"job": render.job_id}).one()
+            job = queries.job_money_state(db, render.job_id)
             refused = _no_reservation_reason(render, job)
             if refused.stop == Stop.PAUSED:  # the job was paused since START_FACTS read it
-                return _back_to_sql_queue(db, render.id, forgiven=0)
+                return _back_to_sql_queue(db, render.id, forgiven=False)
     if refused is not None:
-        db.execute(COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
+        queries.count_delivery(db, render_id, delivered)
         status = RenderStatus.CANCELLED if refused.stop == Stop.CANCELLED else RenderStatus.FAILED
         end_render(session, render, status, refused.error)
         if refused.stop == Stop.BUDGET:
@@ -324,17 +261,23 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
     )
 
 
-def _start_attempt(db: Any, render: Any, delivered: int, now: datetime, lease_seconds: float
-                   ) -> None:
-    db.execute(START_ATTEMPT, {
-        "render": render.id, "number": render.attempts + 1, "delivered": delivered,
-        "lease": now + timedelta(seconds=lease_seconds),
-    })
+def _start_attempt(db: Connection, render: queries.RenderRow, delivered: int, now: datetime,
+                   lease_seconds: float) -> None:
+    queries.start_attempt(db, render.id, render.attempts + 1, delivered=delivered,
+                          lease_until=now + timedelta(seconds=lease_seconds))
 
 
-def _back_to_sql_queue(db: Any, render_id: int, *, forgiven: int) -> Stop:
+def _locked(db: Connection, render_id: int) -> queries.RenderRow:
+    """The render's row and its item's, locked (a render being settled exists)."""
+    render = queries.lock_render_and_item(db, render_id)
+    if render is None:  # renders are deleted only with their job, never while one runs
+        raise LookupError(f"render {render_id} is gone")
+    return render
+
+
+def _back_to_sql_queue(db: Connection, render_id: int, *, forgiven: bool) -> Stop:
     """The render waits in SQL (queued, no broker message) until its job runs again."""
-    db.execute(BACK_TO_SQL_QUEUE, {"render": render_id, "forgiven": forgiven})
+    queries.back_to_sql_queue(db, render_id, forgiven=forgiven)
     return Stop.PAUSED
 
 
@@ -379,8 +322,8 @@ def end_render(session: Session, render: Any, status: RenderStatus, error: str |
     the other moves of a committer's group (`ledger.Moves`)."""
     db = session.connection()
     if not item_locked:
-        db.execute(LOCK_ITEM, {"item": render.item_id})
-    db.execute(END_RENDER, {"render": render.id, "new_status": status.value, "message": error})
+        queries.lock_item(db, render.item_id)
+    queries.end_render(db, render.id, status, error)
     final = settle_item(session, render.item_id)
     if final is not None:
         ledger.item_ended(session, render.job_id, final)
@@ -417,11 +360,10 @@ def record_send(begun: Begun, session: Session) -> Stop | None:
     the SQL queue, the attempt and its delivery not counted against it (BACK_TO_SQL_QUEUE).
     Every render reads its job's state here once, in the statement that records the send."""
     db = session.connection()
-    if db.execute(RECORD_SEND, {"attempt": begun.attempt_id, "job": begun.job_id,
-                                "now": utcnow()}).rowcount == 1:
+    if queries.record_send(db, begun.attempt_id, begun.job_id, utcnow()):
         return None
-    render = db.execute(LOCK_RENDER_AND_ITEM, {"render": begun.render_id}).one()
-    status = db.execute(JOB_STATE, {"job": begun.job_id}).one().status
+    render = _locked(db, begun.render_id)
+    status = queries.job_money_state(db, begun.job_id).status
     cancelled = status == JobStatus.CANCELLED
     # A job running again by now (resumed between the two reads) is treated as paused: the
     # render waits in SQL and is sent again, which is always safe.
@@ -437,7 +379,7 @@ def record_send(begun: Begun, session: Session) -> Stop | None:
                    item_locked=True)
         return Stop.CANCELLED
     ledger.apply_settlement(session, claim)  # the render is still open: no render_ended
-    return _back_to_sql_queue(db, render.id, forgiven=1)
+    return _back_to_sql_queue(db, render.id, forgiven=True)
 
 
 async def _call_in_slot(svc: Services, begun: Begun) -> Delivered | Refused | Unknown | Stop:
@@ -611,8 +553,7 @@ def finish_attempt(
     session: Session,
 ) -> Settled:
     """Settle the attempt and move the render on: when to try again, and what to delete."""
-    render = session.connection().execute(LOCK_RENDER_AND_ITEM,
-                                          {"render": begun.render_id}).one()
+    render = _locked(session.connection(), begun.render_id)
     if isinstance(outcome, Delivered):
         assert collected is not None
         return Settled(unkept=_record_delivery(session, render, begun, collected))
@@ -637,9 +578,8 @@ def finish_attempt(
     delay = backoff_delay(render.attempts, retry_after, svc.settings.backoff_base,
                           svc.settings.backoff_cap)
     now = utcnow()
-    session.connection().execute(WAIT_FOR_RETRY, {
-        "render": render.id, "message": error, "forgiven": int(not_now),
-        "lease": now + timedelta(seconds=svc.settings.lease_seconds)})
+    queries.wait_for_retry(session.connection(), render.id, error, forgiven=not_now,
+                           lease_until=now + timedelta(seconds=svc.settings.lease_seconds))
     ledger.apply_settlement(session, claim)
     return Settled(retry_in=delay)
 
@@ -659,14 +599,13 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
     replaced: tuple[str, ...] = ()
     if begun.number > 1:
         # An earlier attempt of this render (before `retry JOB`) may have stored some files.
-        replaced = tuple(session.scalars(
-            delete(Image).where(Image.render_id == render.id).returning(Image.key)))
+        replaced = tuple(queries.delete_images(session.connection(), render.id))
         if replaced:
             ledger.files_stored(session, render.job_id, -len(replaced))
     if collected.stored:
         ledger.files_stored(session, render.job_id, len(collected.stored))
-        session.connection().execute(INSERT_IMAGE,
-                                     [_image_row(render, begun, m) for m in collected.stored])
+        queries.insert_images(session.connection(),
+                              [_image_row(render, begun, m) for m in collected.stored])
     error = "; ".join(collected.problems) or None
     end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error,
                claim=claim, item_locked=True)
@@ -675,16 +614,14 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
 
 def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
     info = media.info
-    return {
-        "job_id": render.job_id, "render_id": render.id,
-        "image_index": media.index, "key": media.key,
-        "content_type": info.content_type, "bytes": info.size, "sha256": info.sha256,
-        "width": info.width, "height": info.height,
+    return queries.image_row(
+        job_id=render.job_id, render_id=render.id, image_index=media.index, key=media.key,
+        content_type=info.content_type, size=info.size, sha256=info.sha256,
+        width=info.width, height=info.height,
         # Upstreams make image i of a call seeded s with s + i (see plan.split_into_renders).
-        "seed": None if begun.seed is None else begun.seed + media.index,
-        "revised_prompt": media.revised_prompt,
-        "cost_cents": begun.price_per_image_cents, "created_at": utcnow(),
-    }
+        seed=None if begun.seed is None else begun.seed + media.index,
+        revised_prompt=media.revised_prompt, cost_cents=begun.price_per_image_cents,
+        created_at=utcnow())
 
 
 def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
@@ -695,7 +632,7 @@ def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
         return False
     # A paused job's render retries too: its next begin_attempt puts it back in the SQL
     # queue, so the pause costs it nothing.
-    job = session.connection().execute(JOB_STATE, {"job": render.job_id}).one()
+    job = queries.job_money_state(session.connection(), render.job_id)
     return job.status not in TERMINAL_JOB
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlalchemy import literal_column, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline import queries
 from pipeline.attempts import out_of_attempts
 from pipeline.db import transaction
 from pipeline.exhaustion import end_marked_jobs
 from pipeline.jobs import close_job_if_done, recount_open_renders
 from pipeline.ledger import settle_abandoned_attempt
-from pipeline.models import Job, JobStatus, Render, RenderStatus, utcnow
+from pipeline.models import Job, JobStatus, RenderStatus, utcnow
 from pipeline.queue import put_back_lost
 from pipeline.render import end_render
 from pipeline.settings import Settings
@@ -41,33 +42,26 @@ def sweep(sessions: sessionmaker[Session], settings: Settings,
 
 def _expired_leases(sessions: sessionmaker[Session]) -> list[int]:
     with sessions() as session:
-        return list(session.scalars(
-            # The status as a literal: it is the partial index's own condition
-            # (ix_renders_status_lease), which SQLite only matches written out.
-            select(Render.id).where(
-                Render.status == literal_column(f"'{RenderStatus.RUNNING.value}'"),
-                Render.lease_until < utcnow()
-            ).limit(5000)
-        ))
+        return queries.expired_leases(session.connection(), utcnow(), limit=5000)
 
 
 def _revive(sessions: sessionmaker[Session], render_id: int, settings: Settings) -> bool:
     """A render whose lease ran out lost its worker: its open attempt is charged as unknown
     (the provider may have billed it), then it is queued again or, out of attempts, failed."""
     with transaction(sessions) as session:
-        render = session.get_one(Render, render_id, with_for_update=True)
+        db = session.connection()
+        render = queries.lock_render_and_item(db, render_id)
         now = utcnow()
-        if render.status != RenderStatus.RUNNING or (render.lease_until or now) > now:
+        if (render is None or render.status != RenderStatus.RUNNING
+                or (render.lease_until or now) > now):
             return False
         settle_abandoned_attempt(session, render)
         if out_of_attempts(render, settings.max_attempts):
             end_render(session, render, RenderStatus.FAILED,
                        render.error or f"gave up after {settings.max_attempts} attempts "
-                       "(the last one lost its worker)")
+                       "(the last one lost its worker)", item_locked=True)
             return False
-        render.status = RenderStatus.QUEUED
-        render.lease_until = None
-        render.enqueued_at = None
+        queries.requeue_render(db, render.id)
         return True
 
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline import queries
 from pipeline.models import Team, TeamBudget, utcnow
 from pipeline.plan import format_dollars
 
@@ -38,13 +39,6 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None
     raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
 
 
-_teams, _budgets = Team.__table__, TeamBudget.__table__
-TEAM_LIMIT = select(_teams.c.budget_cents, _teams.c.period).where(
-    _teams.c.name == bindparam("team"))
-PERIOD_ROW = select(_budgets.c.id).where(
-    _budgets.c.team == bindparam("team"), _budgets.c.period_start == bindparam("start"))
-
-
 # What `current_team_budget` is told when the caller has not read the team's row itself.
 UNREAD = "unread"
 
@@ -56,30 +50,12 @@ def current_team_budget(session: Session, team: str, now: datetime, period: str 
     `period` is the team's budget period when the caller read it already (None: the team
     has no budget), saving a read per render."""
     if period == UNREAD:
-        row = session.connection().execute(TEAM_LIMIT, {"team": team}).first()
+        row = queries.team_limit(session.connection(), team)
         period = None if row is None or row.budget_cents is None else row.period
     if period is None:
         return None
     start, end = period_bounds(period, now)
-    return _period_row(session, team, start, end)
-
-
-def _period_row(session: Session, team: str, start: datetime, end: datetime | None) -> int:
-    found = session.connection().execute(PERIOD_ROW, {"team": team, "start": start}).scalar()
-    if found is not None:
-        return found
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    # Two workers opening the same new period at once: one insert wins, both read its id.
-    session.execute(
-        insert(TeamBudget)
-        .values(team=team, period_start=start, period_end=end)
-        .on_conflict_do_nothing(index_elements=["team", "period_start"])
-    )
-    return session.connection().execute(PERIOD_ROW, {"team": team, "start": start}).scalar_one()
+    return queries.period_row(session.connection(), team, start, end)
 
 
 class LimitBelowSpent(ValueError):
