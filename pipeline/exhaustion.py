@@ -3,40 +3,15 @@ of it ends at once, in bulk, with reason `budget`, instead of render by render."
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline import queries
 from pipeline.db import transaction
 from pipeline.jobs import CHUNK, fail_queued_renders
-from pipeline.models import (
-    Job,
-    JobStatus,
-    Render,
-    RenderStatus,
-    Team,
-    TeamBudget,
-    status_is,
-    utcnow,
-)
+from pipeline.models import Job, Team, TeamBudget, utcnow
+from pipeline.queries import OUT_OF_BUDGET
 from pipeline.teams import current_team_budget
-
-# The job's error while the rest of it is being ended for budget (a marker: the render that
-# set it ends the rest, and the sweep finishes what a dead worker left half done).
-OUT_OF_BUDGET = "budget: "
-
-_renders, _jobs = Render.__table__, Job.__table__
-_QUEUED_OF_JOB = (_renders.c.job_id == bindparam("job"),
-                  status_is(_renders.c.status, RenderStatus.QUEUED.value))
-ANY_QUEUED = select(exists().where(*_QUEUED_OF_JOB))
-ANY_RENDER_FITS = select(exists().where(
-    *_QUEUED_OF_JOB, _renders.c.n * _renders.c.price_per_image_cents <= bindparam("left")))
-MARK = (update(_jobs)
-        .where(_jobs.c.id == bindparam("job"), _jobs.c.status == JobStatus.RUNNING.value,
-               _jobs.c.error.is_(None))
-        .values(error=bindparam("reason")))
-MARKED = (select(_jobs.c.id, _jobs.c.error)
-          .where(_jobs.c.status == JobStatus.RUNNING.value,
-                 _jobs.c.error.startswith(OUT_OF_BUDGET)))
 
 
 def mark_if_exhausted(session: Session, job_id: int, team: str) -> str | None:
@@ -53,12 +28,12 @@ def mark_if_exhausted(session: Session, job_id: int, team: str) -> str | None:
     if team_left is not None and team_left < left:
         left, whose = team_left, "its team's period budget"
     db = session.connection()
-    if (not db.execute(ANY_QUEUED, {"job": job_id}).scalar()
-            or db.execute(ANY_RENDER_FITS, {"job": job_id, "left": max(left, 0)}).scalar()):
+    if (not queries.any_queued(db, job_id)
+            or queries.any_queued_fits(db, job_id, max(left, 0))):
         return None
     reason = (f"{OUT_OF_BUDGET}{whose} has {max(left, 0)}¢ left, less than any render of the "
               "job costs: the rest of the job ended")
-    return reason if db.execute(MARK, {"job": job_id, "reason": reason}).rowcount == 1 else None
+    return reason if queries.mark_out_of_budget(db, job_id, reason) else None
 
 
 def _team_left(session: Session, team: str) -> int | None:
@@ -82,5 +57,5 @@ def end_marked_jobs(sessions: sessionmaker[Session]) -> int:
     """The sweep's backstop: finish ending jobs marked out of budget (their marking worker
     may have died half way)."""
     with sessions() as session:
-        marked = list(session.execute(MARKED).all())
+        marked = queries.marked_out_of_budget(session.connection())
     return sum(end_rest_for_budget(sessions, job_id, error) for job_id, error in marked)
