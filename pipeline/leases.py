@@ -1,4 +1,4 @@
-"""Render leases kept alive: while a worker holds a render, it renews its lease in SQL.
+"""Render leases kept alive: while a worker keeps a render, it renews its lease in SQL.
 
 Leases are short (IMAGEBATCH_LEASE_SECONDS) so a killed worker's renders come back within
 a minute, however long the render deadline; a live worker renews all of its renders with
@@ -28,7 +28,7 @@ class LeaseKeeper:
     def __init__(self, sessions: sessionmaker[Session], lease_seconds: float) -> None:
         self.sessions = sessions
         self.lease_seconds = lease_seconds
-        self._held: Counter[int] = Counter()
+        self._kept: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # This process as a worker (name, render slots), announced with every beat so the
@@ -38,35 +38,35 @@ class LeaseKeeper:
         self._thread.start()
 
     @contextmanager
-    def hold(self, render_id: int) -> Iterator[None]:
+    def keep(self, render_id: int) -> Iterator[None]:
         with self._lock:
-            self._held[render_id] += 1
+            self._kept[render_id] += 1
         try:
             yield
         finally:
             with self._lock:
-                self._held[render_id] -= 1
-                if self._held[render_id] <= 0:
-                    del self._held[render_id]
+                self._kept[render_id] -= 1
+                if self._kept[render_id] <= 0:
+                    del self._kept[render_id]
 
-    def held(self) -> frozenset[int]:
+    def kept(self) -> frozenset[int]:
         """The renders this process is working on: never another's to sweep, even when
         their leases ran out while the database refused the renewals."""
         with self._lock:
-            return frozenset(self._held)
+            return frozenset(self._kept)
 
     def renew(self) -> int:
         with self._lock:
-            held = list(self._held)
-        if not held:
+            kept = list(self._kept)
+        if not kept:
             return 0
         until = utcnow() + timedelta(seconds=self.lease_seconds)
         renewed = 0
-        for start in range(0, len(held), 500):
+        for start in range(0, len(kept), 500):
             with transaction(self.sessions) as session:
                 # Rows another transaction locks are skipped (see queries.renew_leases).
                 renewed += queries.renew_leases(session.connection(),
-                                                held[start:start + 500], until)
+                                                kept[start:start + 500], until)
         return renewed
 
     def announce(self, name: str, slots: int) -> None:

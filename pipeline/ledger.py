@@ -2,7 +2,7 @@
 
 A reservation (`reserve`) holds an attempt's full price (n x price per image) on the job and
 on its team's current period budget, or on neither: each hold is one conditional UPDATE,
-`spent + reserved + amount <= limit` (`_fits`, the one budget condition), and it writes the
+`spent + reserved + amount <= limit` (`queries._fits`, the one budget condition), and it writes the
 attempt's row and a `reserve` ledger row in the same transaction.
 
 A settlement is claimed once (`claim_settlement`: the attempt's UPDATE guarded by

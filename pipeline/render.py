@@ -164,22 +164,22 @@ async def render_to_end(svc: Services, render_id: int) -> Stop:
 
 
 async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
-    holder: int | None = None
-    with svc.leases.hold(render_id):
+    own_attempt: int | None = None
+    with svc.leases.keep(render_id):
         while True:
             # In a group the holds come last (ledger.Moves); a group rolled back (a refused
             # hold among them) is redone work by work with the holds first, which says why.
             # The database refusing writes for a while (disk full, a restart) is waited out
             # for up to a lease, here and before the call (`_send_or_not`).
             step = await svc.commits.run_durably(
-                partial(begin_attempt, svc, render_id, holder), svc.settings.lease_seconds)
+                partial(begin_attempt, svc, render_id, own_attempt), svc.settings.lease_seconds)
             if isinstance(step, EndRest):
                 await asyncio.to_thread(end_rest_for_budget, svc.sessions, step.job_id,
                                         step.reason)
                 return Stop.BUDGET
             if not isinstance(step, Begun):
                 return step
-            holder = step.number
+            own_attempt = step.number
             outcome = await call_upstream(svc, step)
             if isinstance(outcome, Stop):  # nothing was sent: cancelled, paused or swept
                 return outcome
@@ -200,11 +200,11 @@ async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
 # --- first transaction: lease and reservation ------------------------------------------------
 
 
-def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Session
+def begin_attempt(svc: Services, render_id: int, own_attempt: int | None, session: Session
                   ) -> Begun | EndRest | Stop:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
 
-    `holder` is the attempt number this task already holds (a retry in the same task);
+    `own_attempt` is the attempt number this task already holds (a retry in the same task);
     a task delivered again while another copy holds a live lease does nothing.
     """
     settings = svc.settings
@@ -216,13 +216,13 @@ def begin_attempt(svc: Services, render_id: int, holder: int | None, session: Se
         return Stop.TERMINAL
     now = utcnow()
     lease_live = render.lease_until is not None and render.lease_until > now
-    if render.status == RenderStatus.RUNNING and lease_live and holder != render.attempts:
+    if render.status == RenderStatus.RUNNING and lease_live and own_attempt != render.attempts:
         return Stop.BUSY
     if render.status == RenderStatus.RUNNING:  # only then can an attempt be left open
         ledger.settle_abandoned_attempt(session, render)
     if render.job_status in WAIT_IN_SQL:
         return _back_to_sql_queue(db, render.id, forgiven=False)  # no delivery counted
-    delivered = render.deliveries + (1 if holder is None else 0)
+    delivered = render.deliveries + (1 if own_attempt is None else 0)
     refused = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
     if refused is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),

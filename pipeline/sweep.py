@@ -26,15 +26,15 @@ BACKSTOP_MAX_OPEN = 1000
 
 
 def sweep(sessions: sessionmaker[Session], settings: Settings,
-          held: Collection[int] = frozenset()) -> list[int]:
+          leased_here: Collection[int] = frozenset()) -> list[int]:
     """The renders put back in the SQL queue. Safe to run from any number of places at once.
 
     Revived renders wait in SQL like any other (the feeders send them, each job its fair
     share), never straight to the broker: a `run` process sweeping another job's dead renders
-    must not render them itself (it feeds only its own job). `held`: the renders this
+    must not render them itself (it feeds only its own job). `leased_here`: the renders this
     process works on itself (a result waiting for the database to take it), never swept."""
     revived = [rid for rid in _expired_leases(sessions)
-               if rid not in held and _revive(sessions, rid, settings)]
+               if rid not in leased_here and _revive(sessions, rid, settings)]
     put_back_lost(sessions, settings.requeue_after, limit=5000)
     end_marked_jobs(sessions)
     return revived + _close_finished_jobs(sessions)

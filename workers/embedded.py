@@ -72,7 +72,7 @@ def tick(app: Celery, only_job: int | None = None) -> int:
     if only_job is None:
         fire_due(svc.sessions)
     plan_pending(svc, only_job)
-    sweep(svc.sessions, svc.settings, held=svc.leases.held())
+    sweep(svc.sessions, svc.settings, leased_here=svc.leases.kept())
     return feed(app, only_job)
 
 

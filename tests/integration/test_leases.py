@@ -23,7 +23,7 @@ def test_renewal_skips_a_render_another_transaction_locks_and_renews_it_next_bea
         connection.execute(sa.text("UPDATE renders SET status = 'running'"))
     keeper = LeaseKeeper(svc.sessions, lease_seconds=3_600)
     try:
-        with keeper.hold(first), keeper.hold(second):
+        with keeper.keep(first), keeper.keep(second):
             postgresql = svc.engine.dialect.name == "postgresql"
             if postgresql:  # a settlement in progress holds the first render's row
                 locker = svc.engine.connect()
