@@ -1,8 +1,9 @@
 """A worker process's shared services: the DB, the media store, and one asyncio loop for I/O.
 
 Task threads do their SQL themselves and hand every upstream call to the one event loop
-(`IOLoop.run`), so hundreds of renders share one aiohttp connection pool instead of a thread
-and a pool each (a thread doing its own HTTP per render falls apart past a few dozen).
+(`IOLoop.run`), so hundreds of renders share one HTTP client (httpx over aiohttp's connection
+pool, `pipeline.httpclient`) instead of a thread and a pool each (a thread doing its own HTTP
+per render falls apart past a few dozen).
 """
 
 from __future__ import annotations
@@ -119,14 +120,16 @@ def start_services(settings: Settings) -> Services:
     # failed group, the lease keeper and the ticker. A pool opens connections only as needed.
     engine = make_engine(settings.database_url, pool_size=min(settings.concurrency, 20))
     io = IOLoop()
-    # The client's aiohttp session must be created on the loop that will use it.
+    # The client's aiohttp sessions must be created on the loop that will use them.
     upstream = io.run(_on_loop(build_upstream, settings))
     limiter = io.run(_on_loop(build_limits, settings))
     return Services(
         settings=settings,
         engine=engine,
         sessions=session_factory(engine),
-        store=open_store(settings.storage_url),
+        # Uploads run under the media slots: the store's pool has room for all of them.
+        store=open_store(settings.storage_url,
+                         connections=max(64, settings.media_concurrency)),
         io=io,
         upstream=upstream,
         limiter=limiter,

@@ -94,12 +94,13 @@ def probe(store: MediaStore) -> None:
     store.delete(key)
 
 
-def open_store(storage_url: str) -> MediaStore:
-    """A store for `file:///abs/dir` or `s3://bucket/prefix`; StorageError for anything else."""
+def open_store(storage_url: str, *, connections: int = 64) -> MediaStore:
+    """A store for `file:///abs/dir` or `s3://bucket/prefix`; StorageError for anything else.
+    `connections`: the uploads an S3 store may send at once (its HTTP pool's size)."""
     parts = urlsplit(storage_url.strip())
     scheme = parts.scheme.lower()
     if scheme == "s3":
-        return _open_s3(storage_url, parts)
+        return _open_s3(storage_url, parts, connections)
     if scheme == "file":
         return _open_file(storage_url, parts)
     if scheme == "" and storage_url.startswith("/"):
@@ -327,7 +328,7 @@ _CLIENT_ENV = (
 )
 
 
-def _open_s3(storage_url: str, parts: Any) -> S3Store:
+def _open_s3(storage_url: str, parts: Any, connections: int) -> S3Store:
     bucket = parts.netloc
     if "@" in bucket or parts.query or parts.fragment or not _BUCKET.fullmatch(bucket):
         raise StorageError(
@@ -342,7 +343,7 @@ def _open_s3(storage_url: str, parts: Any) -> S3Store:
             raise StorageError(
                 f"bad prefix {prefix!r} in S3 storage URL: use [A-Za-z0-9._-] segments"
             ) from None
-    return S3Store(bucket, prefix)
+    return S3Store(bucket, prefix, connections=connections)
 
 
 def s3_client() -> Any:
@@ -392,10 +393,11 @@ class S3Store:
 
     page_size = 1000  # keys per list request (S3's maximum)
 
-    def __init__(self, bucket: str, prefix: str = "") -> None:
+    def __init__(self, bucket: str, prefix: str = "", *, connections: int = 64) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self._http: Any = None  # put_async's aiohttp session, made on the loop that uses it
+        self.connections = max(1, connections)
+        self._http: Any = None  # put_async's httpx client, made on the loop that uses it
         self._http_loop: asyncio.AbstractEventLoop | None = None
         self._fallbacks = 0
 
@@ -421,8 +423,8 @@ class S3Store:
 
     async def put_async(self, key: str, data: bytes,
                         content_type: str = "application/octet-stream") -> str:
-        """boto3 signs a presigned PUT and aiohttp sends it from the loop: about a third of
-        `put_object`'s CPU (which runs botocore's whole request pipeline per call) and no
+        """boto3 signs a presigned PUT and httpx (over aiohttp) sends it from the loop: about a
+        third of `put_object`'s CPU (which runs botocore's whole request pipeline per call) and no
         thread. Any answer but success is redone by `put` on a thread, so failures get
         boto3's retries, region redirects and error messages."""
         full = self._full(key)
@@ -442,36 +444,40 @@ class S3Store:
         return await asyncio.to_thread(self.put, key, data, content_type)
 
     async def _send(self, url: str, data: bytes, content_type: str) -> str | None:
-        """PUT `data` to the presigned `url`; None on success, else what went wrong."""
-        import aiohttp
+        """PUT `data` to the presigned `url`; None on success, else what went wrong (no URL:
+        it is a credential)."""
+        from pipeline.httpclient import TRANSPORT_ERRORS, aiohttp_cause
 
         try:
-            async with self._session(url).put(url, data=data, allow_redirects=False,
-                                           headers={"Content-Type": content_type}) as response:
-                await response.read()
-                return None if 200 <= response.status < 300 else f"HTTP {response.status}"
-        except (aiohttp.ClientError, OSError) as exc:  # timeouts are OSErrors too
-            return exc.__class__.__name__
+            response = await self._client_for(url).put(
+                url, content=data, headers={"Content-Type": content_type})
+        except TRANSPORT_ERRORS as exc:  # timeouts are among them
+            return (aiohttp_cause(exc) or exc).__class__.__name__
+        return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
 
-    def _session(self, url: str) -> Any:
+    def _client_for(self, url: str) -> Any:
+        """The httpx client of this loop, over an aiohttp pool of `connections`."""
         import aiohttp
+        import httpx
+
+        from pipeline.httpclient import client_over, connector
 
         loop = asyncio.get_running_loop()
-        if self._http is None or self._http.closed or self._http_loop is not loop:
-            # AWS_CA_BUNDLE and the *_PROXY variables as boto3 reads them, once: aiohttp's
-            # trust_env would look them (and ~/.netrc) up again on every request.
+        if self._http is None or self._http.is_closed or self._http_loop is not loop:
+            # AWS_CA_BUNDLE and the *_PROXY variables as boto3 reads them, once: reading the
+            # environment per request would look them (and ~/.netrc) up again every time.
             context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, ssl=context),
-                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=60),
-                proxy=_proxy_for(url),
-            )
+            session = aiohttp.ClientSession(connector=connector(self.connections, ssl=context),
+                                            proxy=_proxy_for(url))
+            self._http = client_over(session, connections=self.connections,
+                                     timeout=httpx.Timeout(connect=30, read=60, write=60,
+                                                           pool=30))
             self._http_loop = loop
         return self._http
 
     async def aclose(self) -> None:
         if self._http is not None:
-            await self._http.close()
+            await self._http.aclose()
             self._http = None
 
     def get(self, key: str) -> bytes:

@@ -7,22 +7,23 @@ import base64
 import binascii
 import contextlib
 import email.utils
-import http
 import ipaddress
 import json
 import logging
 import math
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 import aiohttp
+import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from pipeline.httpclient import TRANSPORT_ERRORS, aiohttp_cause, causes, client_over, connector
 from pipeline.redact import redact_url, redactor_for, url_secrets
 from pipeline.sse import SSEEvent, SSEParser
 
@@ -40,11 +41,9 @@ _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _URL_SECRET = re.compile(r"(https?://[^\s\"'<>?#]*)[?#][^\s\"'<>]*", re.IGNORECASE)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-# aiohttp's timeouts are also TimeoutError (an OSError): catch these inside the deadline, so a
-# TimeoutError that reaches `asyncio.timeout` is the render deadline and nothing else.
-_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
-# The idle time of a pooled API connection (httpx's default, which the client had before).
-_API_KEEPALIVE = 5.0
+# Caught inside the deadline (OSError includes TimeoutError), so a TimeoutError that reaches
+# `asyncio.timeout` is the render deadline and nothing else.
+_TRANSPORT_ERRORS = TRANSPORT_ERRORS
 # Media is read as it arrives (no decompression), so only the identity coding is accepted.
 _MEDIA_HEADERS = {"Accept-Encoding": "identity"}
 
@@ -100,7 +99,10 @@ def rate_limited(outcome: object) -> TypeGuard[Refused]:
 
 class UpstreamClient:
     """One per worker process; lives on one asyncio loop (aiohttp sessions are loop-bound), so
-    it is built inside a coroutine running on that loop."""
+    it is built inside a coroutine running on that loop.
+
+    Two httpx clients, each over its own aiohttp pool (`pipeline.httpclient`): the API's, with
+    the key, and the media hosts', without it."""
 
     def __init__(self, api_base: str, api_key: str | None, *, concurrency: int,
                  read_timeout: float, connect_timeout: float, deadline: float,
@@ -125,29 +127,31 @@ class UpstreamClient:
         # Parsed once; a base that does not parse is refused at each call, not here.
         self._generations_url = _api_url(self._api_base, "images/generations")
         self._models_url = _api_url(self._api_base, "models")
-        auth = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        # What is sent: the same URLs without the base's credentials (sent as a header).
+        self._generations_target = _target(self._generations_url)
+        self._models_target = _target(self._models_url)
+        auth = _authorization(self._api_key, self._generations_url)
         self._auth_headers = auth
         self._generation_headers = {**auth, "Accept": "text/event-stream, application/json",
                                     "Content-Type": "application/json"}
-        # sock_read is reset by every chunk (a per-chunk read timeout: keepalive comments keep a
-        # render alive, the deadline ends it); `connect` bounds the wait for a pool slot plus
-        # the connect, so a render never waits unbounded for a connection.
-        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
-                                        sock_connect=connect_timeout, sock_read=read_timeout)
-        # aiohttp stops at 100 connections unless told otherwise; both pools get the
-        # concurrency. aiohttp's default SSL context verifies certificates.
-        self._api = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._concurrency,
-                                           keepalive_timeout=_API_KEEPALIVE),
-            timeout=timeout,
-        )
-        self._media = self._media_session(timeout)
+        # The read timeout is reset by every chunk (a per-chunk read timeout: keepalive
+        # comments keep a render alive, the deadline ends it); `pool` bounds the wait for a
+        # pooled connection plus the connect, so a render never waits unbounded for one.
+        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
+                                write=read_timeout, pool=connect_timeout)
+        # Both pools get the concurrency (aiohttp's and httpx's defaults stop at 100).
+        self._api = aiohttp.ClientSession(connector=connector(self._concurrency))
+        self._api_http = client_over(self._api, connections=self._concurrency, timeout=timeout)
+        self._media = self._media_session()
+        self._media_http = client_over(self._media, connections=self._concurrency,
+                                       timeout=timeout, headers=_MEDIA_HEADERS)
 
     async def aclose(self) -> None:
+        """Close both clients (and so their aiohttp sessions)."""
         try:
-            await self._api.close()
+            await self._api_http.aclose()
         finally:
-            await self._media.close()
+            await self._media_http.aclose()
 
     # --- generation -------------------------------------------------------------------------
 
@@ -171,15 +175,18 @@ class UpstreamClient:
                                on_accepted: Callable[[], None] | None = None) -> Outcome:
         if self._auth_conflict is not None:
             return Refused(self._auth_conflict, None, False)
+        target = self._generations_target
+        if isinstance(target, str):
+            return Refused(self._scrub(f"bad api_base: {target} is not a valid URL"), None, False)
+        request = self._api_http.build_request("POST", target, content=content,
+                                               headers=self._generation_headers)
         try:
-            response = await self._api.post(_sendable(self._generations_url), data=content,
-                                             headers=self._generation_headers,
-                                             allow_redirects=False)
+            response = await self._api_http.send(request, stream=True)
         except _TRANSPORT_ERRORS as exc:
             return self._send_failed(exc)
         try:
             _log_response("POST", self._generations_url, response)
-            if on_accepted is not None and 200 <= response.status < 300:
+            if on_accepted is not None and 200 <= response.status_code < 300:
                 on_accepted()
             return await self._read_outcome(response)
         except _TRANSPORT_ERRORS as exc:
@@ -188,32 +195,31 @@ class UpstreamClient:
             # A close error says nothing about the outcome already decided. An unread rest
             # (a result before [DONE]) closes the connection instead of returning it.
             with contextlib.suppress(*_TRANSPORT_ERRORS):
-                response.release()
-                await response.wait_for_close()
+                await response.aclose()
 
     def _send_failed(self, exc: BaseException) -> Outcome:
         detail = self._detail(exc)
-        if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        if _bad_url(exc):
             return Refused(self._scrub(f"bad api_base: {detail}"), None, False)
         if _never_sent(exc):
             return Refused(self._scrub(f"cannot reach the upstream: {detail}"), None, True)
         return Unknown(self._scrub(f"the request failed after it was sent: {detail}"))
 
-    async def _read_outcome(self, response: aiohttp.ClientResponse) -> Outcome:
-        if not 200 <= response.status < 300:
+    async def _read_outcome(self, response: httpx.Response) -> Outcome:
+        if not 200 <= response.status_code < 300:
             return await self._refusal(response)
         content_type = _header(response, "content-type").lower()
         if "json" in content_type and "event-stream" not in content_type:
             return await self._json_outcome(response)
         return await self._sse_outcome(response)
 
-    async def _refusal(self, response: aiohttp.ClientResponse) -> Refused:
-        status = response.status
+    async def _refusal(self, response: httpx.Response) -> Refused:
+        status = response.status_code
         try:
             raw = await _read_at_most(response, MAX_ERROR_BODY)
         except _TRANSPORT_ERRORS:
             raw = b""  # the status alone already says the request was refused
-        message = _error_body_message(raw) or _reason_phrase(response) or "no message"
+        message = _error_body_message(raw) or response.reason_phrase or "no message"
         return Refused(
             message=self._scrub(message),
             status=status,
@@ -222,7 +228,7 @@ class UpstreamClient:
             retry_after=parse_retry_after(_header(response, "retry-after") or None),
         )
 
-    async def _json_outcome(self, response: aiohttp.ClientResponse) -> Outcome:
+    async def _json_outcome(self, response: httpx.Response) -> Outcome:
         raw = await _read_at_most(response, self._max_result_bytes + 1)
         if len(raw) > self._max_result_bytes:
             return self._too_large("response body")
@@ -233,12 +239,13 @@ class UpstreamClient:
         outcome = self._document_outcome(document)
         return outcome or Unknown("the JSON body holds neither a result nor an error")
 
-    async def _sse_outcome(self, response: aiohttp.ClientResponse) -> Outcome:
-        # Raw chunks into our own parser: aiohttp's line reading raises past 512 KiB and is
-        # quadratic on one long data line, which is what a base64 result is.
+    async def _sse_outcome(self, response: httpx.Response) -> Outcome:
+        # Chunks into our own parser: line reading (httpx's aiter_lines, aiohttp's readline)
+        # splits at more than CR and LF, or is quadratic on one long data line, which is what
+        # a base64 result is. aiter_bytes: the body as the server meant it (gzip decoded).
         parser = SSEParser()
         received = 0
-        async for chunk in response.content.iter_any():
+        async for chunk in response.aiter_bytes():
             received += len(chunk)
             if received > self._max_result_bytes:
                 return self._too_large("stream")
@@ -321,11 +328,14 @@ class UpstreamClient:
     async def _get_models(self) -> tuple[int, bytes]:
         if self._auth_conflict is not None:
             raise UpstreamError(self._auth_conflict)
+        target = self._models_target
+        if isinstance(target, str):
+            raise UpstreamError(self._scrub(f"bad api_base: {target} is not a valid URL"))
         try:
-            async with self._api.get(_sendable(self._models_url), headers=self._auth_headers,
-                                     allow_redirects=False) as response:
+            async with self._api_http.stream("GET", target,
+                                             headers=self._auth_headers) as response:
                 _log_response("GET", self._models_url, response)
-                return response.status, await response.read()
+                return response.status_code, await response.aread()
         except _TRANSPORT_ERRORS as exc:
             raise UpstreamError(self._scrub(f"GET /models failed: {self._detail(exc)}")) from None
 
@@ -355,28 +365,31 @@ class UpstreamClient:
         """One hop: the bytes, or the URL the server redirects to (checked by the caller)."""
         host = url.host
         try:
-            # Redirects are never followed by aiohttp: each hop's host is checked first.
-            async with self._media.get(url, headers=_MEDIA_HEADERS,
-                                       allow_redirects=False) as response:
+            target = httpx.URL(str(url))
+        except httpx.InvalidURL:
+            raise MediaRefused("the media URL is not a valid URL") from None
+        try:
+            # Redirects are never followed by the client: each hop's host is checked first.
+            async with self._media_http.stream("GET", target) as response:
                 _log_response("GET", url, response)
-                if response.status in REDIRECT_STATUSES:
+                if response.status_code in REDIRECT_STATUSES:
                     return _redirect_target(url, response)
-                if not 200 <= response.status < 300:
-                    raise MediaRefused(f"{host} answered HTTP {response.status}")
+                if not 200 <= response.status_code < 300:
+                    raise MediaRefused(f"{host} answered HTTP {response.status_code}")
                 _check_identity_encoding(response, host)
                 return await self._read_media(response, host)
         except _TRANSPORT_ERRORS as exc:
             # `from None`: the chained exception could carry the whole pre-signed URL.
             raise MediaRefused(f"the download from {host} failed: {self._detail(exc)}") from None
 
-    async def _read_media(self, response: aiohttp.ClientResponse, host: str | None) -> bytes:
+    async def _read_media(self, response: httpx.Response, host: str | None) -> bytes:
         cap = self._max_media_bytes
         declared = _header(response, "content-length")
         if declared.isdigit() and int(declared) > cap:
             raise MediaRefused(f"media from {host} is {declared} bytes, over the {cap} cap")
         received = bytearray()
-        # The media session does not decompress: these are the bytes on the wire.
-        async for chunk in response.content.iter_any():
+        # aiter_raw does not decompress: these are the bytes on the wire.
+        async for chunk in response.aiter_raw():
             received += chunk
             if len(received) > cap:
                 raise MediaRefused(f"media from {host} is over the {cap} byte cap")
@@ -411,16 +424,16 @@ class UpstreamClient:
             self._api_is_private = any(not _unwrap(a).is_global for a in addresses)
         return self._api_is_private
 
-    def _media_session(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
-        """The media session. Its resolver re-checks every address at connect time, so a host
-        that resolves differently after our check (DNS rebinding) is refused; it does not
+    def _media_session(self) -> aiohttp.ClientSession:
+        """The media hosts' pool. Its resolver re-checks every address at connect time, so a
+        host that resolves differently after our check (DNS rebinding) is refused; it does not
         decompress, so the size cap counts the bytes that arrive (we ask for identity)."""
         resolver = _GuardedResolver(
             lambda address: address_problem(address, private_ok=self._api_is_private is True
                                             or self._allow_private_media)
         )
-        connector = aiohttp.TCPConnector(limit=self._concurrency, resolver=resolver)
-        return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        return aiohttp.ClientSession(connector=connector(self._concurrency, resolver=resolver),
+                                     auto_decompress=False)
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -431,9 +444,11 @@ class UpstreamClient:
         return _clip(text)
 
     def _detail(self, exc: BaseException) -> str:
-        if any(isinstance(cause, _RefusedAddress) for cause in _chain(exc)):
+        """What went wrong, in a few words: from aiohttp's own error when aiohttp raised it
+        (the transport's httpx translation of it is coarse), else from httpx's."""
+        if any(isinstance(cause, _RefusedAddress) for cause in causes(exc)):
             return "the host resolved only to refused addresses at connect time"
-        for cause in _chain(exc):
+        for cause in causes(exc):
             if isinstance(cause, aiohttp.ClientConnectorDNSError):
                 return "the host name did not resolve"
             if isinstance(cause, aiohttp.ClientConnectorError):
@@ -447,8 +462,11 @@ class UpstreamClient:
                 return "the server closed the connection"
             if isinstance(cause, aiohttp.ClientPayloadError):
                 return "the response body was cut off"
-        text = str(exc)
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        root = aiohttp_cause(exc)
+        if root is None:
+            return _httpx_detail(exc, self._read_timeout)
+        text = str(root)
+        return f"{type(root).__name__}: {text}" if text else type(root).__name__
 
 
 class _RefusedAddress(OSError):
@@ -586,22 +604,41 @@ def _error_body_message(raw: bytes) -> str | None:
     return text or None
 
 
+# Failures before the request left, by who raised them. Not aiohttp's ClientConnectionError
+# nor the httpx.ConnectTimeout the transport makes of it: a server that disconnected after
+# reading the request raises one too.
+_NEVER_SENT_AIOHTTP = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                       ConnectionRefusedError, socket.gaierror)
+_NEVER_SENT_HTTPX = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
+                     ConnectionRefusedError, socket.gaierror)
+
+
 def _never_sent(exc: BaseException) -> bool:
     """True when the failure happened before the request left (nothing can be billed): a
-    connect failure or timeout, not any ClientConnectionError (a server that disconnected
-    after reading the request is one too)."""
-    never_sent = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
-                  ConnectionRefusedError, socket.gaierror)
-    return any(isinstance(cause, never_sent) for cause in _chain(exc))
+    connect failure or timeout, or no free connection in time. Read from aiohttp's error when
+    aiohttp raised it, else from httpx's (another transport, such as a test's)."""
+    never_sent = _NEVER_SENT_HTTPX if aiohttp_cause(exc) is None else _NEVER_SENT_AIOHTTP
+    return any(isinstance(cause, never_sent) for cause in causes(exc))
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
+def _bad_url(exc: BaseException) -> bool:
+    """The URL cannot be sent at all (no host, not http or https)."""
+    root = aiohttp_cause(exc)
+    if root is not None:
+        return isinstance(root, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError)
+    return isinstance(exc, httpx.UnsupportedProtocol)
+
+
+def _httpx_detail(exc: BaseException, read_timeout: float) -> str:
+    """`_detail` for an error httpx raised itself (no aiohttp underneath)."""
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return "connect timed out"
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"no data for {read_timeout:g}s (read timeout)"
+    text = str(exc)
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect ({text})" if text else "cannot connect"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -617,44 +654,34 @@ def _json_body(payload: dict[str, Any]) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
     received = bytearray()
-    async for chunk in response.content.iter_any():
+    async for chunk in response.aiter_bytes():
         received += chunk
         if len(received) >= limit:
             break
     return bytes(received[:limit])
 
 
-def _header(response: aiohttp.ClientResponse, name: str) -> str:
-    """A header's values joined with ", ", as httpx read headers: a repeated header is seen
-    whole (two Content-Encoding lines, one of them gzip, are not identity)."""
-    return ", ".join(response.headers.getall(name, ()))
+def _header(response: httpx.Response, name: str) -> str:
+    """A header's values joined with ", " (httpx's reading): a repeated header is seen whole
+    (two Content-Encoding lines, one of them gzip, are not identity)."""
+    return response.headers.get(name, "")
 
 
-def _reason_phrase(response: aiohttp.ClientResponse) -> str:
-    """The status line's reason in ASCII, or the standard phrase when the server sent none."""
-    if response.reason:
-        return response.reason.encode("ascii", "ignore").decode("ascii")
-    try:
-        return http.HTTPStatus(response.status).phrase
-    except ValueError:
-        return ""
-
-
-def _check_identity_encoding(response: aiohttp.ClientResponse, host: str | None) -> None:
+def _check_identity_encoding(response: httpx.Response, host: str | None) -> None:
     # We asked for identity: any other coding would have to be decoded past the size cap.
     encoding = _header(response, "content-encoding").strip().lower()
     if encoding not in ("", "identity"):
         raise MediaRefused(f"media from {host} came with Content-Encoding {encoding[:32]!r}")
 
 
-def _log_response(method: str, url: URL | str, response: aiohttp.ClientResponse) -> None:
-    """One line per response at DEBUG (shown by `-vv`, as httpx's were), host only."""
+def _log_response(method: str, url: URL | str, response: httpx.Response) -> None:
+    """One line per response at DEBUG (shown by `-vv`), host only: httpx's own line, which
+    holds the whole URL, is dropped (`pipeline.httpclient`)."""
     if log.isEnabledFor(logging.DEBUG):
-        version = f"HTTP/{response.version.major}.{response.version.minor}"
-        log.debug('HTTP Request: %s %s "%s %d %s"', method, safe_url(url), version,
-                  response.status, _reason_phrase(response))
+        log.debug('HTTP Request: %s %s "%s %d %s"', method, safe_url(url),
+                  response.http_version, response.status_code, response.reason_phrase)
 
 
 # --- URLs -----------------------------------------------------------------------------------
@@ -671,7 +698,8 @@ def _parse_url(text: str) -> URL:
 
 
 def _api_url(base: str, path: str) -> URL | str:
-    """An endpoint under api_base, or its text when that is not a valid URL (see _sendable)."""
+    """An endpoint under api_base, or its text when that is not a valid URL (each call is
+    then refused: `bad api_base`)."""
     text = f"{base}/{path}"
     try:
         return _parse_url(text)
@@ -679,12 +707,26 @@ def _api_url(base: str, path: str) -> URL | str:
         return text
 
 
-def _sendable(url: URL | str) -> URL:
-    """The endpoint's URL; an api_base that did not parse fails each call as aiohttp fails a URL
-    it cannot parse, so it is a refusal (`bad api_base`), as before."""
+def _target(url: URL | str) -> httpx.URL | str:
+    """The endpoint as httpx sends it, without the base's credentials (`_authorization` sends
+    them); the text of a URL that does not parse."""
     if isinstance(url, str):
-        raise aiohttp.InvalidUrlClientError(url)
-    return url
+        return url
+    try:
+        return httpx.URL(str(url.with_user(None)))
+    except httpx.InvalidURL:
+        return str(url)
+
+
+def _authorization(api_key: str | None, url: URL | str) -> dict[str, str]:
+    """The one Authorization header: the key (Bearer), or the base's credentials (Basic,
+    UTF-8, as `redact.url_secrets` expects to find them echoed back)."""
+    if api_key:
+        return {"Authorization": f"Bearer {api_key}"}
+    if isinstance(url, URL) and (url.user is not None or url.password is not None):
+        pair = f"{url.user or ''}:{url.password or ''}".encode()
+        return {"Authorization": f"Basic {base64.b64encode(pair).decode('ascii')}"}
+    return {}
 
 
 def _parse_media_url(url: str) -> URL:
@@ -702,7 +744,7 @@ def _require_http(url: URL) -> URL:
     return url
 
 
-def _redirect_target(url: URL, response: aiohttp.ClientResponse) -> URL:
+def _redirect_target(url: URL, response: httpx.Response) -> URL:
     location = _header(response, "location")
     if not location:
         raise MediaRefused(f"{url.host} redirected without a Location")
