@@ -29,19 +29,28 @@ def connector(connections: int, **options: Any) -> aiohttp.TCPConnector:
                                 keepalive_timeout=KEEPALIVE_SECONDS, **options)
 
 
-def client_over(session: aiohttp.ClientSession, *, connections: int, timeout: httpx.Timeout,
-                headers: Mapping[str, str] | None = None) -> httpx.AsyncClient:
-    """An httpx client that sends through `session` (closed with the client).
+def over_aiohttp(session: aiohttp.ClientSession, connections: int) -> AiohttpTransport:
+    """httpx's transport through `session` (closed with the client that uses it)."""
+    return AiohttpTransport(client=session, limits=limits(connections))
 
-    The timeouts reach aiohttp per request: `connect` as the socket connect, `pool` as the
-    wait for a pooled connection plus the connect, `read` as the time between two chunks (reset
-    by every chunk, keepalive comments included). The environment's proxies and .netrc are
-    not read (`trust_env=False`): whoever needs a proxy gives it to the session."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
-                          keepalive_expiry=KEEPALIVE_SECONDS)
-    return httpx.AsyncClient(transport=AiohttpTransport(client=session, limits=limits),
-                             limits=limits, timeout=timeout, headers=headers, trust_env=False,
-                             follow_redirects=False)
+
+def limits(connections: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                        keepalive_expiry=KEEPALIVE_SECONDS)
+
+
+def client(transport: httpx.AsyncBaseTransport, *, connections: int, timeout: httpx.Timeout,
+           headers: Mapping[str, str] | None = None) -> httpx.AsyncClient:
+    """An httpx client that sends through `transport` (`over_aiohttp`; tests give a
+    `httpx.MockTransport`).
+
+    Over aiohttp the timeouts reach it per request: `connect` as the socket connect, `pool` as
+    the wait for a pooled connection plus the connect, `read` as the time between two chunks
+    (reset by every chunk, keepalive comments included). The environment's proxies and .netrc
+    are not read (`trust_env=False`): whoever needs a proxy gives it to the session. Redirects
+    are not followed: the callers check every hop."""
+    return httpx.AsyncClient(transport=transport, limits=limits(connections), timeout=timeout,
+                             headers=headers, trust_env=False, follow_redirects=False)
 
 
 # What a failed exchange raises: httpx's request errors (a body it cannot decode too), the

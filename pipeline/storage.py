@@ -460,7 +460,7 @@ class S3Store:
         import aiohttp
         import httpx
 
-        from pipeline.httpclient import client_over, connector
+        from pipeline.httpclient import client, connector, over_aiohttp
 
         loop = asyncio.get_running_loop()
         if self._http is None or self._http.is_closed or self._http_loop is not loop:
@@ -469,9 +469,9 @@ class S3Store:
             context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
             session = aiohttp.ClientSession(connector=connector(self.connections, ssl=context),
                                             proxy=_proxy_for(url))
-            self._http = client_over(session, connections=self.connections,
-                                     timeout=httpx.Timeout(connect=30, read=60, write=60,
-                                                           pool=30))
+            self._http = client(over_aiohttp(session, self.connections),
+                                connections=self.connections,
+                                timeout=httpx.Timeout(connect=30, read=60, write=60, pool=30))
             self._http_loop = loop
         return self._http
 

@@ -23,7 +23,14 @@ import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from pipeline.httpclient import TRANSPORT_ERRORS, aiohttp_cause, causes, client_over, connector
+from pipeline.httpclient import (
+    TRANSPORT_ERRORS,
+    aiohttp_cause,
+    causes,
+    client,
+    connector,
+    over_aiohttp,
+)
 from pipeline.redact import redact_url, redactor_for, url_secrets
 from pipeline.sse import SSEEvent, SSEParser
 
@@ -106,7 +113,9 @@ class UpstreamClient:
 
     def __init__(self, api_base: str, api_key: str | None, *, concurrency: int,
                  read_timeout: float, connect_timeout: float, deadline: float,
-                 max_media_bytes: int, allow_private_media: bool) -> None:
+                 max_media_bytes: int, allow_private_media: bool,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """`transport` replaces both aiohttp pools (a test's `httpx.MockTransport`)."""
         self._api_base = api_base.rstrip("/")
         self._api_key = api_key or None
         # The key and the base's credentials, taken out of every upstream text we keep.
@@ -140,11 +149,19 @@ class UpstreamClient:
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
                                 write=read_timeout, pool=connect_timeout)
         # Both pools get the concurrency (aiohttp's and httpx's defaults stop at 100).
-        self._api = aiohttp.ClientSession(connector=connector(self._concurrency))
-        self._api_http = client_over(self._api, connections=self._concurrency, timeout=timeout)
-        self._media = self._media_session()
-        self._media_http = client_over(self._media, connections=self._concurrency,
-                                       timeout=timeout, headers=_MEDIA_HEADERS)
+        connections = self._concurrency
+        self._api: aiohttp.ClientSession | None = None
+        self._media: aiohttp.ClientSession | None = None
+        if transport is None:
+            self._api = aiohttp.ClientSession(connector=connector(connections))
+            self._media = self._media_session()
+            api_transport: httpx.AsyncBaseTransport = over_aiohttp(self._api, connections)
+            media_transport: httpx.AsyncBaseTransport = over_aiohttp(self._media, connections)
+        else:
+            api_transport = media_transport = transport
+        self._api_http = client(api_transport, connections=connections, timeout=timeout)
+        self._media_http = client(media_transport, connections=connections, timeout=timeout,
+                                  headers=_MEDIA_HEADERS)
 
     async def aclose(self) -> None:
         """Close both clients (and so their aiohttp sessions)."""
@@ -379,8 +396,9 @@ class UpstreamClient:
                 _check_identity_encoding(response, host)
                 return await self._read_media(response, host)
         except _TRANSPORT_ERRORS as exc:
-            # `from None`: the chained exception could carry the whole pre-signed URL.
-            raise MediaRefused(f"the download from {host} failed: {self._detail(exc)}") from None
+            # `from None` and scrubbed: the exception's text can carry the pre-signed URL.
+            raise MediaRefused(
+                self._scrub(f"the download from {host} failed: {self._detail(exc)}")) from None
 
     async def _read_media(self, response: httpx.Response, host: str | None) -> bytes:
         cap = self._max_media_bytes
