@@ -446,12 +446,15 @@ class S3Store:
     async def _send(self, url: str, data: bytes, content_type: str) -> str | None:
         """PUT `data` to the presigned `url`; None on success, else what went wrong (no URL:
         it is a credential)."""
+        import httpx
+
         from pipeline.httpclient import TRANSPORT_ERRORS, aiohttp_cause
 
         try:
-            response = await self._client_for(url).put(
-                url, content=data, headers={"Content-Type": content_type})
-        except TRANSPORT_ERRORS as exc:  # timeouts are among them
+            request = httpx.Request("PUT", url, content=data,
+                                    headers={"Content-Type": content_type})
+            response = await self._client_for(url).send(request)  # the body read: none
+        except (httpx.InvalidURL, *TRANSPORT_ERRORS) as exc:  # timeouts are among them
             return (aiohttp_cause(exc) or exc).__class__.__name__
         return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
 

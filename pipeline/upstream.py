@@ -52,7 +52,7 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # `asyncio.timeout` is the render deadline and nothing else.
 _TRANSPORT_ERRORS = TRANSPORT_ERRORS
 # Media is read as it arrives (no decompression), so only the identity coding is accepted.
-_MEDIA_HEADERS = {"Accept-Encoding": "identity"}
+_MEDIA_HEADERS = httpx.Headers({"Accept-Encoding": "identity"})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -141,8 +141,10 @@ class UpstreamClient:
         self._models_target = _target(self._models_url)
         auth = _authorization(self._api_key, self._generations_url)
         self._auth_headers = auth
-        self._generation_headers = {**auth, "Accept": "text/event-stream, application/json",
-                                    "Content-Type": "application/json"}
+        # Built once: each call's request is made from them (`httpclient.Client`).
+        self._generation_headers = httpx.Headers({
+            **auth, "Accept": "text/event-stream, application/json",
+            "Content-Type": "application/json"})
         # The read timeout is reset by every chunk (a per-chunk read timeout: keepalive
         # comments keep a render alive, the deadline ends it); `pool` bounds the wait for a
         # pooled connection plus the connect, so a render never waits unbounded for one.
@@ -160,8 +162,7 @@ class UpstreamClient:
         else:
             api_transport = media_transport = transport
         self._api_http = client(api_transport, connections=connections, timeout=timeout)
-        self._media_http = client(media_transport, connections=connections, timeout=timeout,
-                                  headers=_MEDIA_HEADERS)
+        self._media_http = client(media_transport, connections=connections, timeout=timeout)
 
     async def aclose(self) -> None:
         """Close both clients (and so their aiohttp sessions)."""
@@ -195,8 +196,8 @@ class UpstreamClient:
         target = self._generations_target
         if isinstance(target, str):
             return Refused(self._scrub(f"bad api_base: {target} is not a valid URL"), None, False)
-        request = self._api_http.build_request("POST", target, content=content,
-                                               headers=self._generation_headers)
+        request = httpx.Request("POST", target, headers=self._generation_headers,
+                                content=content)
         try:
             response = await self._api_http.send(request, stream=True)
         except _TRANSPORT_ERRORS as exc:
@@ -387,7 +388,8 @@ class UpstreamClient:
             raise MediaRefused("the media URL is not a valid URL") from None
         try:
             # Redirects are never followed by the client: each hop's host is checked first.
-            async with self._media_http.stream("GET", target) as response:
+            request = httpx.Request("GET", target, headers=_MEDIA_HEADERS)
+            async with self._media_http.sending(request) as response:
                 _log_response("GET", url, response)
                 if response.status_code in REDIRECT_STATUSES:
                     return _redirect_target(url, response)
