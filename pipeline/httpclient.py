@@ -42,8 +42,8 @@ def limits(connections: int) -> httpx.Limits:
 
 class _NoCookies(httpx.Cookies):
     """httpx's cookie jar, kept empty. Cookies are aiohttp's session's to keep and send, as
-    before httpx (the transport hands it each request): a second jar would send a cookie
-    twice, and looking for Set-Cookie costs a urllib request object per response."""
+    before httpx (the transport hands it each request); a second jar would only cost, on every
+    response, a urllib request object to look for Set-Cookie."""
 
     def extract_cookies(self, response: httpx.Response) -> None:
         return None

@@ -141,10 +141,11 @@ class UpstreamClient:
         self._models_target = _target(self._models_url)
         auth = _authorization(self._api_key, self._generations_url)
         self._auth_headers = auth
-        # Built once: each call's request is made from them (`httpclient.Client`).
+        # Built once: each call's request is made from them (`httpclient.Client`). The codings
+        # httpx decodes, said here: aiohttp would offer what it decodes itself (zstd, br).
         self._generation_headers = httpx.Headers({
             **auth, "Accept": "text/event-stream, application/json",
-            "Content-Type": "application/json"})
+            "Accept-Encoding": "gzip, deflate", "Content-Type": "application/json"})
         # The read timeout is reset by every chunk (a per-chunk read timeout: keepalive
         # comments keep a render alive, the deadline ends it); `pool` bounds the wait for a
         # pooled connection plus the connect, so a render never waits unbounded for one.

@@ -337,6 +337,7 @@ def test_the_request_sent() -> None:
     assert (request.method, str(request.url)) == ("POST", f"{BASE}/images/generations")
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.headers["accept"] == "text/event-stream, application/json"
+    assert request.headers["accept-encoding"] == "gzip, deflate"  # what httpx can decode
     assert json.loads(request.content) == {**body, "sse": True}
 
 
