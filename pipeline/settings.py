@@ -126,6 +126,9 @@ class Settings:
             # Never echoed: the value is the secret.
             raise SettingsError("IMAGEBATCH_API_KEY: holds a line break or another control "
                                 "character (it goes into an HTTP header as it is)")
+        if self.api_key is not None and not self.api_key.isascii():
+            raise SettingsError("IMAGEBATCH_API_KEY: holds a character that is not ASCII (an "
+                                "HTTP header carries ASCII only: a typographic quote or dash?)")
         check_database_url(self.database_url, self.database_label)
         _check_scheme("BROKER_URL", self.broker_url, BROKER_SCHEMES)
         if self.redis_url:

@@ -120,11 +120,8 @@ class UpstreamClient:
         self._api_key = api_key or None
         # The key and the base's credentials, taken out of every upstream text we keep.
         self._redact = redactor_for(self._api_base, self._api_key)
-        # One Authorization header: a key (Bearer) or the base's credentials (Basic).
-        self._auth_conflict = (
-            f"bad api_base: {redact_url(self._api_base)} holds credentials and an API key is "
-            "set too; only one can be sent" if self._api_key and url_secrets(self._api_base)
-            else None)
+        # Why no call can be sent (each is refused with it), or None.
+        self._auth_conflict = _auth_problem(self._api_base, self._api_key)
         self._read_timeout = read_timeout
         self._deadline = deadline
         self._max_media_bytes = max_media_bytes
@@ -139,7 +136,8 @@ class UpstreamClient:
         # What is sent: the same URLs without the base's credentials (sent as a header).
         self._generations_target = _target(self._generations_url)
         self._models_target = _target(self._models_url)
-        auth = _authorization(self._api_key, self._generations_url)
+        auth = ({} if self._auth_conflict else
+                _authorization(self._api_key, self._generations_url))
         self._auth_headers = auth
         # Built once: each call's request is made from them (`httpclient.Client`). The codings
         # httpx decodes, said here: aiohttp would offer what it decodes itself (zstd, br).
@@ -737,6 +735,17 @@ def _target(url: URL | str) -> httpx.URL | str:
         return httpx.URL(str(url.with_user(None)))
     except httpx.InvalidURL:
         return str(url)
+
+
+def _auth_problem(api_base: str, api_key: str | None) -> str | None:
+    """Why the Authorization header cannot be sent, or None."""
+    if api_key and url_secrets(api_base):
+        # One Authorization header: a key (Bearer) or the base's credentials (Basic).
+        return (f"bad api_base: {redact_url(api_base)} holds credentials and an API key is "
+                "set too; only one can be sent")
+    if api_key and not api_key.isascii():
+        return "the API key holds a character that is not ASCII: no HTTP header can carry it"
+    return None
 
 
 def _authorization(api_key: str | None, url: URL | str) -> dict[str, str]:

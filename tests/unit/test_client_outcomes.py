@@ -21,6 +21,7 @@ import httpx
 import pytest
 from httpx_aiohttp.transport import map_aiohttp_exceptions
 
+from pipeline.settings import Settings, SettingsError
 from pipeline.upstream import Delivered, Outcome, Refused, Unknown, UpstreamClient, rate_limited
 
 KEY = "sk-air-UNITKEY-never-shown-0123456789"
@@ -352,6 +353,16 @@ def test_the_base_credentials_go_as_basic_auth_not_in_the_url() -> None:
     (request,) = sent
     assert str(request.url) == "http://192.0.2.1/v1/images/generations"
     assert request.headers["authorization"] == "Basic dGVhbTpwYUBzcw=="  # team:pa@ss
+
+
+def test_a_key_no_header_can_carry_is_refused_unsent() -> None:
+    sent: list[httpx.Request] = []
+    outcome = generate(sent.append, api_key="sk-air-\u201cpasted\u201d")
+    assert outcome == Refused("the API key holds a character that is not ASCII: no HTTP header "
+                              "can carry it", None, False)
+    assert sent == []
+    with pytest.raises(SettingsError, match="IMAGEBATCH_API_KEY: holds a character that is not"):
+        Settings.from_env({"IMAGEBATCH_API_KEY": "sk-air-\u201cpasted\u201d"})
 
 
 def test_a_redirect_of_the_generation_is_not_followed() -> None:
