@@ -20,15 +20,26 @@ from tests.servers import start_moto, start_postgres, start_redis
 
 # The fast lane first: a whole run fails in seconds on a broken unit before starting servers.
 LANES = ("unit", "integration", "acceptance")
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=_lane_rank)  # stable: the order within a lane stays pytest's
+    outside = sorted({str(item.path.relative_to(TESTS.parent)) for item in items
+                      if _lane(item) is None})
+    if outside:  # a lane is a promise (the unit lane runs anywhere): no test outside one
+        raise pytest.UsageError(f"{', '.join(outside)}: outside the test lanes; move it to "
+                                "tests/unit (no I/O), tests/integration or tests/acceptance "
+                                "(the CLI in a subprocess)")
+    items.sort(key=lambda item: LANES.index(_lane(item) or "integration"))  # stable sort
 
 
-def _lane_rank(item: pytest.Item) -> int:
-    parts = item.path.parts
-    return next((rank for rank, lane in enumerate(LANES) if lane in parts), 1)
+def _lane(item: pytest.Item) -> str | None:
+    """The lane of a test under tests/ (None: outside every lane); a test from elsewhere
+    (a path given on the command line) runs with the integration lane."""
+    if TESTS not in item.path.parents:
+        return "integration"
+    lane = item.path.relative_to(TESTS).parts[0]
+    return lane if lane in LANES else None
 
 
 @pytest.fixture(autouse=True)
