@@ -5,6 +5,7 @@ what it tried: such a test belongs in tests/integration."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import subprocess
@@ -38,6 +39,9 @@ def _no_io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(socket.socket, "connect", _refuse("connect a socket"))
     monkeypatch.setattr(socket.socket, "connect_ex", _refuse("connect a socket"))
     monkeypatch.setattr(socket.socket, "bind", _refuse("bind a socket"))
+    monkeypatch.setattr(socket.socket, "sendto", _refuse("send a datagram"))
     monkeypatch.setattr(socket, "getaddrinfo", _refuse("resolve a host name"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a process"))
+    for name in ("system", "posix_spawn", "posix_spawnp"):
+        monkeypatch.setattr(os, name, _refuse("start a process"))
     monkeypatch.setattr(sqlite3, "connect", _refuse("open an SQLite database"))

@@ -4,6 +4,7 @@ needs them is asked for."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import subprocess
@@ -27,6 +28,8 @@ def test_a_unit_test_cannot_listen_start_a_process_or_open_sqlite() -> None:
         socket.socket().bind(("127.0.0.1", 0))
     with pytest.raises(IOInUnitTest, match="start a process"):
         subprocess.run([sys.executable, "-c", "pass"], check=False)
+    with pytest.raises(IOInUnitTest, match="start a process"):
+        os.system("true")
     with pytest.raises(IOInUnitTest, match="open an SQLite database"):
         sqlite3.connect(":memory:")
 
