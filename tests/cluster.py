@@ -38,8 +38,7 @@ from sqlalchemy.orm import Session
 from pipeline.jobs import job_summary
 from pipeline.ledger import SETTLE_KIND, job_ledger_totals
 from pipeline.models import Attempt, AttemptOutcome, Image, LedgerEntry, LedgerKind, Render
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
 
 # Short sweeps and backoffs, so lost renders come back within seconds. Leases are 10 s: on a
 # busy machine (hundreds of renders queueing on the job's budget row, other processes on the
