@@ -61,8 +61,16 @@ VALUED_OPTIONS = frozenset({
 })
 
 
+# Options with which pytest runs no test.
+NO_RUN_OPTIONS = frozenset({"-h", "--help", "--version", "-V", "--collect-only", "--co",
+                            "--markers", "--fixtures"})
+
+
 def needs_servers(args: list[str]) -> bool:
-    """False when every path asked for lies in the unit lane (which reaches no server)."""
+    """False when every path asked for lies in the unit lane (which reaches no server), or
+    when pytest is asked for no test run at all."""
+    if NO_RUN_OPTIONS.intersection(args):
+        return False
     paths = [arg for arg, before in zip(args, ["", *args][:len(args)], strict=True)
              if not arg.startswith("-") and before not in VALUED_OPTIONS and _is_test_path(arg)]
     return not paths or not all(_in_unit_lane(path) for path in paths)

@@ -40,8 +40,10 @@ def test_a_unit_test_cannot_listen_start_a_process_or_open_sqlite() -> None:
     ["tests/unit/test_sse.py"],
     ["tests/unit/test_sse.py::test_each_line_end", "-x"],
     ["-q", "-k", "sse", "tests/unit"],
+    ["--help"],
+    ["--collect-only", "-q"],
 ])
-def test_the_unit_lane_alone_looks_for_no_server(args: list[str]) -> None:
+def test_the_unit_lane_alone_or_no_test_run_looks_for_no_server(args: list[str]) -> None:
     assert needs_servers(args) is False
 
 
