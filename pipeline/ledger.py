@@ -351,7 +351,7 @@ def settle(
     return True
 
 
-def settle_abandoned_attempt(session: Session, render: Any) -> None:
+def settle_abandoned_attempt(session: Session, render: RenderLike) -> None:
     """An attempt still 'reserved' whose lease has run out lost its worker. With its send
     recorded it is charged unknown (the provider may have billed it); with none it never
     reached the upstream (its worker died between the reservation and `record_send`), so it

@@ -281,7 +281,7 @@ def _back_to_sql_queue(db: Connection, render_id: int, *, forgiven: bool) -> Sto
     return Stop.PAUSED
 
 
-def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: int
+def _cannot_start(render: queries.RenderRow, job_status: str, delivered: int, max_attempts: int
                   ) -> NotStarted | None:
     if job_status == JobStatus.CANCELLED:
         return NotStarted(Stop.CANCELLED)
@@ -295,7 +295,8 @@ def _cannot_start(render: Any, job_status: str, delivered: int, max_attempts: in
     return None
 
 
-def _no_reservation_reason(render: Any, job: Any) -> NotStarted:
+def _no_reservation_reason(render: queries.RenderRow, job: queries.JobMoneyState
+                           ) -> NotStarted:
     if job.status == JobStatus.CANCELLED:
         return NotStarted(Stop.CANCELLED)
     if job.status in WAIT_IN_SQL:
@@ -311,7 +312,7 @@ def _no_reservation_reason(render: Any, job: Any) -> NotStarted:
                                    "budget has too little left")
 
 
-def end_render(session: Session, render: Any, status: RenderStatus, error: str | None,
+def end_render(session: Session, render: queries.RenderRow, status: RenderStatus, error: str | None,
                *, claim: ledger.Settlement | None = None, item_locked: bool = False) -> None:
     """Move a render (an ORM Render or a renders row) to a terminal status, settle its item,
     apply its last attempt's settlement and maybe close its job.
@@ -584,7 +585,7 @@ def finish_attempt(
     return Settled(retry_in=delay)
 
 
-def _record_delivery(session: Session, render: Any, begun: Begun, collected: Collected
+def _record_delivery(session: Session, render: queries.RenderRow, begun: Begun, collected: Collected
                      ) -> tuple[str, ...]:
     """Charge the attempt and record its files; returns the keys of stored objects that no
     image row describes (to delete)."""
@@ -612,7 +613,7 @@ def _record_delivery(session: Session, render: Any, begun: Begun, collected: Col
     return replaced
 
 
-def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
+def _image_row(render: queries.RenderRow, begun: Begun, media: StoredMedia) -> dict[str, Any]:
     info = media.info
     return queries.image_row(
         job_id=render.job_id, render_id=render.id, image_index=media.index, key=media.key,
@@ -624,7 +625,7 @@ def _image_row(render: Any, begun: Begun, media: StoredMedia) -> dict[str, Any]:
         created_at=utcnow())
 
 
-def _should_retry(session: Session, render: Any, outcome: Refused | Unknown,
+def _should_retry(session: Session, render: queries.RenderRow, outcome: Refused | Unknown,
                   max_attempts: int, *, forgiven: bool = False) -> bool:
     if isinstance(outcome, Refused) and not outcome.retryable:
         return False
