@@ -7,14 +7,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, and_, func, insert, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import ledger, queries
 from pipeline.caps import Caps
-from pipeline.db import transaction
+from pipeline.db import retry_on_disconnect, transaction
 from pipeline.models import (
     TERMINAL_JOB,
     ItemStatus,
@@ -36,6 +36,8 @@ from pipeline.plan import (
     plan_lines,
 )
 from pipeline.teams import LimitBelowSpent
+
+T = TypeVar("T")
 
 
 class JobNotFound(LookupError):
@@ -403,18 +405,27 @@ def finish_cancel(transactions: Callable[[], AbstractContextManager[Session]], j
     ended settled, by ranges of `chunk` lines; then the job recounted (its open renders and
     the counters `status` shows) and closed if nothing of it is in flight (else its last
     render closes it)."""
-    while True:
-        with transactions() as session:
-            done = queries.cancel_queued_renders(session.connection(), job_id, chunk=chunk)
-        if done < chunk:
-            break
+    while _each(transactions, lambda db: queries.cancel_queued_renders(
+            db, job_id, chunk=chunk)) == chunk:
+        pass
     for lo, hi in _line_ranges(transactions, job_id, chunk):
-        with transactions() as session:
-            db = session.connection()
-            queries.cancel_pending_items(db, job_id, lo, hi)
-            queries.settle_running_items(db, job_id, lo, hi)
+        _each(transactions, lambda db, lo=lo, hi=hi: (
+            queries.cancel_pending_items(db, job_id, lo, hi),
+            queries.settle_running_items(db, job_id, lo, hi)))
     with transactions() as session:
         _recount_and_close(session, job_id)
+
+
+def _each(transactions: Callable[[], AbstractContextManager[Session]],
+          step: Callable[[Connection], T]) -> T:
+    """`step` in a transaction of `transactions()`, run again on a deadlock (PostgreSQL) when
+    each is a transaction of its own: a chunk locks its rows in index order while a
+    committer's group locks the renders and items it starts or ends in arrival order, and
+    PostgreSQL rolls one back. Ending or cancelling a job's rest must not stop there."""
+    def once() -> T:
+        with transactions() as session:
+            return step(session.connection())
+    return retry_on_disconnect(once)
 
 
 def fail_queued_renders(transactions: Callable[[], AbstractContextManager[Session]],
@@ -425,15 +436,14 @@ def fail_queued_renders(transactions: Callable[[], AbstractContextManager[Sessio
     end as usual. Returns how many renders it failed."""
     failed = 0
     while True:
-        with transactions() as session:
-            done = queries.fail_queued_renders(session.connection(), job_id, reason,
-                                               chunk=chunk)
+        done = _each(transactions, lambda db: queries.fail_queued_renders(
+            db, job_id, reason, chunk=chunk))
         failed += done
         if done < chunk:
             break
     for lo, hi in _line_ranges(transactions, job_id, chunk):
-        with transactions() as session:
-            queries.settle_running_items(session.connection(), job_id, lo, hi)
+        _each(transactions, lambda db, lo=lo, hi=hi: queries.settle_running_items(
+            db, job_id, lo, hi))
     with transactions() as session:
         _recount_and_close(session, job_id)
     return failed
@@ -555,8 +565,7 @@ def _repeat(sessions: sessionmaker[Session], step: Callable[..., int], job_id: i
     rows than `chunk`, a transaction each; how many rows."""
     total = 0
     while True:
-        with transaction(sessions) as session:
-            done = step(session.connection(), job_id, chunk=chunk)
+        done = _each(lambda: transaction(sessions), lambda db: step(db, job_id, chunk=chunk))
         total += done
         if done < chunk:
             return total
