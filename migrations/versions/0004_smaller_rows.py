@@ -4,7 +4,7 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-03 16:40:00
 
-A job of 1,000,000 renders writes each of these a million times (DESIGN: about 1 KB a
+A job of 1,000,000 renders writes each of these a million times (about 1 KB a
 render with its ledger, attempt and image rows).
 - `images.uri` goes: it was the storage URL + `key`; exports build it from the store.
 - `images.item_id` (and its index) goes: an image's item is its render's; deleting an item

@@ -1,5 +1,6 @@
-"""The render flow over real HTTP (fake upstream), real SQLite and real files: every row of
-DESIGN.md's money table, checked against what the fake upstream billed, to the cent."""
+"""The render flow over real HTTP (fake upstream), real SQLite and real files: every outcome
+of the money table (ARCHITECTURE.md, Money: charged, released, unknown), checked against what
+the fake upstream billed, to the cent."""
 
 from __future__ import annotations
 

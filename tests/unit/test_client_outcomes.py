@@ -1,7 +1,7 @@
 """How the upstream client classifies a generation, with no server: every answer is made by an
 `httpx.MockTransport` (the client's httpx side is real; only the wire is replaced).
 
-Delivered is charged, Refused is released, Unknown is charged as unknown (DESIGN.md, money):
+Delivered is charged, Refused is released, Unknown is charged as unknown (ARCHITECTURE.md, Money):
 a wrong class here is a wrong cent in the ledger.
 """
 
