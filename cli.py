@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
-import os
-import signal
-import stat
 import sys
-import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,16 +18,8 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import OperationalError
 
-from pipeline.caps import Caps, load_caps
-from pipeline.db import (
-    SchemaBehind,
-    error_reason,
-    open_engine,
-    prepare_schema,
-    schema_revisions,
-    session_factory,
-    transaction,
-)
+from pipeline.caps import Caps, current_caps
+from pipeline.db import SchemaBehind, database_revisions, error_reason, open_database, transaction
 from pipeline.jobs import (
     RETRY_CHOICES,
     JobNotFound,
@@ -51,19 +37,20 @@ from pipeline.jobs import (
 )
 from pipeline.plan import column_problem, parse_cents, parse_dollars, shown
 from pipeline.redact import redact_url
-from pipeline.settings import Settings, SettingsError, unknown_settings
+from pipeline.report import GROUPS
+from pipeline.settings import Settings, SettingsError, mask_url, unknown_settings
 from pipeline.submission import (
-    JobFileError,
+    InvalidLines,
     Submission,
     check_file,
-    check_readable,
-    submit_file,
+    check_job_file,
+    error_lines,
+    job_name,
+    read_job_text,
+    submit_job,
 )
 
 EXIT_OK, EXIT_JOB_NOT_OK, EXIT_USAGE = 0, 1, 2
-# How long `run` waits for a database that refuses writes (disk full) before it leaves; it
-# never leaves while a paid call is in flight or its result waits to be recorded.
-DB_PATIENCE = 60.0
 FINAL_OK = "succeeded"
 
 # Piped output is read by scripts and people alike: wide enough that tables never wrap ids.
@@ -74,13 +61,18 @@ err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() els
               markup=False)
 
 
+def say(text: str) -> None:
+    """A line on stderr, as it is (user strings hold no markup)."""
+    err.print(text, highlight=False, markup=False)
+
+
 class Stopped(click.ClickException):
     """A run that cannot go on through no fault of its input: one line, exit code 1."""
 
     exit_code = EXIT_JOB_NOT_OK
 
     def show(self, file: Any = None) -> None:
-        err.print(f"error: {self.message}", highlight=False, markup=False)
+        say(f"error: {self.message}")
 
 
 class UserError(click.ClickException):
@@ -102,10 +94,18 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
 class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
+        from workers.local import Stopped as RunStopped
+
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except InvalidLines as exc:  # each line FILE:LINE: reason, then how many
+            for line in exc.lines:
+                say(line)
+            raise UserError(exc.summary) from None
+        except RunStopped as exc:
+            raise Stopped(str(exc)) from None
         except _known_errors() as exc:
             raise UserError(str(exc)) from None
         except OperationalError as exc:  # the database went away or locked up mid-command
@@ -114,9 +114,11 @@ class Group(click.Group):
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv for debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More log lines on stderr (-vv for debug); `worker` shows Celery's banner.")
 @click.version_option(package_name="imagebatch")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """Turn job files (JSONL, one request per line) or job rows in SQL into images, video and
     audio in storage, through an OpenAI-compatible /v1/images/generations endpoint, never
     spending more than the budget and accounting for every cent in SQL.
@@ -127,6 +129,7 @@ def main(verbose: int) -> None:
 
     Try it with no key and no servers:  imagebatch demo
     """
+    ctx.obj = verbose
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -154,7 +157,10 @@ def one_line_transport_logs(record: logging.LogRecord) -> bool:
     return True
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(concurrency: int | None = None, **overrides: Any) -> Settings:
+    """The settings from the environment, with what the command line said instead."""
+    if concurrency:
+        overrides["concurrency"] = concurrency
     settings = Settings.from_env()
     return replace(settings, **overrides) if overrides else settings
 
@@ -166,126 +172,22 @@ def finite(value: float, option: str) -> float:
     return value
 
 
-def broker_app(settings: Settings) -> Any:
-    """The Celery app, on a broker that answered (or a one-line error naming
-    IMAGEBATCH_BROKER_URL): checked before anything is written or any worker starts."""
-    from workers.app import check_broker, check_shared_redis, create_app
-
-    app = create_app(settings)
-    check_broker(app)
-    check_shared_redis(settings)
-    return app
-
-
 def nudge(settings: Settings) -> None:
     """Wake the dispatcher now. With the broker away the job still waits in SQL, where the
     dispatcher of `worker` and `beat` finds it on its next round: a warning, not a failure."""
+    from workers.app import connected_app
     from workers.tasks import nudge_dispatcher
 
     try:
-        nudge_dispatcher(broker_app(settings))
+        nudge_dispatcher(connected_app(settings))
     except SettingsError as exc:
-        err.print(f"warning: {exc}; `imagebatch worker` or `beat` picks the job up once they "
-                  "reach it", highlight=False, markup=False)
+        say(f"warning: {exc}; `imagebatch worker` or `beat` picks the job up once they "
+            "reach it")
 
 
-@contextmanager
-def database(settings: Settings, *, upgrade: bool = True):  # type: ignore[no-untyped-def]
-    """The session factory. The embedded SQLite file is created and upgraded on the spot;
-    a server database must be upgraded explicitly (`imagebatch db upgrade`)."""
-    engine = open_engine(settings.database_url, where=settings.database_label)
-    try:
-        prepare_schema(engine, upgrade=settings.is_sqlite and upgrade,
-                       where=settings.database_label)
-        yield session_factory(engine)
-    finally:
-        engine.dispose()
-
-
-def fetch_models(settings: Settings) -> list[dict[str, Any]]:
-    from pipeline.runtime import build_upstream
-
-    async def fetch() -> list[dict[str, Any]]:
-        client = build_upstream(settings)
-        try:
-            return await client.list_models()
-        finally:
-            await client.aclose()
-
-    return asyncio.run(fetch())
-
-
-def model_caps(settings: Settings, sessions: Any, *, refresh: bool = False) -> dict[str, Caps]:
-    return load_caps(sessions, settings.api_base, lambda: fetch_models(settings),
-                     ttl_seconds=settings.models_ttl, refresh=refresh,
-                     allow_free=settings.allow_free_models)
-
-
-def read_job_text(path: str) -> tuple[str, str]:
-    """(text, a name for it). '-' reads standard input."""
-    if path == "-":
-        return sys.stdin.read(), "stdin"
-    readable(path)
-    file = Path(path)
-    try:
-        return file.read_text(encoding="utf-8"), file_name(path)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-
-
-def file_name(path: str) -> str:
-    """The file's name as text that can be stored and printed: bytes of a name that are not
-    UTF-8 (Python reads them as lone surrogates) become U+FFFD."""
-    return Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def readable(path: str) -> None:
-    """A missing file, a directory, a pipe or a device, an unreadable or an empty one (or
-    nothing on standard input): one line saying which, exit 2."""
-    if path != "-":
-        regular_file(path)
-    try:
-        check_readable(path)
-    except JobFileError as exc:
-        raise UserError(str(exc)) from None
-    if path == "-":
-        peek = getattr(sys.stdin.buffer, "peek", None)  # the bytes stay for the reader
-        if peek is not None and not peek(1):
-            raise UserError("-: no job lines (standard input is empty)")
-    elif not has_text(path):
-        empty = os.stat(path).st_size == 0
-        raise UserError(f"{path}: no job lines (the file is "
-                        f"{'empty' if empty else 'blank lines only'})")
-
-
-def regular_file(path: str) -> None:
-    """A job file is read twice (its digest finds an earlier job, then the lines): only a
-    regular file can be. A pipe or a device goes through standard input instead."""
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        raise UserError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise UserError(f"{path}: is a directory, not a job file")
-    if not stat.S_ISREG(mode):
-        kind = ("a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a character device" if stat.S_ISCHR(mode) else "a block device")
-        raise UserError(f"{path}: not a regular file ({kind}); give a job file, or - to "
-                        "read standard input")
-
-
-def has_text(path: str) -> bool:
-    """Whether the file holds anything but whitespace (read up to its first such byte)."""
-    try:
-        with open(path, "rb") as file:
-            while chunk := file.read(1 << 16):
-                if chunk.strip():
-                    return True
-    except OSError:
-        return True  # the reader that follows says what is wrong
-    return False
+def _summary(sessions: Any, job: int) -> dict[str, Any]:
+    with sessions() as session:
+        return job_summary(session, job)
 
 
 class Money(click.ParamType):
@@ -320,8 +222,7 @@ class StoredText(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
                 ) -> str:
         text = str(value)
-        name = _option(param)
-        problem = column_problem(name, text, self.longest)
+        problem = column_problem(_option(param), text, self.longest)
         if problem is not None:
             raise UserError(problem.replace("holds a lone surrogate", "holds bytes that are not "
                                             "UTF-8 text, read as a lone surrogate"))
@@ -365,13 +266,23 @@ DOLLARS, CENTS = Money(), Money(in_cents=True)
 TEAM_NAME, SCHEDULE_NAME, JOB_NAME = StoredText(200), StoredText(200), StoredText(500)
 
 
-def cap_from_options(budget: int | None, cents: int | None) -> int:
-    """The cap in cents from --budget (already converted from dollars) or --budget-cents."""
+def budget_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--budget DOLLARS and --budget-cents CENTS, for `what`."""
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = click.option("--budget-cents", type=CENTS, help="The same, in cents.")(command)
+        return click.option("--budget", type=DOLLARS, help=f"{what} in dollars.")(command)
+    return add
+
+
+def cap_from_options(budget: int | None, cents: int | None, *, required: bool = True
+                     ) -> int | None:
+    """The cap in cents from --budget (already converted from dollars) or --budget-cents;
+    None when neither is given and none is `required`."""
     if budget is not None and cents is not None:
         raise UserError("give --budget or --budget-cents, not both")
     if cents is not None:
         return cents
-    if budget is None:
+    if budget is None and required:
         raise UserError("every job needs a cap: --budget DOLLARS (e.g. 5.00) or --budget-cents")
     return budget
 
@@ -388,7 +299,21 @@ def exit_for(status: str) -> NoReturn:
     sys.exit(EXIT_OK if status == FINAL_OK else EXIT_JOB_NOT_OK)
 
 
+def print_table(title: str, columns: tuple[str, ...], rows: list[list[str]],
+                right: tuple[str, ...] = (), bold_last: bool = False) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    for number, row in enumerate(rows, start=1):
+        table.add_row(*row, style="bold" if bold_last and number == len(rows) else None)
+    out.print(table)
+
+
 # --- models and plan -----------------------------------------------------------------------
+
+
+def model_caps(settings: Settings, sessions: Any, *, refresh: bool = False) -> dict[str, Caps]:
+    return current_caps(settings, sessions, refresh=refresh)
 
 
 @main.command()
@@ -399,53 +324,33 @@ def models(refresh: bool, as_json: bool) -> None:
 
     The answer of GET /models is cached in SQL for IMAGEBATCH_MODELS_TTL seconds."""
     settings = load_settings()
-    with database(settings) as sessions:
-        caps = model_caps(settings, sessions, refresh=refresh)
+    with open_database(settings) as sessions:
+        caps = sorted(model_caps(settings, sessions, refresh=refresh).values(),
+                      key=lambda c: c.model)
     if as_json:
-        print_json([c.__dict__ for c in caps.values()])
+        print_json([c.__dict__ for c in caps])
         return
-    table = Table(title=f"models at {redact_url(settings.api_base)}")
-    for column in ("model", "modalities", "max_n", "aspect ratios / sizes", "qualities",
-                   "max input images", "price / image"):
-        table.add_column(column)
-    for c in sorted(caps.values(), key=lambda c: c.model):
-        shapes = ", ".join((c.aspect_ratios or ()) + (c.sizes or ())) or "any"
-        table.add_row(
-            c.model, ", ".join(c.modalities), str(c.max_n or "any"), shapes,
-            ", ".join(c.qualities or ()) or "any",
-            "any" if c.max_input_images is None else str(c.max_input_images),
-            price_shown(c),
-        )
-    out.print(table)
-    for c in sorted(caps.values(), key=lambda c: c.model):
+    print_table(f"models at {redact_url(settings.api_base)}",
+                ("model", "modalities", "max_n", "aspect ratios / sizes", "qualities",
+                 "max input images", "price / image"),
+                [[c.model, ", ".join(c.modalities), str(c.max_n or "any"),
+                  ", ".join((c.aspect_ratios or ()) + (c.sizes or ())) or "any",
+                  ", ".join(c.qualities or ()) or "any",
+                  "any" if c.max_input_images is None else str(c.max_input_images),
+                  price_shown(c)] for c in caps])
+    for c in caps:
         if c.refused is not None:  # why a model listed "refused" cannot run
-            out.print(c.refused, highlight=False, markup=False)
+            say_out(c.refused)
+
+
+def say_out(text: str) -> None:
+    out.print(text, highlight=False, markup=False)
 
 
 def price_shown(caps: Caps) -> str:
     if caps.refused is not None:
         return "refused"
     return "no price" if caps.price_per_image_cents is None else f"{caps.price_per_image_cents}¢"
-
-
-def plan_file(settings: Settings, sessions: Any, path: str) -> Submission:
-    """Validate and price the file, streamed (nothing is written)."""
-    readable(path)
-    caps = model_caps(settings, sessions)
-    try:
-        return check_file(path, caps)
-    except JobFileError as exc:
-        raise UserError(str(exc)) from None
-
-
-def print_plan_errors(plan: Submission, path: str) -> None:
-    """The first MAX_ERRORS invalid lines as FILE:LINE (custom_id): reason, then a count."""
-    for error in plan.errors:
-        cid = f" ({error.custom_id})" if error.custom_id else ""
-        err.print(f"{path}:{error.line}{cid}: {error.reason}", highlight=False, markup=False)
-    if plan.error_count > len(plan.errors):
-        err.print(f"... and {plan.error_count - len(plan.errors):,} more invalid lines",
-                  highlight=False, markup=False)
 
 
 def plan_dict(plan: Submission) -> dict[str, Any]:
@@ -470,21 +375,20 @@ def plan(file: str, as_json: bool) -> None:
     Per model: items, images, upstream calls (n split into calls of at most max_n) and the
     maximum cost. Exits 2 when any line is invalid (the first 100 are listed)."""
     settings = load_settings()
-    with database(settings) as sessions:
-        planned = plan_file(settings, sessions, file)
+    with open_database(settings) as sessions:
+        check_job_file(file)
+        planned = check_file(file, model_caps(settings, sessions))
     if as_json:
         print_json(plan_dict(planned))
     else:
-        table = Table(title=f"plan for {file}")
-        for column in ("model", "items", "images", "calls", "max cost"):
-            table.add_column(column, justify="right" if column != "model" else "left")
-        for m in planned.by_model.values():
-            table.add_row(m.model, str(m.items), str(m.images), str(m.calls),
-                          money(m.max_cost_cents))
-        table.add_row("total", str(planned.items), str(planned.images), str(planned.calls),
-                      money(planned.max_cost_cents), style="bold")
-        out.print(table)
-        print_plan_errors(planned, file)
+        rows = [[m.model, str(m.items), str(m.images), str(m.calls), money(m.max_cost_cents)]
+                for m in planned.by_model.values()]
+        rows.append(["total", str(planned.items), str(planned.images), str(planned.calls),
+                     money(planned.max_cost_cents)])
+        print_table(f"plan for {file}", ("model", "items", "images", "calls", "max cost"), rows,
+                    right=("items", "images", "calls", "max cost"), bold_last=True)
+        for line in error_lines(planned, file):
+            say(line)
     if planned.error_count:
         sys.exit(EXIT_USAGE)
 
@@ -497,8 +401,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.argument("file"),
         click.option("--team", default="default", show_default=True, type=TEAM_NAME,
                      help="Team the job is charged to (its period budget applies too)."),
-        click.option("--budget", type=DOLLARS, help="The job's cap in dollars, e.g. 5.00."),
-        click.option("--budget-cents", type=CENTS, help="The job's cap in cents."),
+        budget_options("The job's cap"),
         click.option("--name", type=JOB_NAME,
                      help="A name for the job (default: the file's name)."),
         click.option("--allow-invalid", is_flag=True,
@@ -510,29 +413,21 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def submit_job(settings: Settings, sessions: Any, file: str, team: str, cap: int,
-               name: str | None, allow_invalid: bool) -> tuple[int, Submission]:
-    """Validate, price and write FILE as a pending job in one streamed pass."""
-    readable(file)
-    caps = model_caps(settings, sessions)
-    try:
-        planned = submit_file(sessions, file, caps, team=team, budget_cents=cap,
-                              name=name or ("stdin" if file == "-" else file_name(file)),
-                              allow_invalid=allow_invalid)
-    except JobFileError as exc:
-        raise UserError(str(exc)) from None
-    if planned.error_count:
-        print_plan_errors(planned, file)
-    if planned.job_id is None:
-        raise UserError(
-            f"{planned.error_count:,} invalid line(s) in {file}; nothing was submitted "
-            "(fix them, or pass --allow-invalid to run the rest)"
-        )
-    job_id = planned.job_id
+def submit_here(settings: Settings, sessions: Any, file: str, team: str, cap: int,
+                name: str | None, allow_invalid: bool) -> int:
+    """FILE written as a pending job under the submission rule; the invalid lines it let
+    through (--allow-invalid) are listed."""
+    check_job_file(file)
+    planned = submit_job(sessions, file, model_caps(settings, sessions), team=team,
+                         budget_cents=cap, name=name or job_name(file),
+                         allow_invalid=allow_invalid)
+    for line in error_lines(planned, file):
+        say(line)
     if planned.max_cost_cents > cap:
-        err.print(f"note: the plan costs up to {money(planned.max_cost_cents)} but the cap is "
-                  f"{money(cap)}: renders that do not fit will fail with reason 'budget'")
-    return job_id, planned
+        say(f"note: the plan costs up to {money(planned.max_cost_cents)} but the cap is "
+            f"{money(cap)}: renders that do not fit will fail with reason 'budget'")
+    assert planned.job_id is not None  # submit_job refuses what it does not write
+    return planned.job_id
 
 
 @main.command()
@@ -544,22 +439,21 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
     FILE is JSONL ('-' for stdin): one request body per line (model, prompt, n, and any
     provider parameter, passed through), with optional custom_id and metadata; OpenAI Batch
     lines {custom_id, method, url, body} work too."""
+    from workers.app import connected_app
     from workers.tasks import nudge_dispatcher
 
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents)
-    app = broker_app(settings)  # a broker out of reach is said before the job is written
-    with database(settings) as sessions:
-        job_id, _ = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
+    app = connected_app(settings)  # a broker out of reach is said before the job is written
+    with open_database(settings) as sessions:
+        job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid)
         nudge_dispatcher(app)
-        with sessions() as session:
-            summary = job_summary(session, job_id)
+        summary = _summary(sessions, job_id)
     if as_json:
         print_json(summary)
     else:
         out.print(f"submitted job {job_id} ({summary['items_total']} items, cap {money(cap)}); "
                   f"follow it with: imagebatch status {job_id}")
-
 
 
 @main.command()
@@ -581,7 +475,7 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
 
     Exit code 0 when every item succeeded, 1 when the job ended partial, failed or cancelled
     or was paused, 2 for usage errors, invalid input and an unfinished earlier job."""
-    settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
+    settings = load_settings(concurrency)
     cap = cap_from_options(budget, budget_cents)
     summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json,
                            new=new)
@@ -593,20 +487,28 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
 def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
                  allow_invalid: bool, *, quiet: bool, new: bool = True) -> dict[str, Any]:
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished."""
-    with database(settings) as sessions:
+    from workers.local import worker_here
+
+    with open_database(settings) as sessions:
         # The file is looked at before any worker starts: a refusal prints its line alone.
-        readable(file)
+        check_job_file(file)
         if not new:
             refuse_unfinished(sessions, file)
-        storage_ready(settings)
         # Celery's worker takes about a quarter of a second to start: while the file is
         # submitted, not between the job's commit and its first call.
         with worker_here(settings) as app:
-            job_id, _ = submit_job(settings, sessions, file, team, cap, name, allow_invalid)
-            summary = render_here(app, sessions, job_id, quiet=quiet)
+            job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid)
+            summary = follow_here(app, sessions, job_id, quiet=quiet)
         if not quiet:
             print_outcome(settings, sessions, summary)
     return summary
+
+
+def follow_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[str, Any]:
+    from workers.local import render_here
+
+    with JobProgress(err, job_id, quiet=quiet) as progress:
+        return render_here(app, sessions, job_id, progress, say)
 
 
 def refuse_unfinished(sessions: Any, file: str) -> None:
@@ -616,173 +518,16 @@ def refuse_unfinished(sessions: Any, file: str) -> None:
 
     if file == "-":
         return
-    readable(file)
-    digest = file_digest(file)
     with sessions() as session:
-        job = unfinished_job_of(session, digest)
+        job = unfinished_job_of(session, file_digest(file))
         if job is None:
             return
         s = job_summary(session, job.id)
     done = s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
     raise UserError(
-        f"{file_name(file)} was submitted as job {job.id}, which is {s['status']} "
+        f"{job_name(file)} was submitted as job {job.id}, which is {s['status']} "
         f"({done:,}/{s['items_total']:,} items done): continue it with "
         f"`imagebatch resume {job.id}`, or pass --new to start another copy")
-
-
-def storage_ready(settings: Settings) -> None:
-    """Exit 2 unless results can be stored (a probe object written and deleted): before the
-    first call, so nothing is bought that cannot be kept."""
-    from pipeline.storage import StorageError, open_store, probe
-
-    try:
-        probe(open_store(settings.storage_url))
-    except StorageError as exc:
-        raise UserError(f"storage cannot keep results ({_safe_url(settings.storage_url)}, "
-                        f"IMAGEBATCH_STORAGE_URL): {exc}; nothing was sent") from None
-
-
-@contextmanager
-def worker_here(settings: Settings):  # type: ignore[no-untyped-def]
-    """A Celery worker in this process on an in-memory broker, stopped on the way out."""
-    from workers.app import check_shared_redis, create_app
-    from workers.embedded import InProcessWorker
-    from workers.tasks import shutdown_services
-
-    check_shared_redis(settings)
-    app = create_app(settings, broker_url="memory://localhost//")
-    worker = InProcessWorker(app, settings.render_slots)
-    worker.start()
-    try:
-        yield app
-    finally:
-        worker.stop()
-        shutdown_services()
-
-
-def render_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[str, Any]:
-    """Plan, send and sweep here (the ticker's first tick plans the job at once) and follow
-    the job until it ends or pauses; a paused job names the command that continues it."""
-    from workers.embedded import Feeder, Ticker
-    from workers.tasks import services
-
-    ticker, feeder = Ticker(app, interval=1.0, only_job=job_id), Feeder(app, only_job=job_id)
-    svc = services(app)
-
-    def stuck() -> str | None:
-        """Why this process cannot go on: the database has refused writes (the feeder's) for
-        DB_PATIENCE, and no paid call is in flight or waits to be recorded (leaving then
-        loses nothing more)."""
-        since = feeder.failing_since
-        if since is None or time.monotonic() - since < DB_PATIENCE:
-            return None
-        if svc.commits.waiting or svc.calls_in_flight:
-            return None
-        lost = svc.commits.lost
-        results = (f"{lost} paid result(s) waited longer than IMAGEBATCH_RENDER_DEADLINE and "
-                   "could not be recorded: they are charged unknown and rendered again"
-                   if lost else "every paid result was recorded")
-        return (f"the database refuses writes ({feeder.failure}) for {DB_PATIENCE:g} s: job "
-                f"{job_id} stopped with no call in flight ({results}); make room (or bring "
-                f"the database back), then `imagebatch resume {job_id}`")
-
-    # The signals are taken before the first render is sent: a SIGTERM from then on pauses.
-    with CtrlC(job_id) as ctrl_c:
-        ticker.start()
-        feeder.start()
-        try:
-            summary = follow_job(sessions, job_id, ctrl_c, quiet=quiet, stuck=stuck)
-        finally:
-            feeder.stop()
-            ticker.stop()
-    if summary["status"] == "paused":
-        why = f" ({summary['error']})" if summary.get("error") else ""
-        err.print(f"job {job_id} is paused{why}: continue it with `imagebatch resume {job_id}`",
-                  highlight=False, markup=False)
-    return summary
-
-
-class CtrlC:
-    """SIGINT (Ctrl-C) or SIGTERM (`timeout`, `docker stop`, systemd) while a job renders
-    here: the first is noted (the loop pauses the job, outside any transaction), the second
-    leaves the process at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, job_id: int) -> None:
-        self.job_id = job_id
-        self.pressed = threading.Event()
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> CtrlC:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.pressed.is_set():
-            self.pressed.set()
-            return
-        # Written straight to the descriptors: the interrupted code may hold a console lock.
-        os.write(2, (f"\nleaving now: job {self.job_id} is not finished; renders in flight "
-                     "are taken back by the sweeper once their leases run out; continue it "
-                     f"with `imagebatch resume {self.job_id}`\n").encode())
-        os._exit(130 if signum == signal.SIGINT else 128 + signum)
-
-
-def follow_job(sessions: Any, job_id: int, ctrl_c: CtrlC, *, quiet: bool,
-               stuck: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
-    """Show progress until the job ends, or is paused (by Ctrl-C here or `imagebatch pause`
-    anywhere) and none of its renders is in flight any more, or `stuck()` says why this
-    process cannot go on."""
-    progress = JobProgress(err, job_id, quiet=quiet)
-    asked = False
-    told: str | None = None
-    with progress:
-        while True:
-            if ctrl_c.pressed.is_set() and not asked:
-                asked = True
-                with transaction(sessions) as session:
-                    paused = pause_job(session, job_id)
-                if paused:
-                    err.print(f"pausing job {job_id}: nothing new is sent, renders in flight "
-                              "finish and are settled (Ctrl-C again to leave now)",
-                              highlight=False)
-            # The whole summary is a row; whether the job is done is its status, and for a
-            # paused job whether any render is still running (read from an index).
-            with sessions() as session:
-                state = job_state(session, job_id)
-                finished = state.finished_at is not None
-                drained = (not finished and state.status == "paused"
-                           and renders_running(session, job_id) == 0)
-                told = _say_why_paused(session, job_id, state.status, told)
-                if finished or drained or progress.due():
-                    summary = job_summary(session, job_id)
-                    progress.update(summary)
-            if finished or drained:
-                return summary
-            why = stuck()
-            if why is not None:
-                raise Stopped(why)
-            ctrl_c.pressed.wait(0.25) if not asked else time.sleep(0.25)
-
-
-def _say_why_paused(session: Any, job_id: int, status: str, told: str | None) -> str | None:
-    """Say once why the job was paused when something other than a person paused it (storage
-    refusing results); returns what has been said."""
-    if status != "paused":
-        return None
-    error = job_summary(session, job_id)["error"]
-    if error and error != told:
-        err.print(f"job {job_id} paused ({error}): nothing new is bought; results already "
-                  "paid for keep trying to be stored, and the job runs on if they are",
-                  highlight=False, markup=False)
-    return error
 
 
 def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) -> None:
@@ -803,7 +548,7 @@ def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) ->
         errors = item_errors(session, job_id, limit=10)
     for e in errors:
         cid = f" ({e['custom_id']})" if e["custom_id"] else ""
-        err.print(f"  line {e['line']}{cid}: {e['error']}", highlight=False, markup=False)
+        say(f"  line {e['line']}{cid}: {e['error']}")
     if errors:
         err.print(f"export the files with: imagebatch export {job_id} --format csv")
 
@@ -882,27 +627,23 @@ class JobProgress:
 def status(job: int | None, as_json: bool) -> None:
     """Show one job (with its failed items), or the latest jobs."""
     settings = load_settings()
-    with database(settings) as sessions, sessions() as session:
+    with open_database(settings) as sessions, sessions() as session:
         if job is not None:
             summary = job_summary(session, job)
             summary["errors"] = item_errors(session, job)
-            if as_json:
-                print_json(summary)
-                return
-            _print_summary(summary)
-            return
-        jobs = [job_summary(session, j.id) for j in list_jobs(session)]
-    if as_json:
+        else:
+            jobs = [job_summary(session, j.id) for j in list_jobs(session)]
+    if job is not None and as_json:
+        print_json(summary)
+    elif job is not None:
+        _print_summary(summary)
+    elif as_json:
         print_json({"jobs": jobs})
-        return
-    table = Table(title="jobs")
-    for column in ("id", "name", "team", "status", "items", "files", "spent", "cap"):
-        table.add_column(column)
-    for s in jobs:
-        table.add_row(str(s["id"]), s["name"] or "", s["team"], s["status"],
+    else:
+        print_table("jobs", ("id", "name", "team", "status", "items", "files", "spent", "cap"),
+                    [[str(s["id"]), s["name"] or "", s["team"], s["status"],
                       f"{s['items_succeeded']}/{s['items_total']}", str(s["images"]),
-                      money(s["spent_cents"]), money(s["budget_cents"]))
-    out.print(table)
+                      money(s["spent_cents"]), money(s["budget_cents"])] for s in jobs])
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -913,7 +654,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     out.print(f"  money: spent {money(s['spent_cents'])} (unknown {money(s['unknown_cents'])}),"
               f" reserved {money(s['reserved_cents'])}, cap {money(s['budget_cents'])}")
     for e in s["errors"]:
-        out.print(f"  line {e['line']}: {e['error']}", highlight=False, markup=False)
+        say_out(f"  line {e['line']}: {e['error']}")
 
 
 @main.command()
@@ -926,13 +667,11 @@ def cancel(job: int) -> None:
     second. Interrupted, run it again. `imagebatch resume JOB` renders the cancelled items
     after all."""
     settings = load_settings()
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         with transaction(sessions) as session:
             changed = begin_cancel(session, job)
         if not changed:
-            with sessions() as session:
-                state = job_summary(session, job)["status"]
-            out.print(f"job {job} had already ended ({state})")
+            out.print(f"job {job} had already ended ({_summary(sessions, job)['status']})")
             return
         finish_cancel(lambda: transaction(sessions), job)
         with sessions() as session:
@@ -956,9 +695,7 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str) -> tuple[
               help="Which items go again, comma-separated: failed (every failed item), "
                    "cancelled, budget (failed for budget), unknown (a last attempt whose "
                    "outcome is unknown).")
-@click.option("--budget", type=DOLLARS,
-              help="Raise (or set) the job's cap in dollars first.")
-@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
+@budget_options("Raise (or set) the job's cap first,")
 def retry(job: int, only: tuple[str, ...], budget: int | None, budget_cents: int | None
           ) -> None:
     """Render JOB's failed items again (each attempt reserves anew), once the job has ended.
@@ -966,13 +703,12 @@ def retry(job: int, only: tuple[str, ...], budget: int | None, budget_cents: int
     `imagebatch resume JOB` then renders them in this process; or `imagebatch worker`
     processes do."""
     settings = load_settings()
-    cap = None if budget is None and budget_cents is None else cap_from_options(budget,
-                                                                                budget_cents)
-    with database(settings) as sessions:
+    cap = cap_from_options(budget, budget_cents, required=False)
+    with open_database(settings) as sessions:
         with transaction(sessions) as session:
             count = retry_job(session, job, cap, only)
         if not count:  # the job was left exactly as it ended (its cap too)
-            state = _job_summary(sessions, job)["status"]
+            state = _summary(sessions, job)["status"]
             out.print(f"job {job} is {state}: nothing to retry (no {' or '.join(only)} "
                       "items); nothing was changed", highlight=False)
             return
@@ -988,7 +724,7 @@ def pause(job: int) -> None:
     waits queued. `imagebatch resume JOB` continues it in this process, `imagebatch resume
     JOB --detach` on `imagebatch worker` processes."""
     settings = load_settings()
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         with transaction(sessions) as session:
             changed = pause_job(session, job)
         with sessions() as session:
@@ -1005,9 +741,7 @@ def pause(job: int) -> None:
 
 @main.command()
 @click.argument("job", type=JOB_ID)
-@click.option("--budget", type=DOLLARS,
-              help="Raise (or set) the job's cap in dollars first.")
-@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
+@budget_options("Raise (or set) the job's cap first,")
 @click.option("--detach", is_flag=True,
               help="Set the job running and return: `imagebatch worker` processes continue it.")
 @click.option("--concurrency", type=CONCURRENCY,
@@ -1024,15 +758,16 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
 
     Exit codes as `run`: 0 when every item succeeded (also when it had already: nothing to
     resume), 1 when the job ended otherwise or was paused, 2 for usage errors."""
-    settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
-    cap = None if budget is None and budget_cents is None else cap_from_options(budget,
-                                                                                budget_cents)
-    with database(settings) as sessions:
+    from workers.local import worker_here
+
+    settings = load_settings(concurrency)
+    cap = cap_from_options(budget, budget_cents, required=False)
+    with open_database(settings) as sessions:
         if detach:
             resumed = resume_job(sessions, job, budget_cents=cap, in_process=False)
             if resumed.resumed:
                 nudge(settings)
-            summary = _job_summary(sessions, job)
+            summary = _summary(sessions, job)
             if not resumed.resumed:
                 _nothing_to_resume(summary, as_json)
             if as_json:
@@ -1042,15 +777,14 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
                           f"processes continue it (follow it with `imagebatch status {job}`)",
                           highlight=False)
             return
-        storage_ready(settings)
         with worker_here(settings) as app:
             resumed = resume_job(sessions, job, budget_cents=cap, in_process=True)
             if resumed.resumed:
                 if not as_json:
-                    err.print(f"resuming job {job} ({resumed.before})", highlight=False)
-                summary = render_here(app, sessions, job, quiet=as_json)
+                    say(f"resuming job {job} ({resumed.before})")
+                summary = follow_here(app, sessions, job, quiet=as_json)
         if not resumed.resumed:
-            _nothing_to_resume(_job_summary(sessions, job), as_json)
+            _nothing_to_resume(_summary(sessions, job), as_json)
         if not as_json:
             print_outcome(settings, sessions, summary)
     if as_json:
@@ -1058,16 +792,11 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
     exit_for(summary["status"])
 
 
-def _job_summary(sessions: Any, job: int) -> dict[str, Any]:
-    with sessions() as session:
-        return job_summary(session, job)
-
-
 def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
     job, status = summary["id"], summary["status"]
     hint = "" if status == FINAL_OK else (
         f"; `imagebatch retry {job} --only failed,budget,unknown` renders failed items again")
-    err.print(f"job {job} {status}: nothing to resume{hint}", highlight=False, markup=False)
+    say(f"job {job} {status}: nothing to resume{hint}")
     if as_json:
         print_json(summary)
     else:
@@ -1090,7 +819,7 @@ def export(job: int, fmt: str, output: str | None) -> None:
 
     settings = load_settings()
     uri_of = open_store(settings.storage_url).uri
-    with database(settings) as sessions, sessions() as session:
+    with open_database(settings) as sessions, sessions() as session:
         job_summary(session, job)  # a clear error for a job that does not exist
         if output is None:
             write_export(export_rows(session, job, uri_of), sys.stdout, fmt)
@@ -1110,8 +839,7 @@ def team() -> None:
 
 @team.command("set")
 @click.argument("name", type=TEAM_NAME)
-@click.option("--budget", type=DOLLARS, help="The period's limit in dollars (e.g. 500.00).")
-@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
+@budget_options("The period's limit (e.g. 500.00)")
 @click.option("--period", type=click.Choice(["day", "week", "month", "none"]), default="month",
               show_default=True, help="UTC periods; 'none' is one budget for all time.")
 @click.option("--no-budget", is_flag=True, help="Remove the limit (jobs run on their cap).")
@@ -1124,7 +852,7 @@ def team_set(name: str, budget: int | None, budget_cents: int | None, period: st
 
     cap = None if no_budget else cap_from_options(budget, budget_cents)
     settings = load_settings()
-    with database(settings) as sessions, transaction(sessions) as session:
+    with open_database(settings) as sessions, transaction(sessions) as session:
         set_team(session, name, cap, period)
         session.flush()
         state = team_state(session, name)
@@ -1139,18 +867,15 @@ def team_list(as_json: bool) -> None:
     from pipeline.teams import list_teams
 
     settings = load_settings()
-    with database(settings) as sessions, sessions() as session:
+    with open_database(settings) as sessions, sessions() as session:
         states = list_teams(session)
     if as_json:
         print_json([s.as_dict() for s in states])
         return
-    table = Table(title="teams")
-    for column in ("team", "period", "limit", "spent", "unknown", "reserved", "left"):
-        table.add_column(column)
-    for s in states:
-        table.add_row(s.team, s.period, money(s.limit_cents), money(s.spent_cents),
-                      money(s.unknown_cents), money(s.reserved_cents), money(s.left_cents))
-    out.print(table)
+    print_table("teams", ("team", "period", "limit", "spent", "unknown", "reserved", "left"),
+                [[s.team, s.period, money(s.limit_cents), money(s.spent_cents),
+                  money(s.unknown_cents), money(s.reserved_cents), money(s.left_cents)]
+                 for s in states])
 
 
 @team.command("show")
@@ -1161,7 +886,7 @@ def team_show(name: str, as_json: bool) -> None:
     from pipeline.teams import team_state
 
     settings = load_settings()
-    with database(settings) as sessions, sessions() as session:
+    with open_database(settings) as sessions, sessions() as session:
         try:
             state = team_state(session, name)
         except LookupError as exc:
@@ -1193,8 +918,7 @@ def _parse_day(value: str | None, option: str) -> Any:
 @click.option("--model", help="Only this model.")
 @click.option("--since", help="From this UTC date or time (inclusive), e.g. 2026-11-01.")
 @click.option("--until", help="Up to this UTC date or time (exclusive).")
-@click.option("--by", type=click.Choice(["team", "model", "job", "day", "month"]),
-              help="One row per team, model, job, day or month.")
+@click.option("--by", type=click.Choice(GROUPS), help="One row per team, model, job, day or month.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
@@ -1207,33 +931,32 @@ def report(team: str | None, job: int | None, model: str | None, since: str | No
     settings = load_settings()
     filters = ReportFilter(team=team, job=job, model=model,
                            since=_parse_day(since, "--since"), until=_parse_day(until, "--until"))
-    with database(settings) as sessions, sessions() as session:
-        rows = ledger_report(session, filters, by)
-    total = total_of(rows)
+    with open_database(settings) as sessions, sessions() as session:
+        rows = [*ledger_report(session, filters, by)]
+    rows.append(total_of(rows))
     fmt = "json" if as_json else fmt
     if fmt == "json":
-        print_json({"by": by, "rows": [r.as_dict() for r in rows], "total": total.as_dict()})
-        return
-    if fmt == "csv":
+        print_json({"by": by, "rows": [r.as_dict() for r in rows[:-1]],
+                    "total": rows[-1].as_dict()})
+    elif fmt == "csv":
         import csv
 
         from pipeline.export import neutralised
 
         writer = csv.writer(sys.stdout, lineterminator="\r\n")  # as `export` (RFC 4180)
-        fields = list(total.as_dict())
+        fields = list(rows[-1].as_dict())
         writer.writerow(fields)
-        for row in [*rows, total]:  # team and model names are user strings: no formulas
+        for row in rows:  # team and model names are user strings: no formulas
             writer.writerow([neutralised(row.as_dict()[f]) for f in fields])
-        return
-    table = Table(title="costs from the ledger")
-    for column in (by or "", "calls", "images", "charged", "unknown", "released", "per image"):
-        table.add_column(column, justify="left" if column == (by or "") else "right")
-    for row in [*rows, total]:
-        per = "-" if row.avg_cents_per_image is None else f"{row.avg_cents_per_image:.2f}¢"
-        table.add_row(row.group, str(row.calls), str(row.images), money(row.charged_cents),
-                      money(row.unknown_cents), money(row.released_cents), per,
-                      style="bold" if row is total else None)
-    out.print(table)
+    else:
+        print_table("costs from the ledger",
+                    (by or "", "calls", "images", "charged", "unknown", "released", "per image"),
+                    [[row.group, str(row.calls), str(row.images), money(row.charged_cents),
+                      money(row.unknown_cents), money(row.released_cents),
+                      "-" if row.avg_cents_per_image is None
+                      else f"{row.avg_cents_per_image:.2f}¢"] for row in rows],
+                    right=("calls", "images", "charged", "unknown", "released", "per image"),
+                    bold_last=True)
 
 
 @main.group()
@@ -1246,27 +969,30 @@ def schedule() -> None:
 @click.argument("file")
 @click.option("--cron", required=True, help="When to fire, e.g. '0 3 * * *'.")
 @click.option("--team", default="default", show_default=True, type=TEAM_NAME)
-@click.option("--budget", type=DOLLARS, help="Each job's cap in dollars.")
-@click.option("--budget-cents", type=CENTS, help="The same, in cents.")
+@budget_options("Each job's cap")
 @click.option("--timezone", default="UTC", show_default=True,
               help="The zone the cron expression is read in, e.g. Europe/Berlin.")
+@click.option("--allow-invalid", is_flag=True,
+              help="Keep the schedule even if some lines are invalid: each job fails them.")
 def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
-                 budget_cents: int | None, timezone: str) -> None:
-    """Fire FILE as a job on the cron schedule. The file's content is stored with the
-    schedule, so moving or editing the file later changes nothing."""
-    from pipeline.schedules import ScheduleError, add_schedule, next_slot
+                 budget_cents: int | None, timezone: str, allow_invalid: bool) -> None:
+    """Fire FILE as a job on the cron schedule. FILE is checked as `submit` checks it (every
+    line against the models' caps). Its content is stored with the schedule, so moving or
+    editing the file later changes nothing."""
+    from pipeline.models import utcnow
+    from pipeline.schedules import add_schedule, next_slot
 
     cap = cap_from_options(budget, budget_cents)
     text, source = read_job_text(file)
     settings = load_settings()
-    with database(settings) as sessions, transaction(sessions) as session:
-        try:
-            add_schedule(session, name=name, cron=cron, job_text=text, team=team,
-                         budget_cents=cap, timezone=timezone, source_name=source)
-        except ScheduleError as exc:
-            raise UserError(str(exc)) from None
-    from pipeline.models import utcnow
-
+    with open_database(settings) as sessions:
+        caps = model_caps(settings, sessions)  # network: before the transaction
+        with transaction(sessions) as session:
+            checked = add_schedule(session, name=name, cron=cron, job_text=text, team=team,
+                                   budget_cents=cap, caps=caps, allow_invalid=allow_invalid,
+                                   timezone=timezone, source_name=source, where=file)
+    for line in error_lines(checked, file):
+        say(line)
     upcoming = next_slot(cron, timezone, utcnow())
     out.print(f"schedule {name}: next firing {upcoming:%Y-%m-%d %H:%M} UTC "
               "(it fires while `imagebatch beat` runs)")
@@ -1279,33 +1005,27 @@ def schedule_list(as_json: bool) -> None:
     from pipeline.schedules import list_schedules
 
     settings = load_settings()
-    with database(settings) as sessions, sessions() as session:
+    with open_database(settings) as sessions, sessions() as session:
         views = list_schedules(session)
     if as_json:
         print_json([v.__dict__ for v in views])
         return
-    table = Table(title="schedules")
-    for column in ("name", "cron", "zone", "team", "cap", "next (UTC)", "last job", "status"):
-        table.add_column(column)
-    for v in views:
-        table.add_row(v.name, v.cron, v.timezone, v.team, money(v.budget_cents),
-                      f"{v.next_firing:%Y-%m-%d %H:%M}", str(v.last_job_id or "-"),
-                      v.last_job_status or "-")
-    out.print(table)
+    print_table("schedules",
+                ("name", "cron", "zone", "team", "cap", "next (UTC)", "last job", "status"),
+                [[v.name, v.cron, v.timezone, v.team, money(v.budget_cents),
+                  f"{v.next_firing:%Y-%m-%d %H:%M}", str(v.last_job_id or "-"),
+                  v.last_job_status or "-"] for v in views])
 
 
 @schedule.command("remove")
 @click.argument("name")
 def schedule_remove(name: str) -> None:
     """Delete schedule NAME (its jobs stay)."""
-    from pipeline.schedules import ScheduleError, remove_schedule
+    from pipeline.schedules import remove_schedule
 
     settings = load_settings()
-    with database(settings) as sessions, transaction(sessions) as session:
-        try:
-            remove_schedule(session, name)
-        except ScheduleError as exc:
-            raise UserError(str(exc)) from None
+    with open_database(settings) as sessions, transaction(sessions) as session:
+        remove_schedule(session, name)
     out.print(f"schedule {name} removed")
 
 
@@ -1313,15 +1033,12 @@ def schedule_remove(name: str) -> None:
 @click.argument("name")
 def schedule_run(name: str) -> None:
     """Create schedule NAME's job now (the workers render it)."""
-    from pipeline.schedules import ScheduleError, run_now
+    from pipeline.schedules import run_now
 
     settings = load_settings()
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         with transaction(sessions) as session:
-            try:
-                job_id = run_now(session, name)
-            except ScheduleError as exc:
-                raise UserError(str(exc)) from None
+            job_id = run_now(session, name)
         nudge(settings)
     out.print(f"schedule {name}: job {job_id} submitted")
 
@@ -1337,30 +1054,21 @@ def schedule_run(name: str) -> None:
               help="Also plan pending jobs, send queued renders to the broker as renders "
                    "start, and bring back stuck renders (needed where no `imagebatch beat` "
                    "runs; harmless beside one).")
-def worker(concurrency: int | None, sweep: bool) -> None:
-    """Render queued jobs until stopped (Ctrl-C or SIGTERM finishes what it started)."""
-    from workers.embedded import Feeder, Ticker
-    from workers.tasks import announce_worker
+@click.pass_obj
+def worker(verbose: int, concurrency: int | None, sweep: bool) -> None:
+    """Render queued jobs until stopped (Ctrl-C or SIGTERM finishes what it started).
 
-    settings = load_settings(**({"concurrency": concurrency} if concurrency else {}))
-    with database(settings):
+    It starts with one line naming its broker, database, storage and concurrency; -v also
+    shows Celery's banner."""
+    from workers.local import storage_ready
+    from workers.serve import serve_worker
+
+    settings = load_settings(concurrency)
+    with open_database(settings):
         pass  # refuses to start on a schema that is behind
     storage_ready(settings)
-    app = broker_app(settings)
-    announce_worker(app, settings.render_slots)
-    # The ticker plans and sweeps every sweep_interval; the feeder keeps the broker's
-    # window full as renders start.
-    tickers = [Ticker(app, interval=settings.sweep_interval), Feeder(app)] if sweep else []
-    for ticker in tickers:
-        ticker.start()
-    err.print(f"worker: {settings.concurrency} calls in flight ({settings.render_slots} "
-              f"renders), broker "
-              f"{_safe_url(settings.broker_url)}, database {_safe_url(settings.database_url)}")
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    app.Worker(pool="threads", concurrency=settings.render_slots, loglevel=level,
-               without_mingle=True, without_gossip=True, optimization="fair").start()
-    for ticker in tickers:
-        ticker.stop()
+    serve_worker(settings, sweep=sweep, loglevel=level, banner=verbose > 0, say=say)
 
 
 @main.command()
@@ -1369,46 +1077,27 @@ def worker(concurrency: int | None, sweep: bool) -> None:
               help="Seconds between two looks at pending jobs, schedules and stuck renders.")
 def beat(interval: float) -> None:
     """Pick up jobs inserted with SQL, fire schedules, and sweep stuck renders, until stopped."""
-    from workers.embedded import Feeder, Ticker
+    from workers.serve import serve_beat
 
     settings = load_settings()
-    with database(settings):
+    with open_database(settings):
         pass
-    app = broker_app(settings)
-    tickers = [Ticker(app, interval=interval), Feeder(app)]
-    err.print(f"beat: every {interval:g}s")
-    for ticker in tickers:
-        ticker.start()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        for ticker in tickers:
-            ticker.stop()
+    serve_beat(settings, interval=interval, say=say)
 
 
 @main.command()
 def dispatch() -> None:
     """Plan pending jobs now (those inserted with SQL included) and enqueue their renders."""
+    from workers.app import connected_app
     from workers.embedded import tick
-
-    settings = load_settings()
-    with database(settings):
-        pass
-    count = tick(broker_app(settings))
     from workers.tasks import shutdown_services
 
+    settings = load_settings()
+    with open_database(settings):
+        pass
+    count = tick(connected_app(settings))
     shutdown_services()
     out.print(f"enqueued {count} render(s)")
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
 
 
 @main.group()
@@ -1420,24 +1109,14 @@ def db() -> None:
 def db_upgrade() -> None:
     """Create or upgrade the schema to this version's."""
     settings = load_settings()
-    engine = open_engine(settings.database_url, where=settings.database_label)
-    try:
-        prepare_schema(engine, upgrade=True, where=settings.database_label)
-        current, _ = schema_revisions(engine)
-    finally:
-        engine.dispose()
-    out.print(f"schema at revision {current} ({_safe_url(settings.database_url)})")
+    current, _ = database_revisions(settings, upgrade=True)
+    out.print(f"schema at revision {current} ({mask_url(settings.database_url)})")
 
 
 @db.command("current")
 def db_current() -> None:
     """Show the schema's revision and the one this version needs."""
-    settings = load_settings()
-    engine = open_engine(settings.database_url, where=settings.database_label)
-    try:
-        current, head = schema_revisions(engine)
-    finally:
-        engine.dispose()
+    current, head = database_revisions(load_settings())
     out.print(f"database: {current or 'empty'}; this imagebatch: {head}")
 
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.db import transaction
 from pipeline.models import ModelCaps, utcnow
 from pipeline.redact import redact_url
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 # The largest price per image we believe (1,000,000 cents: $10,000). A catalogue can say
 # anything; a price past this is a mistake (or hostile), and it must stay far inside SQL's
@@ -159,6 +162,33 @@ def load_caps(
     entries = fetch()
     _store_entries(sessions, cache_key, entries)
     return caps_by_model(entries, allow_free=allow_free)
+
+
+def current_caps(settings: Settings, sessions: sessionmaker[Session],
+                 fetch: ModelsFetcher | None = None, *, refresh: bool = False
+                 ) -> dict[str, Caps]:
+    """The caps every path reads (a command, the dispatcher, a schedule's check): the
+    settings' API base, `MODELS_TTL` and `ALLOW_FREE_MODELS`. `fetch` asks /models (a
+    worker's own client on its loop); by default a client of its own, opened and closed."""
+    return load_caps(sessions, settings.api_base, fetch or (lambda: fetch_models(settings)),
+                     ttl_seconds=settings.models_ttl, refresh=refresh,
+                     allow_free=settings.allow_free_models)
+
+
+def fetch_models(settings: Settings) -> list[dict[str, Any]]:
+    """GET /models once, outside any worker (a command that checks a file)."""
+    import asyncio
+
+    from pipeline.runtime import build_upstream
+
+    async def fetch() -> list[dict[str, Any]]:
+        client = build_upstream(settings)
+        try:
+            return await client.list_models()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(fetch())
 
 
 def api_base_key(api_base: str) -> str:

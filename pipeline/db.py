@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from pipeline.settings import SettingsError, check_database_url, mask_url
+from pipeline.settings import Settings, SettingsError, check_database_url, mask_url
 
 log = logging.getLogger("imagebatch.db")
 WRITE_OPTION = "imagebatch_write"
@@ -64,6 +64,34 @@ def open_engine(database_url: str, *, where: str | None = None, pool_size: int =
         raise DatabaseUnavailable(f"{where}: cannot open the database: {error_reason(exc)}"
                                   ) from None
     return engine
+
+
+@contextmanager
+def open_database(settings: Settings, *, upgrade: bool = True
+                  ) -> Iterator[sessionmaker[Session]]:
+    """The sessions of the configured database, with the schema rule every command follows:
+    the embedded SQLite file is created and upgraded on the spot (`upgrade`); a server's
+    schema is only checked (SchemaBehind names `imagebatch db upgrade`), because migrating
+    a shared database is its operator's decision."""
+    engine = open_engine(settings.database_url, where=settings.database_label)
+    try:
+        prepare_schema(engine, upgrade=settings.is_sqlite and upgrade,
+                       where=settings.database_label)
+        yield session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def database_revisions(settings: Settings, *, upgrade: bool = False) -> tuple[str | None, str]:
+    """(the database's schema revision, this code's), after an upgrade when `upgrade`
+    (`imagebatch db upgrade`: any database, a server's too)."""
+    engine = open_engine(settings.database_url, where=settings.database_label)
+    try:
+        if upgrade:
+            prepare_schema(engine, upgrade=True, where=settings.database_label)
+        return schema_revisions(engine)
+    finally:
+        engine.dispose()
 
 
 def _check_sqlite_file(path: Path, where: str) -> None:

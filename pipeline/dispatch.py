@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from pipeline.caps import Caps, load_caps
+from pipeline.caps import Caps
+from pipeline.caps import current_caps as caps_of
 from pipeline.db import transaction
 from pipeline.jobs import PLAN_CHUNK, fail_next_item, jobs_to_plan, plan_job
 from pipeline.models import Job, JobStatus
@@ -19,14 +20,9 @@ log = logging.getLogger("imagebatch.dispatch")
 
 
 def current_caps(svc: Services, *, refresh: bool = False) -> dict[str, Caps]:
-    return load_caps(
-        svc.sessions,
-        svc.settings.api_base,
-        lambda: svc.io.run(svc.upstream.list_models()),
-        ttl_seconds=svc.settings.models_ttl,
-        refresh=refresh,
-        allow_free=svc.settings.allow_free_models,
-    )
+    """The caps, /models asked through this worker's client on its loop."""
+    return caps_of(svc.settings, svc.sessions, lambda: svc.io.run(svc.upstream.list_models()),
+                   refresh=refresh)
 
 
 def plan_pending(svc: Services, only_job: int | None = None) -> int:

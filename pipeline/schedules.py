@@ -7,6 +7,7 @@ missed slot fires, once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -15,42 +16,60 @@ from croniter import croniter
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.caps import Caps
 from pipeline.db import transaction
 from pipeline.jobs import create_job
 from pipeline.models import Job, Schedule, utcnow
-from pipeline.plan import LineError, parse_lines
+from pipeline.plan import parse_lines
+from pipeline.submission import InvalidLines, JobFileError, Submission, accept, check_text
 
 
 class ScheduleError(ValueError):
     pass
 
 
-def check_schedule(cron: str, timezone: str, job_text: str) -> None:
+class InvalidScheduleLines(InvalidLines, ScheduleError):
+    """A schedule's job file refused, as `submit` refuses it; str() names its first line."""
+
+    def __str__(self) -> str:
+        return f"{self.summary}; first: {self.lines[0]}"
+
+
+def check_schedule(cron: str, timezone: str, job_text: str, caps: Mapping[str, Caps], *,
+                   allow_invalid: bool = False, where: str | None = None) -> Submission:
+    """The cron expression, the zone, and the job file under the submission rule (every
+    line checked against the caps; refused unless `allow_invalid`), as `submit` checks it.
+    Each firing is checked again when the dispatcher plans its job (the catalogue may have
+    changed): a line invalid by then fails with its reason, as with `--allow-invalid`."""
     if not croniter.is_valid(cron):
         raise ScheduleError(f"--cron {cron!r} is not a cron expression (e.g. '0 3 * * *')")
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ScheduleError(f"--timezone {timezone!r} is not a known time zone") from None
-    entries = parse_lines(job_text)
-    errors = [e for e in entries if isinstance(e, LineError)]
-    if errors:
-        raise ScheduleError("; ".join(str(e) for e in errors[:5]))
-    if not entries:
-        raise ScheduleError("the job file has no lines")
+    try:
+        checked = check_text(job_text, caps, where)
+    except JobFileError as exc:  # no job lines
+        raise ScheduleError(str(exc)) from None
+    return accept(checked, where, allow_invalid=allow_invalid, what="stored",
+                  refusal=InvalidScheduleLines)
 
 
 def add_schedule(session: Session, *, name: str, cron: str, job_text: str, team: str,
-                 budget_cents: int, timezone: str = "UTC", source_name: str | None = None
-                 ) -> Schedule:
-    check_schedule(cron, timezone, job_text)
+                 budget_cents: int, caps: Mapping[str, Caps], allow_invalid: bool = False,
+                 timezone: str = "UTC", source_name: str | None = None,
+                 where: str | None = None) -> Submission:
+    """Store a schedule whose job file passed `check_schedule` (`where`: the file's path,
+    for the messages); returns the check (the invalid lines `allow_invalid` let through)."""
+    checked = check_schedule(cron, timezone, job_text, caps, allow_invalid=allow_invalid,
+                             where=where)
     if session.get(Schedule, name) is not None:
         raise ScheduleError(f"a schedule named {name!r} exists (remove it first)")
     schedule = Schedule(name=name, cron=cron, timezone=timezone, team=team,
                         budget_cents=budget_cents, job_text=job_text, source_name=source_name,
                         created_at=utcnow())
     session.add(schedule)
-    return schedule
+    return checked
 
 
 def latest_slot(cron: str, timezone: str, now: datetime) -> datetime:

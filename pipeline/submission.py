@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import stat
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -97,11 +100,71 @@ def file_digest(path: str | Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def check_readable(path: str) -> None:
-    """Raise JobFileError with a one-line reason when `path` cannot be read as a job file."""
-    if path != STDIN:
-        with open_job_file(path):
-            pass
+def check_job_file(path: str) -> None:
+    """Raise JobFileError (one line saying which) for what cannot be a job file: a missing
+    file, a directory, a pipe or a device (a job file is read twice: its digest finds an
+    earlier job, then its lines; a pipe goes through standard input), an unreadable or an
+    empty one, or nothing on standard input ('-')."""
+    if path == STDIN:
+        peek = getattr(sys.stdin.buffer, "peek", None)  # the bytes stay for the reader
+        if peek is not None and not peek(1):
+            raise JobFileError("-: no job lines (standard input is empty)")
+        return
+    _regular_file(path)
+    with open_job_file(path):
+        pass
+    if not _has_text(path):
+        empty = os.stat(path).st_size == 0
+        raise JobFileError(f"{path}: no job lines (the file is "
+                           f"{'empty' if empty else 'blank lines only'})")
+
+
+def _regular_file(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise JobFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise JobFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise JobFileError(f"{path}: is a directory, not a job file")
+    if not stat.S_ISREG(mode):
+        kind = ("a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device")
+        raise JobFileError(f"{path}: not a regular file ({kind}); give a job file, or - to "
+                           "read standard input")
+
+
+def _has_text(path: str) -> bool:
+    """Whether the file holds anything but whitespace (read up to its first such byte)."""
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 16):
+                if chunk.strip():
+                    return True
+    except OSError:
+        return True  # the reader that follows says what is wrong
+    return False
+
+
+def job_name(path: str) -> str:
+    """The file's name as text that can be stored and printed ('stdin' for '-'): bytes of
+    a name that are not UTF-8 (Python reads them as lone surrogates) become U+FFFD."""
+    if path == STDIN:
+        return "stdin"
+    return Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def read_job_text(path: str) -> tuple[str, str]:
+    """The whole job file as text (a schedule keeps it), and its name; '-' reads standard
+    input."""
+    check_job_file(path)
+    if path == STDIN:
+        return sys.stdin.read(), job_name(path)
+    try:
+        return Path(path).read_text(encoding="utf-8"), job_name(path)
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
 @contextmanager
@@ -169,14 +232,65 @@ def plan_stream(stream: IO[bytes], caps: Mapping[str, Caps], digest: Any = None
 
 def check_file(path: str, caps: Mapping[str, Caps]) -> Submission:
     """Validate and price a job file without writing anything (`imagebatch plan`)."""
+    with open_job_file(path) as stream:
+        return _check_stream(stream, caps, path)
+
+
+def check_text(text: str, caps: Mapping[str, Caps], where: str | None = None) -> Submission:
+    """The same for a job file's text (a schedule's)."""
+    data = text.encode("utf-8", "surrogatepass")  # a lone surrogate fails its line alone
+    return _check_stream(io.BytesIO(data), caps, where or "the job text")
+
+
+def _check_stream(stream: IO[bytes], caps: Mapping[str, Caps], where: str) -> Submission:
     result = Submission()
     digest = hashlib.sha256()
-    with open_job_file(path) as stream:
-        for _, outcome in plan_stream(stream, caps, digest):
-            result.add(outcome)
+    for _, outcome in plan_stream(stream, caps, digest):
+        result.add(outcome)
     result.digest = digest.hexdigest()
-    _require_lines(result, path)
+    _require_lines(result, where)
     return result
+
+
+# --- the rule ------------------------------------------------------------------------------
+
+
+class InvalidLines(JobFileError):
+    """A job file refused for its invalid lines, nothing written: `lines` says which and
+    why (error_lines), str() how many and what to do."""
+
+    def __init__(self, where: str | None, checked: Submission, what: str = "submitted"
+                 ) -> None:
+        self.lines = error_lines(checked, where)
+        self.summary = (f"{checked.error_count:,} invalid line(s) in {where or 'the job file'}"
+                        f"; nothing was "
+                        f"{what} (fix them, or pass --allow-invalid to run the rest)")
+        super().__init__(self.summary)
+
+
+def error_lines(checked: Submission, where: str | None) -> list[str]:
+    """The first MAX_ERRORS invalid lines as `FILE:LINE (custom_id): reason` ('line LINE'
+    without a file), then how many more there are."""
+    shown = [f"{where}:{e.line}" if where else f"line {e.line}" for e in checked.errors]
+    lines = [f"{at}{f' ({e.custom_id})' if e.custom_id else ''}: {e.reason}"
+             for at, e in zip(shown, checked.errors, strict=True)]
+    if checked.error_count > len(checked.errors):
+        lines.append(f"... and {checked.error_count - len(checked.errors):,} more invalid "
+                     "lines")
+    return lines
+
+
+def accept(checked: Submission, where: str | None, *, allow_invalid: bool, what: str = "submitted",
+           refusal: type[InvalidLines] = InvalidLines) -> Submission:
+    """The submission rule, the same for `submit`, `run` and a schedule: every line is
+    checked against the caps (check_file, check_text, submit_file); a file with an invalid
+    line is refused (InvalidLines) unless `allow_invalid`, which makes those lines failed
+    items carrying their reason. (A job another program writes with SQL is checked by the
+    same per-line rule, `plan.plan_line`, when the dispatcher plans it: nobody is there to
+    refuse it to, so its invalid lines fail.)"""
+    if checked.error_count and not allow_invalid:
+        raise refusal(where, checked, what)
+    return checked
 
 
 def _require_lines(result: Submission, path: str) -> None:
@@ -338,3 +452,12 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
         writer.discard()
         raise
     return result
+
+
+def submit_job(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
+               team: str, budget_cents: int, name: str | None, allow_invalid: bool,
+               source: str = "cli") -> Submission:
+    """A job file written as a job under the submission rule (`accept`)."""
+    submitted = submit_file(sessions, path, caps, team=team, budget_cents=budget_cents,
+                            name=name, allow_invalid=allow_invalid, source=source)
+    return accept(submitted, path, allow_invalid=allow_invalid)

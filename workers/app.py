@@ -61,6 +61,25 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
     return app
 
 
+def connected_app(settings: Settings) -> Celery:
+    """The Celery app on a broker that answered, with the shared limits' Redis too (or a
+    one-line SettingsError naming the variable): checked before anything is written or any
+    worker starts."""
+    app = create_app(settings)
+    check_broker(app)
+    check_shared_redis(settings)
+    return app
+
+
+def worker_options(concurrency: int) -> dict[str, object]:
+    """How every Celery worker of ours runs, `imagebatch worker` and the in-process one
+    alike: a threads pool (each thread hands its render to the process's one event loop),
+    no mingle or gossip (SQL, not the workers, knows who does what), tasks handed to free
+    threads only."""
+    return {"pool": "threads", "concurrency": concurrency, "without_mingle": True,
+            "without_gossip": True, "optimization": "fair"}
+
+
 def check_broker(app: Celery) -> None:
     """Raise SettingsError naming IMAGEBATCH_BROKER_URL when the broker does not answer, so
     a command says so in one line before it writes anything or starts a worker."""

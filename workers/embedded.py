@@ -14,6 +14,7 @@ from celery import Celery
 from pipeline.dispatch import feed_window, plan_pending
 from pipeline.schedules import fire_due
 from pipeline.sweep import sweep
+from workers.app import worker_options
 from workers.tasks import announce_worker, enqueue_renders, services
 
 log = logging.getLogger("imagebatch.worker")
@@ -36,11 +37,8 @@ class InProcessWorker:
         app.set_default()  # or tasks run under an implicit app Celery makes of its own
         self._ready = threading.Event()
         self.controller = app.WorkController(
-            pool="threads",
-            concurrency=concurrency,
+            **worker_options(concurrency),
             loglevel="WARNING",
-            without_mingle=True,
-            without_gossip=True,
             without_heartbeat=True,
             hostname=f"imagebatch-run-{threading.get_native_id()}@localhost",
             ready_callback=lambda _consumer: self._ready.set(),

@@ -9,11 +9,13 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
+from pipeline.caps import Caps
 from pipeline.db import make_engine, session_factory, transaction
 from pipeline.models import Job, Schedule
 from pipeline.schedules import ScheduleError, add_schedule, fire_due, run_now
 
 TEXT = json.dumps({"model": "flux-2-dev", "prompt": "nightly"}) + "\n"
+CAPS = {"flux-2-dev": Caps("flux-2-dev", max_n=4, price_per_image_cents=3)}
 
 
 @pytest.fixture
@@ -26,7 +28,8 @@ def sessions(database_url):
 
 def add(sessions, name="nightly", cron="0 3 * * *", created=datetime(2026, 11, 1)):
     with transaction(sessions) as session:
-        add_schedule(session, name=name, cron=cron, job_text=TEXT, team="t", budget_cents=200)
+        add_schedule(session, name=name, cron=cron, job_text=TEXT, team="t", budget_cents=200,
+                     caps=CAPS)
     with transaction(sessions) as session:
         session.execute(update(Schedule).values(created_at=created))
 
@@ -77,10 +80,10 @@ def test_run_now_and_bad_input(sessions):
         assert session.get_one(Job, job_id).source == "schedule"  # not "cli"
     with transaction(sessions) as session, pytest.raises(ScheduleError, match="cron"):
         add_schedule(session, name="x", cron="every day", job_text=TEXT, team="t",
-                     budget_cents=1)
+                     budget_cents=1, caps=CAPS)
     with transaction(sessions) as session, pytest.raises(ScheduleError, match="time zone"):
         add_schedule(session, name="x", cron="0 3 * * *", job_text=TEXT, team="t",
-                     budget_cents=1, timezone="Mars/Olympus")
+                     budget_cents=1, timezone="Mars/Olympus", caps=CAPS)
     with transaction(sessions) as session, pytest.raises(ScheduleError, match="line 1"):
         add_schedule(session, name="x", cron="0 3 * * *", job_text="{bad", team="t",
-                     budget_cents=1)
+                     budget_cents=1, caps=CAPS)

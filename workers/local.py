@@ -1,0 +1,191 @@
+"""A job rendered in this process (`run`, `resume`, `demo`): the in-process worker on an
+in-memory broker, the ticker and feeder of this job alone, and the loop that follows the job
+until it ends or pauses, Ctrl-C (or SIGTERM) pausing it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.db import transaction
+from pipeline.jobs import job_state, job_summary, pause_job, renders_running
+from pipeline.settings import Settings, SettingsError, mask_url
+from workers.app import check_shared_redis, create_app
+from workers.embedded import Feeder, InProcessWorker, Ticker
+from workers.tasks import services, shutdown_services
+
+# How long a run waits for a database that refuses writes (disk full) before it leaves; it
+# never leaves while a paid call is in flight or its result waits to be recorded.
+DB_PATIENCE = 60.0
+# Seconds between two looks at the job's row.
+FOLLOW_EVERY = 0.25
+
+Say = Callable[[str], None]
+
+
+class Progress(Protocol):
+    """What the command shows while the job renders (a bar, plain lines or nothing)."""
+
+    def due(self) -> bool: ...
+
+    def update(self, summary: dict[str, Any]) -> None: ...
+
+
+class Stopped(RuntimeError):
+    """This process cannot go on through no fault of its input (the database refuses
+    writes): the message says what happened and what to do."""
+
+
+def storage_ready(settings: Settings) -> None:
+    """SettingsError unless results can be stored (a probe object written and deleted):
+    before the first call, so nothing is bought that cannot be kept."""
+    from pipeline.storage import StorageError, open_store, probe
+
+    try:
+        probe(open_store(settings.storage_url))
+    except StorageError as exc:
+        raise SettingsError(f"storage cannot keep results ({mask_url(settings.storage_url)}, "
+                            f"IMAGEBATCH_STORAGE_URL): {exc}; nothing was sent") from None
+
+
+@contextmanager
+def worker_here(settings: Settings) -> Iterator[Celery]:
+    """The in-process worker, as `run` and `resume` start it: storage and the shared Redis
+    checked first, then a Celery threads-pool worker on an in-memory broker, stopped (and
+    this process's services closed) on the way out."""
+    storage_ready(settings)
+    check_shared_redis(settings)
+    app = create_app(settings, broker_url="memory://localhost//")
+    worker = InProcessWorker(app, settings.render_slots)
+    worker.start()
+    try:
+        yield app
+    finally:
+        worker.stop()
+        shutdown_services()
+
+
+class CtrlC:
+    """SIGINT (Ctrl-C) or SIGTERM (`timeout`, `docker stop`, systemd) while a job renders
+    here: the first is noted (the loop pauses the job, outside any transaction), the second
+    leaves the process at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self.pressed = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.pressed.is_set():
+            self.pressed.set()
+            return
+        # Written straight to the descriptors: the interrupted code may hold a console lock.
+        os.write(2, (f"\nleaving now: job {self.job_id} is not finished; renders in flight "
+                     "are taken back by the sweeper once their leases run out; continue it "
+                     f"with `imagebatch resume {self.job_id}`\n").encode())
+        os._exit(130 if signum == signal.SIGINT else 128 + signum)
+
+
+def render_here(app: Celery, sessions: sessionmaker[Session], job_id: int,
+                progress: Progress, say: Say) -> dict[str, Any]:
+    """Plan, send and sweep this job here (the ticker's first tick plans it at once) and
+    follow it until it ends or pauses; a paused job names the command that continues it.
+    Raises Stopped when the database refuses writes for DB_PATIENCE with nothing paid left
+    unrecorded."""
+    ticker, feeder = Ticker(app, interval=1.0, only_job=job_id), Feeder(app, only_job=job_id)
+    svc = services(app)
+
+    def stuck() -> str | None:
+        since = feeder.failing_since
+        if since is None or time.monotonic() - since < DB_PATIENCE:
+            return None
+        if svc.commits.waiting or svc.calls_in_flight:
+            return None
+        lost = svc.commits.lost
+        results = (f"{lost} paid result(s) waited longer than IMAGEBATCH_RENDER_DEADLINE and "
+                   "could not be recorded: they are charged unknown and rendered again"
+                   if lost else "every paid result was recorded")
+        return (f"the database refuses writes ({feeder.failure}) for {DB_PATIENCE:g} s: job "
+                f"{job_id} stopped with no call in flight ({results}); make room (or bring "
+                f"the database back), then `imagebatch resume {job_id}`")
+
+    # The signals are taken before the first render is sent: a SIGTERM from then on pauses.
+    with CtrlC(job_id) as ctrl_c:
+        ticker.start()
+        feeder.start()
+        try:
+            summary = follow_job(sessions, job_id, ctrl_c, progress, say, stuck)
+        finally:
+            feeder.stop()
+            ticker.stop()
+    if summary["status"] == "paused":
+        why = f" ({summary['error']})" if summary.get("error") else ""
+        say(f"job {job_id} is paused{why}: continue it with `imagebatch resume {job_id}`")
+    return summary
+
+
+def follow_job(sessions: sessionmaker[Session], job_id: int, ctrl_c: CtrlC, progress: Progress,
+               say: Say, stuck: Callable[[], str | None]) -> dict[str, Any]:
+    """Show progress until the job ends, or is paused (by Ctrl-C here or `imagebatch pause`
+    anywhere) and none of its renders is in flight any more, or `stuck()` says why this
+    process cannot go on."""
+    asked = False
+    told: str | None = None
+    while True:
+        if ctrl_c.pressed.is_set() and not asked:
+            asked = True
+            with transaction(sessions) as session:
+                paused = pause_job(session, job_id)
+            if paused:
+                say(f"pausing job {job_id}: nothing new is sent, renders in flight finish and "
+                    "are settled (Ctrl-C again to leave now)")
+        # The whole summary is a row; whether the job is done is its status, and for a
+        # paused job whether any render is still running (read from an index).
+        with sessions() as session:
+            state = job_state(session, job_id)
+            finished = state.finished_at is not None
+            drained = (not finished and state.status == "paused"
+                       and renders_running(session, job_id) == 0)
+            told = _say_why_paused(session, job_id, state.status, told, say)
+            if finished or drained or progress.due():
+                summary = job_summary(session, job_id)
+                progress.update(summary)
+        if finished or drained:
+            return summary
+        why = stuck()
+        if why is not None:
+            raise Stopped(why)
+        ctrl_c.pressed.wait(FOLLOW_EVERY) if not asked else time.sleep(FOLLOW_EVERY)
+
+
+def _say_why_paused(session: Session, job_id: int, status: str, told: str | None, say: Say
+                    ) -> str | None:
+    """Say once why the job was paused when something other than a person paused it
+    (storage refusing results); returns what has been said."""
+    if status != "paused":
+        return None
+    error = job_summary(session, job_id)["error"]
+    if error and error != told:
+        say(f"job {job_id} paused ({error}): nothing new is bought; results already paid for "
+            "keep trying to be stored, and the job runs on if they are")
+    return error
