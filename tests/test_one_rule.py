@@ -5,16 +5,26 @@ it came from (cli, schedule, sql). The CLI in a subprocess, as a user runs it.""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
-from tests.test_cli import FLUX, env, imagebatch, write  # noqa: F401 (env: a fixture)
+import pytest
+
+from tests.test_cli import FLUX, imagebatch, write
 from tests.test_sql_submit import run_readme_sql
 
 # Three lines `submit` refuses, each for a different check against what a model takes.
 UNKNOWN_MODEL = {"model": "nope", "prompt": "x", "custom_id": "u"}
 OVER_N = {**FLUX, "n": 20_000}
 BAD_RATIO = {**FLUX, "aspect_ratio": "5:4"}
+
+
+@pytest.fixture
+def env(tmp_path: Path, fake) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBATCH_")}
+    environ.update(IMAGEBATCH_DATA_DIR=str(tmp_path / "data"), IMAGEBATCH_API_BASE=fake.base_url)
+    return environ
 
 
 def invalid_lines(stderr: str, path: str) -> list[str]:
