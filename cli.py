@@ -6,8 +6,8 @@ import json
 import logging
 import math
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,14 +17,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.caps import Caps, current_caps
+from pipeline import views
+from pipeline.caps import current_caps
 from pipeline.db import SchemaBehind, database_revisions, error_reason, open_database, transaction
 from pipeline.jobs import (
     RETRY_CHOICES,
     JobNotFound,
-    begin_cancel,
-    finish_cancel,
+    cancel_in_chunks,
     item_errors,
     job_state,
     job_summary,
@@ -33,7 +34,6 @@ from pipeline.jobs import (
     renders_running,
     resume_job,
     retry_job,
-    unfinished_job_of,
 )
 from pipeline.plan import column_problem, parse_cents, parse_dollars, shown
 from pipeline.redact import redact_url
@@ -41,14 +41,15 @@ from pipeline.report import GROUPS
 from pipeline.settings import Settings, SettingsError, mask_url, unknown_settings
 from pipeline.submission import (
     InvalidLines,
-    Submission,
     check_file,
     check_job_file,
+    check_not_unfinished,
     error_lines,
     job_name,
     read_job_text,
     submit_job,
 )
+from pipeline.views import money
 
 EXIT_OK, EXIT_JOB_NOT_OK, EXIT_USAGE = 0, 1, 2
 FINAL_OK = "succeeded"
@@ -62,8 +63,13 @@ err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() els
 
 
 def say(text: str) -> None:
-    """A line on stderr, as it is (user strings hold no markup)."""
+    """A line on stderr, as it is."""
     err.print(text, highlight=False, markup=False)
+
+
+def show(text: str) -> None:
+    """A line on stdout, as it is."""
+    out.print(text, highlight=False, markup=False)
 
 
 class Stopped(click.ClickException):
@@ -84,29 +90,27 @@ class UserError(click.ClickException):
         err.print(Text.assemble(("error:", "bold red"), f" {self.message}"), highlight=False)
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    from pipeline.storage import StorageError
-    from pipeline.upstream import UpstreamError
-
-    return (SettingsError, SchemaBehind, JobNotFound, StorageError, UpstreamError, ValueError,
-            OSError)
-
-
 class Group(click.Group):
+    """Every error a user can meet as one line: bad input, settings and files exit 2 (each
+    invalid job line first, FILE:LINE: reason), a run that cannot go on exits 1."""
+
     def invoke(self, ctx: click.Context) -> Any:
+        from pipeline.storage import StorageError
+        from pipeline.upstream import UpstreamError
         from workers.local import Stopped as RunStopped
 
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except InvalidLines as exc:  # each line FILE:LINE: reason, then how many
+        except InvalidLines as exc:
             for line in exc.lines:
                 say(line)
             raise UserError(exc.summary) from None
         except RunStopped as exc:
             raise Stopped(str(exc)) from None
-        except _known_errors() as exc:
+        except (SettingsError, SchemaBehind, JobNotFound, StorageError, UpstreamError,
+                ValueError, OSError) as exc:
             raise UserError(str(exc)) from None
         except OperationalError as exc:  # the database went away or locked up mid-command
             raise UserError(f"{Settings.from_env().database_label}: the database failed: "
@@ -165,11 +169,29 @@ def load_settings(concurrency: int | None = None, **overrides: Any) -> Settings:
     return replace(settings, **overrides) if overrides else settings
 
 
-def finite(value: float, option: str) -> float:
-    """click's FloatRange lets nan through (every comparison with it is false)."""
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=option)
-    return value
+@contextmanager
+def database(settings: Settings | None = None) -> Iterator[sessionmaker[Session]]:
+    with open_database(settings or load_settings()) as sessions:
+        yield sessions
+
+
+@contextmanager
+def reading() -> Iterator[Session]:
+    """A session on the configured database, to read."""
+    with database() as sessions, sessions() as session:
+        yield session
+
+
+@contextmanager
+def writing() -> Iterator[Session]:
+    """One transaction on the configured database."""
+    with database() as sessions, transaction(sessions) as session:
+        yield session
+
+
+def _summary(sessions: sessionmaker[Session], job: int) -> dict[str, Any]:
+    with sessions() as session:
+        return job_summary(session, job)
 
 
 def nudge(settings: Settings) -> None:
@@ -185,48 +207,34 @@ def nudge(settings: Settings) -> None:
             "reach it")
 
 
-def _summary(sessions: Any, job: int) -> dict[str, Any]:
-    with sessions() as session:
-        return job_summary(session, job)
+def finite(value: float, option: str) -> float:
+    """click's FloatRange lets nan through (every comparison with it is false)."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=option)
+    return value
 
 
-class Money(click.ParamType):
-    """A cap or limit given as dollars ('5.00') or, `in_cents`, as cents ('500'): converted
-    to integer cents from 0 to plan.MAX_CENTS. Anything else (NaN, sNaN, Infinity, 1e309,
-    a negative amount, a fraction of a cent) is one line naming the option, exit 2."""
+# Where a check's reason names the option (argv can hold no NUL, so no value holds this).
+OPTION = "\x00option\x00"
 
-    def __init__(self, *, in_cents: bool = False) -> None:
-        self.in_cents = in_cents
-        self.name = "cents" if in_cents else "dollars"
+
+class Checked(click.ParamType):
+    """A value converted by `check`, or one line naming the option (exit 2) saying why not
+    (`check` raises ValueError; OPTION in its reason is the option's name)."""
+
+    def __init__(self, name: str, check: Callable[[str], Any]) -> None:
+        self.name, self.check = name, check
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+                ) -> Any:
+        if not isinstance(value, str):
+            return value  # a default, converted already
         try:
-            return (parse_cents if self.in_cents else parse_dollars)(str(value))
+            return self.check(value)
         except ValueError as exc:
-            raise UserError(f"{_option(param)}: {exc}") from None
-
-
-class StoredText(click.ParamType):
-    """A string that is stored in a column of `longest` characters: refused in one line
-    when longer, or when it holds what SQL cannot store (a NUL, or bytes that are not UTF-8,
-    which reach Python as lone surrogates)."""
-
-    name = "text"
-
-    def __init__(self, longest: int) -> None:
-        self.longest = longest
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> str:
-        text = str(value)
-        problem = column_problem(_option(param), text, self.longest)
-        if problem is not None:
-            raise UserError(problem.replace("holds a lone surrogate", "holds bytes that are not "
-                                            "UTF-8 text, read as a lone surrogate"))
-        return text
+            option, reason = _option(param), str(exc)
+            raise UserError(reason.replace(OPTION, option) if OPTION in reason
+                            else f"{option}: {reason}") from None
 
 
 def _option(param: click.Parameter | None) -> str:
@@ -237,33 +245,38 @@ def _option(param: click.Parameter | None) -> str:
     return max(param.opts, key=len) if param.opts else str(param.name)
 
 
-class Number(click.ParamType):
-    """A whole number from `low` to `high`, else one line naming the option, exit 2: a job
-    id of 10**20 reached SQL as an OverflowError traceback."""
-
-    name = "integer"
-
-    def __init__(self, low: int, high: int) -> None:
-        self.low, self.high = low, high
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """From `low` to `high`: a job id of 10**20 reached SQL as an OverflowError traceback."""
+    def check(text: str) -> int:
         try:
-            number = int(str(value).strip())
+            number = int(text.strip())
         except ValueError:
             number = None
-        if number is None or not self.low <= number <= self.high:
-            raise UserError(f"{_option(param)}: {shown(value)} is not a whole number from "
-                            f"{self.low:,} to {self.high:,}")
+        if number is None or not low <= number <= high:
+            raise ValueError(f"{shown(text)} is not a whole number from {low:,} to {high:,}")
         return number
+    return check
 
 
-JOB_ID = Number(1, 2**31 - 1)  # jobs.id is a 32-bit integer
-CONCURRENCY = Number(1, 10_000)
-DOLLARS, CENTS = Money(), Money(in_cents=True)
-TEAM_NAME, SCHEDULE_NAME, JOB_NAME = StoredText(200), StoredText(200), StoredText(500)
+def stored_text(longest: int) -> Callable[[str], str]:
+    """Text that fits its column of `longest` characters and that SQL can store (no NUL,
+    no bytes that are not UTF-8, which reach Python as lone surrogates)."""
+    def check(text: str) -> str:
+        problem = column_problem(OPTION, text, longest)
+        if problem is not None:
+            raise ValueError(problem.replace("holds a lone surrogate", "holds bytes that are "
+                                             "not UTF-8 text, read as a lone surrogate"))
+        return text
+    return check
+
+
+# Money is integer cents from 0 to plan.MAX_CENTS, given as dollars ('5.00') or cents ('500'):
+# NaN, sNaN, Infinity, 1e309, a negative amount or a fraction of a cent are refused.
+DOLLARS, CENTS = Checked("dollars", parse_dollars), Checked("cents", parse_cents)
+JOB_ID = Checked("integer", whole_number(1, 2**31 - 1))  # jobs.id is a 32-bit integer
+CONCURRENCY = Checked("integer", whole_number(1, 10_000))
+TEAM_NAME = SCHEDULE_NAME = Checked("text", stored_text(200))
+JOB_NAME = Checked("text", stored_text(500))
 
 
 def budget_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -287,33 +300,24 @@ def cap_from_options(budget: int | None, cents: int | None, *, required: bool = 
     return budget
 
 
-def money(cents: int | None) -> str:
-    return "-" if cents is None else f"${cents / 100:,.2f}"
-
-
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def print_table(view: views.TableView) -> None:
+    table = Table(title=view.title)
+    for column in view.columns:
+        table.add_column(column, justify="right" if column in view.right else "left")
+    for number, row in enumerate(view.rows, start=1):
+        table.add_row(*row, style="bold" if view.total and number == len(view.rows) else None)
+    out.print(table)
 
 
 def exit_for(status: str) -> NoReturn:
     sys.exit(EXIT_OK if status == FINAL_OK else EXIT_JOB_NOT_OK)
 
 
-def print_table(title: str, columns: tuple[str, ...], rows: list[list[str]],
-                right: tuple[str, ...] = (), bold_last: bool = False) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right" if column in right else "left")
-    for number, row in enumerate(rows, start=1):
-        table.add_row(*row, style="bold" if bold_last and number == len(rows) else None)
-    out.print(table)
-
-
 # --- models and plan -----------------------------------------------------------------------
-
-
-def model_caps(settings: Settings, sessions: Any, *, refresh: bool = False) -> dict[str, Caps]:
-    return current_caps(settings, sessions, refresh=refresh)
 
 
 @main.command()
@@ -324,46 +328,16 @@ def models(refresh: bool, as_json: bool) -> None:
 
     The answer of GET /models is cached in SQL for IMAGEBATCH_MODELS_TTL seconds."""
     settings = load_settings()
-    with open_database(settings) as sessions:
-        caps = sorted(model_caps(settings, sessions, refresh=refresh).values(),
+    with database(settings) as sessions:
+        caps = sorted(current_caps(settings, sessions, refresh=refresh).values(),
                       key=lambda c: c.model)
     if as_json:
         print_json([c.__dict__ for c in caps])
         return
-    print_table(f"models at {redact_url(settings.api_base)}",
-                ("model", "modalities", "max_n", "aspect ratios / sizes", "qualities",
-                 "max input images", "price / image"),
-                [[c.model, ", ".join(c.modalities), str(c.max_n or "any"),
-                  ", ".join((c.aspect_ratios or ()) + (c.sizes or ())) or "any",
-                  ", ".join(c.qualities or ()) or "any",
-                  "any" if c.max_input_images is None else str(c.max_input_images),
-                  price_shown(c)] for c in caps])
+    print_table(views.models_table(f"models at {redact_url(settings.api_base)}", caps))
     for c in caps:
         if c.refused is not None:  # why a model listed "refused" cannot run
-            say_out(c.refused)
-
-
-def say_out(text: str) -> None:
-    out.print(text, highlight=False, markup=False)
-
-
-def price_shown(caps: Caps) -> str:
-    if caps.refused is not None:
-        return "refused"
-    return "no price" if caps.price_per_image_cents is None else f"{caps.price_per_image_cents}¢"
-
-
-def plan_dict(plan: Submission) -> dict[str, Any]:
-    return {
-        "items": plan.items,
-        "images": plan.images,
-        "calls": plan.calls,
-        "max_cost_cents": plan.max_cost_cents,
-        "by_model": [m.__dict__ for m in plan.by_model.values()],
-        "errors": [{"line": e.line, "custom_id": e.custom_id, "reason": e.reason}
-                   for e in plan.errors],
-        "error_count": plan.error_count,
-    }
+            show(c.refused)
 
 
 @main.command()
@@ -375,18 +349,13 @@ def plan(file: str, as_json: bool) -> None:
     Per model: items, images, upstream calls (n split into calls of at most max_n) and the
     maximum cost. Exits 2 when any line is invalid (the first 100 are listed)."""
     settings = load_settings()
-    with open_database(settings) as sessions:
+    with database(settings) as sessions:
         check_job_file(file)
-        planned = check_file(file, model_caps(settings, sessions))
+        planned = check_file(file, current_caps(settings, sessions))
     if as_json:
-        print_json(plan_dict(planned))
+        print_json(views.plan_dict(planned))
     else:
-        rows = [[m.model, str(m.items), str(m.images), str(m.calls), money(m.max_cost_cents)]
-                for m in planned.by_model.values()]
-        rows.append(["total", str(planned.items), str(planned.images), str(planned.calls),
-                     money(planned.max_cost_cents)])
-        print_table(f"plan for {file}", ("model", "items", "images", "calls", "max cost"), rows,
-                    right=("items", "images", "calls", "max cost"), bold_last=True)
+        print_table(views.plan_table(f"plan for {file}", planned))
         for line in error_lines(planned, file):
             say(line)
     if planned.error_count:
@@ -413,12 +382,12 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def submit_here(settings: Settings, sessions: Any, file: str, team: str, cap: int,
-                name: str | None, allow_invalid: bool) -> int:
+def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, team: str,
+                cap: int, name: str | None, allow_invalid: bool) -> int:
     """FILE written as a pending job under the submission rule; the invalid lines it let
-    through (--allow-invalid) are listed."""
+    through (--allow-invalid) are listed, and a plan that costs more than the cap noted."""
     check_job_file(file)
-    planned = submit_job(sessions, file, model_caps(settings, sessions), team=team,
+    planned = submit_job(sessions, file, current_caps(settings, sessions), team=team,
                          budget_cents=cap, name=name or job_name(file),
                          allow_invalid=allow_invalid)
     for line in error_lines(planned, file):
@@ -445,7 +414,7 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents)
     app = connected_app(settings)  # a broker out of reach is said before the job is written
-    with open_database(settings) as sessions:
+    with database(settings) as sessions:
         job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid)
         nudge_dispatcher(app)
         summary = _summary(sessions, job_id)
@@ -489,11 +458,11 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished."""
     from workers.local import worker_here
 
-    with open_database(settings) as sessions:
+    with database(settings) as sessions:
         # The file is looked at before any worker starts: a refusal prints its line alone.
         check_job_file(file)
         if not new:
-            refuse_unfinished(sessions, file)
+            check_not_unfinished(sessions, file)
         # Celery's worker takes about a quarter of a second to start: while the file is
         # submitted, not between the job's commit and its first call.
         with worker_here(settings) as app:
@@ -504,120 +473,29 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
     return summary
 
 
-def follow_here(app: Any, sessions: Any, job_id: int, *, quiet: bool) -> dict[str, Any]:
-    from workers.local import render_here
+def follow_here(app: Any, sessions: sessionmaker[Session], job_id: int, *, quiet: bool
+                ) -> dict[str, Any]:
+    from workers.local import JobProgress, render_here
 
     with JobProgress(err, job_id, quiet=quiet) as progress:
         return render_here(app, sessions, job_id, progress, say)
 
 
-def refuse_unfinished(sessions: Any, file: str) -> None:
-    """Exit 2 naming `resume` when FILE (same sha256) was submitted as a job that has not
-    ended. Standard input is never matched."""
-    from pipeline.submission import file_digest
-
-    if file == "-":
-        return
-    with sessions() as session:
-        job = unfinished_job_of(session, file_digest(file))
-        if job is None:
-            return
-        s = job_summary(session, job.id)
-    done = s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
-    raise UserError(
-        f"{job_name(file)} was submitted as job {job.id}, which is {s['status']} "
-        f"({done:,}/{s['items_total']:,} items done): continue it with "
-        f"`imagebatch resume {job.id}`, or pass --new to start another copy")
-
-
-def print_outcome(settings: Settings, sessions: Any, summary: dict[str, Any]) -> None:
-    job_id = summary["id"]
-    colour = {"succeeded": "green", "partial": "yellow", "paused": "yellow"}.get(
-        summary["status"], "red")
-    out.print(
-        Text.assemble(f"job {job_id} ", (summary["status"], f"bold {colour}"), ": ")
-        + f"{summary['items_succeeded']}/{summary['items_total']} items, "
-        f"{summary['images']} files, spent {money(summary['spent_cents'])} of "
-        f"{money(summary['budget_cents'])}"
-        + (f" ({money(summary['unknown_cents'])} unknown)" if summary["unknown_cents"] else "")
-    )
-    out.print(f"files: {settings.storage_url.rstrip('/')}/job-{job_id:06d}/", highlight=False)
-    if summary["status"] == "paused":
-        out.print(f"continue it with: imagebatch resume {job_id}", highlight=False)
+def print_outcome(settings: Settings, sessions: sessionmaker[Session],
+                  summary: dict[str, Any]) -> None:
+    job_id, status = summary["id"], summary["status"]
+    colour = {"succeeded": "green", "partial": "yellow", "paused": "yellow"}.get(status, "red")
+    out.print(Text.assemble(f"job {job_id} ", (status, f"bold {colour}"), ": ")
+              + views.spent_of_cap(summary))
+    show(f"files: {settings.storage_url.rstrip('/')}/job-{job_id:06d}/")
+    if status == "paused":
+        show(f"continue it with: imagebatch resume {job_id}")
     with sessions() as session:
         errors = item_errors(session, job_id, limit=10)
-    for e in errors:
-        cid = f" ({e['custom_id']})" if e["custom_id"] else ""
-        say(f"  line {e['line']}{cid}: {e['error']}")
+    for line in views.item_error_lines(errors):
+        say(line)
     if errors:
         err.print(f"export the files with: imagebatch export {job_id} --format csv")
-
-
-class JobProgress:
-    """A live bar on a terminal (items, files, spent / cap, ETA); plain lines otherwise."""
-
-    PLAIN_EVERY = 5.0
-
-    def __init__(self, console: Console, job_id: int, *, quiet: bool) -> None:
-        self.console, self.job_id, self.quiet = console, job_id, quiet
-        self.live = console.is_terminal and not quiet
-        self._last_plain = 0.0
-        self._next_live = self._asked_at = 0.0
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> JobProgress:
-        if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn(f"job {self.job_id}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("items · {task.fields[files]} files · {task.fields[money]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=self.console,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("render", total=None, files=0, money="")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def due(self) -> bool:
-        """Whether a new summary would be shown now (a live bar: at most every 0.25 s and
-        no more than 5 % of the time; plain lines: every PLAIN_EVERY seconds; quiet: never)."""
-        now = time.monotonic()
-        if self._bar is not None:
-            if now < self._next_live:
-                return False
-            self._asked_at = now
-            return True
-        return not self.quiet and now - self._last_plain >= self.PLAIN_EVERY
-
-    def update(self, s: dict[str, Any]) -> None:
-        done = s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
-        spent = f"{money(s['spent_cents'])} / {money(s['budget_cents'])}"
-        if self._bar is not None:
-            started = time.monotonic()
-            self._bar.update(self._task, total=s["items_total"], completed=done,
-                             files=s["images"], money=spent)
-            self._next_live = started + max(0.25, 20 * (started - self._asked_at))
-            return
-        if not self.quiet:  # `due()` (or the job's end) decided that a line is wanted now
-            self._last_plain = time.monotonic()
-            self.console.print(
-                f"job {self.job_id}: {done}/{s['items_total']} items, {s['images']} files, "
-                f"spent {spent}, {s['status']}", highlight=False)
-
-
 # --- job commands --------------------------------------------------------------------------
 
 
@@ -626,8 +504,7 @@ class JobProgress:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(job: int | None, as_json: bool) -> None:
     """Show one job (with its failed items), or the latest jobs."""
-    settings = load_settings()
-    with open_database(settings) as sessions, sessions() as session:
+    with reading() as session:
         if job is not None:
             summary = job_summary(session, job)
             summary["errors"] = item_errors(session, job)
@@ -636,25 +513,12 @@ def status(job: int | None, as_json: bool) -> None:
     if job is not None and as_json:
         print_json(summary)
     elif job is not None:
-        _print_summary(summary)
+        for line in views.job_lines(summary):
+            show(line)
     elif as_json:
         print_json({"jobs": jobs})
     else:
-        print_table("jobs", ("id", "name", "team", "status", "items", "files", "spent", "cap"),
-                    [[str(s["id"]), s["name"] or "", s["team"], s["status"],
-                      f"{s['items_succeeded']}/{s['items_total']}", str(s["images"]),
-                      money(s["spent_cents"]), money(s["budget_cents"])] for s in jobs])
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    out.print(f"job {s['id']} ({s['name'] or 'unnamed'}, team {s['team']}): {s['status']}")
-    out.print(f"  items: {s['items_succeeded']} succeeded, {s['items_failed']} failed, "
-              f"{s['items_cancelled']} cancelled, {s['items_total']} in all")
-    out.print(f"  files: {s['images']}")
-    out.print(f"  money: spent {money(s['spent_cents'])} (unknown {money(s['unknown_cents'])}),"
-              f" reserved {money(s['reserved_cents'])}, cap {money(s['budget_cents'])}")
-    for e in s["errors"]:
-        say_out(f"  line {e['line']}: {e['error']}")
+        print_table(views.jobs_table(jobs))
 
 
 @main.command()
@@ -666,14 +530,10 @@ def cancel(job: int) -> None:
     and pending items, in chunks: on a job of any size nothing new is called within a
     second. Interrupted, run it again. `imagebatch resume JOB` renders the cancelled items
     after all."""
-    settings = load_settings()
-    with open_database(settings) as sessions:
-        with transaction(sessions) as session:
-            changed = begin_cancel(session, job)
-        if not changed:
+    with database() as sessions:
+        if not cancel_in_chunks(sessions, job):
             out.print(f"job {job} had already ended ({_summary(sessions, job)['status']})")
             return
-        finish_cancel(lambda: transaction(sessions), job)
         with sessions() as session:
             in_flight = renders_running(session, job)
     out.print(f"job {job} cancelled" + (
@@ -704,7 +564,7 @@ def retry(job: int, only: tuple[str, ...], budget: int | None, budget_cents: int
     processes do."""
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents, required=False)
-    with open_database(settings) as sessions:
+    with database(settings) as sessions:
         with transaction(sessions) as session:
             count = retry_job(session, job, cap, only)
         if not count:  # the job was left exactly as it ended (its cap too)
@@ -723,8 +583,7 @@ def pause(job: int) -> None:
     """Pause JOB: nothing new is sent, renders in flight finish and are settled, the rest
     waits queued. `imagebatch resume JOB` continues it in this process, `imagebatch resume
     JOB --detach` on `imagebatch worker` processes."""
-    settings = load_settings()
-    with open_database(settings) as sessions:
+    with database() as sessions:
         with transaction(sessions) as session:
             changed = pause_job(session, job)
         with sessions() as session:
@@ -762,7 +621,7 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
 
     settings = load_settings(concurrency)
     cap = cap_from_options(budget, budget_cents, required=False)
-    with open_database(settings) as sessions:
+    with database(settings) as sessions:
         if detach:
             resumed = resume_job(sessions, job, budget_cents=cap, in_process=False)
             if resumed.resumed:
@@ -800,9 +659,7 @@ def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
     if as_json:
         print_json(summary)
     else:
-        out.print(f"job {job} {status}: {summary['items_succeeded']}/{summary['items_total']} "
-                  f"items, {summary['images']} files, spent {money(summary['spent_cents'])} "
-                  f"of {money(summary['budget_cents'])}", highlight=False)
+        show(f"job {job} {status}: {views.spent_of_cap(summary, unknown=False)}")
     exit_for(status)
 
 
@@ -819,7 +676,7 @@ def export(job: int, fmt: str, output: str | None) -> None:
 
     settings = load_settings()
     uri_of = open_store(settings.storage_url).uri
-    with open_database(settings) as sessions, sessions() as session:
+    with database(settings) as sessions, sessions() as session:
         job_summary(session, job)  # a clear error for a job that does not exist
         if output is None:
             write_export(export_rows(session, job, uri_of), sys.stdout, fmt)
@@ -851,8 +708,7 @@ def team_set(name: str, budget: int | None, budget_cents: int | None, period: st
     from pipeline.teams import set_team, team_state
 
     cap = None if no_budget else cap_from_options(budget, budget_cents)
-    settings = load_settings()
-    with open_database(settings) as sessions, transaction(sessions) as session:
+    with writing() as session:
         set_team(session, name, cap, period)
         session.flush()
         state = team_state(session, name)
@@ -866,16 +722,12 @@ def team_list(as_json: bool) -> None:
     """Every team with its current period's limit, spent, reserved and left."""
     from pipeline.teams import list_teams
 
-    settings = load_settings()
-    with open_database(settings) as sessions, sessions() as session:
+    with reading() as session:
         states = list_teams(session)
     if as_json:
         print_json([s.as_dict() for s in states])
-        return
-    print_table("teams", ("team", "period", "limit", "spent", "unknown", "reserved", "left"),
-                [[s.team, s.period, money(s.limit_cents), money(s.spent_cents),
-                  money(s.unknown_cents), money(s.reserved_cents), money(s.left_cents)]
-                 for s in states])
+    else:
+        print_table(views.teams_table(states))
 
 
 @team.command("show")
@@ -885,8 +737,7 @@ def team_show(name: str, as_json: bool) -> None:
     """Team NAME's current period: limit, spent, reserved, unknown, left, start and end."""
     from pipeline.teams import team_state
 
-    settings = load_settings()
-    with open_database(settings) as sessions, sessions() as session:
+    with reading() as session:
         try:
             state = team_state(session, name)
         except LookupError as exc:
@@ -894,11 +745,8 @@ def team_show(name: str, as_json: bool) -> None:
     if as_json:
         print_json(state.as_dict())
         return
-    d = state.as_dict()
-    out.print(f"team {name} ({state.period}): limit {money(state.limit_cents)}, "
-              f"spent {money(state.spent_cents)} (unknown {money(state.unknown_cents)}), "
-              f"reserved {money(state.reserved_cents)}, left {money(state.left_cents)}")
-    out.print(f"period: {d['period_start'] or 'all time'} to {d['period_end'] or 'forever'}")
+    for line in views.team_lines(state):
+        out.print(line)
 
 
 def _parse_day(value: str | None, option: str) -> Any:
@@ -928,10 +776,9 @@ def report(team: str | None, job: int | None, model: str | None, since: str | No
     average cost per image (spent / images). Totals equal the ledger rows they cover."""
     from pipeline.report import ReportFilter, ledger_report, total_of
 
-    settings = load_settings()
     filters = ReportFilter(team=team, job=job, model=model,
                            since=_parse_day(since, "--since"), until=_parse_day(until, "--until"))
-    with open_database(settings) as sessions, sessions() as session:
+    with reading() as session:
         rows = [*ledger_report(session, filters, by)]
     rows.append(total_of(rows))
     fmt = "json" if as_json else fmt
@@ -939,24 +786,9 @@ def report(team: str | None, job: int | None, model: str | None, since: str | No
         print_json({"by": by, "rows": [r.as_dict() for r in rows[:-1]],
                     "total": rows[-1].as_dict()})
     elif fmt == "csv":
-        import csv
-
-        from pipeline.export import neutralised
-
-        writer = csv.writer(sys.stdout, lineterminator="\r\n")  # as `export` (RFC 4180)
-        fields = list(rows[-1].as_dict())
-        writer.writerow(fields)
-        for row in rows:  # team and model names are user strings: no formulas
-            writer.writerow([neutralised(row.as_dict()[f]) for f in fields])
+        views.write_csv([row.as_dict() for row in rows], sys.stdout)
     else:
-        print_table("costs from the ledger",
-                    (by or "", "calls", "images", "charged", "unknown", "released", "per image"),
-                    [[row.group, str(row.calls), str(row.images), money(row.charged_cents),
-                      money(row.unknown_cents), money(row.released_cents),
-                      "-" if row.avg_cents_per_image is None
-                      else f"{row.avg_cents_per_image:.2f}¢"] for row in rows],
-                    right=("calls", "images", "charged", "unknown", "released", "per image"),
-                    bold_last=True)
+        print_table(views.report_table(by, rows))
 
 
 @main.group()
@@ -985,8 +817,8 @@ def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
     cap = cap_from_options(budget, budget_cents)
     text, source = read_job_text(file)
     settings = load_settings()
-    with open_database(settings) as sessions:
-        caps = model_caps(settings, sessions)  # network: before the transaction
+    with database(settings) as sessions:
+        caps = current_caps(settings, sessions)  # network: before the transaction
         with transaction(sessions) as session:
             checked = add_schedule(session, name=name, cron=cron, job_text=text, team=team,
                                    budget_cents=cap, caps=caps, allow_invalid=allow_invalid,
@@ -1004,17 +836,12 @@ def schedule_list(as_json: bool) -> None:
     """Every schedule with its next firing and its last job."""
     from pipeline.schedules import list_schedules
 
-    settings = load_settings()
-    with open_database(settings) as sessions, sessions() as session:
-        views = list_schedules(session)
+    with reading() as session:
+        schedules = list_schedules(session)
     if as_json:
-        print_json([v.__dict__ for v in views])
-        return
-    print_table("schedules",
-                ("name", "cron", "zone", "team", "cap", "next (UTC)", "last job", "status"),
-                [[v.name, v.cron, v.timezone, v.team, money(v.budget_cents),
-                  f"{v.next_firing:%Y-%m-%d %H:%M}", str(v.last_job_id or "-"),
-                  v.last_job_status or "-"] for v in views])
+        print_json([s.__dict__ for s in schedules])
+    else:
+        print_table(views.schedules_table(schedules))
 
 
 @schedule.command("remove")
@@ -1023,8 +850,7 @@ def schedule_remove(name: str) -> None:
     """Delete schedule NAME (its jobs stay)."""
     from pipeline.schedules import remove_schedule
 
-    settings = load_settings()
-    with open_database(settings) as sessions, transaction(sessions) as session:
+    with writing() as session:
         remove_schedule(session, name)
     out.print(f"schedule {name} removed")
 
@@ -1036,7 +862,7 @@ def schedule_run(name: str) -> None:
     from pipeline.schedules import run_now
 
     settings = load_settings()
-    with open_database(settings) as sessions:
+    with database(settings) as sessions:
         with transaction(sessions) as session:
             job_id = run_now(session, name)
         nudge(settings)
@@ -1064,7 +890,7 @@ def worker(verbose: int, concurrency: int | None, sweep: bool) -> None:
     from workers.serve import serve_worker
 
     settings = load_settings(concurrency)
-    with open_database(settings):
+    with database(settings):
         pass  # refuses to start on a schema that is behind
     storage_ready(settings)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
@@ -1080,7 +906,7 @@ def beat(interval: float) -> None:
     from workers.serve import serve_beat
 
     settings = load_settings()
-    with open_database(settings):
+    with database(settings):
         pass
     serve_beat(settings, interval=interval, say=say)
 
@@ -1093,7 +919,7 @@ def dispatch() -> None:
     from workers.tasks import shutdown_services
 
     settings = load_settings()
-    with open_database(settings):
+    with database(settings):
         pass
     count = tick(connected_app(settings))
     shutdown_services()

@@ -19,7 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.caps import Caps
 from pipeline.db import transaction
-from pipeline.jobs import close_job_if_done, insert_renders, render_rows
+from pipeline.jobs import (
+    close_job_if_done,
+    insert_renders,
+    job_summary,
+    render_rows,
+    unfinished_job_of,
+)
 from pipeline.models import ItemStatus, Job, JobItem, JobStatus, utcnow
 from pipeline.plan import (
     JobLine,
@@ -296,6 +302,24 @@ def accept(checked: Submission, where: str | None, *, allow_invalid: bool, what:
 def _require_lines(result: Submission, path: str) -> None:
     if result.items == 0 and result.error_count == 0:
         raise JobFileError(f"{path}: no job lines (the file is empty)")
+
+
+def check_not_unfinished(sessions: sessionmaker[Session], path: str) -> None:
+    """JobFileError naming `resume` when the file (same sha256) was submitted as a job that
+    has not ended: `run` continues a job instead of paying for its lines twice. Standard
+    input is never matched."""
+    if path == STDIN:
+        return
+    with sessions() as session:
+        job = unfinished_job_of(session, file_digest(path))
+        if job is None:
+            return
+        s = job_summary(session, job.id)
+    done = s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
+    raise JobFileError(
+        f"{job_name(path)} was submitted as job {job.id}, which is {s['status']} "
+        f"({done:,}/{s['items_total']:,} items done): continue it with "
+        f"`imagebatch resume {job.id}`, or pass --new to start another copy")
 
 
 # --- writing -------------------------------------------------------------------------------

@@ -74,10 +74,10 @@ def connected_app(settings: Settings) -> Celery:
 def worker_options(concurrency: int) -> dict[str, object]:
     """How every Celery worker of ours runs, `imagebatch worker` and the in-process one
     alike: a threads pool (each thread hands its render to the process's one event loop),
-    no mingle or gossip (SQL, not the workers, knows who does what), tasks handed to free
-    threads only."""
+    no mingle or gossip (SQL, not the workers, knows who does what). (Celery's `-O fair`
+    is for its prefork pool only: a threads pool ignores it.)"""
     return {"pool": "threads", "concurrency": concurrency, "without_mingle": True,
-            "without_gossip": True, "optimization": "fair"}
+            "without_gossip": True}
 
 
 def check_broker(app: Celery) -> None:

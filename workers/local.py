@@ -12,12 +12,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+import rich.progress
 from celery import Celery
+from rich.console import Console
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
 from pipeline.jobs import job_state, job_summary, pause_job, renders_running
 from pipeline.settings import Settings, SettingsError, mask_url
+from pipeline.views import items_done, money, progress_line
 from workers.app import check_shared_redis, create_app
 from workers.embedded import Feeder, InProcessWorker, Ticker
 from workers.tasks import services, shutdown_services
@@ -29,6 +32,65 @@ DB_PATIENCE = 60.0
 FOLLOW_EVERY = 0.25
 
 Say = Callable[[str], None]
+
+
+class JobProgress:
+    """What `run` and `resume` show of the job: a live bar on a terminal (items, files,
+    spent / cap, ETA), else a plain line every PLAIN_EVERY seconds, or nothing (`quiet`)."""
+
+    PLAIN_EVERY = 5.0
+
+    def __init__(self, console: Console, job_id: int, *, quiet: bool) -> None:
+        self.console, self.job_id, self.quiet = console, job_id, quiet
+        self._last_plain = self._next_live = self._asked_at = 0.0
+        self._bar: rich.progress.Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> JobProgress:
+        if self.console.is_terminal and not self.quiet:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = rich.progress.Progress(
+                TextColumn(f"job {self.job_id}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("items · {task.fields[files]} files · {task.fields[money]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("render", total=None, files=0, money="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def due(self) -> bool:
+        """Whether a new summary would be shown now (a live bar: at most every 0.25 s and
+        no more than 5 % of the time; plain lines: every PLAIN_EVERY seconds; quiet: never)."""
+        now = time.monotonic()
+        if self._bar is not None:
+            if now < self._next_live:
+                return False
+            self._asked_at = now
+            return True
+        return not self.quiet and now - self._last_plain >= self.PLAIN_EVERY
+
+    def update(self, s: dict[str, Any]) -> None:
+        if self._bar is not None:
+            started = time.monotonic()
+            self._bar.update(self._task, total=s["items_total"], completed=items_done(s),
+                             files=s["images"],
+                             money=f"{money(s['spent_cents'])} / {money(s['budget_cents'])}")
+            self._next_live = started + max(0.25, 20 * (started - self._asked_at))
+        elif not self.quiet:  # `due()` (or the job's end) decided that a line is wanted now
+            self._last_plain = time.monotonic()
+            self.console.print(progress_line(s), highlight=False)
 
 
 class Progress(Protocol):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from tests import ROOT
 from tests.conftest import fresh_postgres_database
 
-ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "pw-0f9e8d7c6b5a"  # PostgreSQL trusts the tests' connections: any password works
 AS_ROOT = os.geteuid() == 0
 FLUX = {"model": "flux-2-dev", "prompt": "an otter"}
@@ -55,6 +56,19 @@ def render_one_job(env: dict[str, str], tmp_path: Path) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"job {job['id']} is {status} after 60 s")
+
+
+def read_until(process: subprocess.Popen[str], text: str, timeout: float = 60) -> str:
+    """What the process printed until `text` appeared, read from its pipe unbuffered (what
+    `communicate` reads next follows on exactly)."""
+    seen, give_up = b"", time.monotonic() + timeout
+    while text.encode() not in seen:
+        ready, _, _ = select.select([process.stdout], [], [], max(0.0, give_up - time.monotonic()))
+        assert ready, f"no {text!r} within {timeout} s: {seen.decode()}"
+        chunk = os.read(process.stdout.fileno(), 65536)
+        assert chunk, f"the process ended before saying {text!r}: {seen.decode()}"
+        seen += chunk
+    return seen.decode()
 
 
 def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> str:
@@ -106,7 +120,7 @@ def test_beat_starts_with_one_line_and_stops_cleanly(tmp_path, fake, postgres_ur
     assert cli(env, "db", "upgrade").returncode == 0
     beat = start(env, "beat", "--interval", "0.5")
     try:
-        first = beat.stdout.readline()
+        first = read_until(beat, "\n")
         time.sleep(1.5)  # a few rounds of the ticker and the feeder
     finally:
         output = first + stop(beat, signal.SIGINT)

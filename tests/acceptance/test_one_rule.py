@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import FLUX, imagebatch, write
-from tests.test_sql_submit import run_readme_sql
+from tests.acceptance.test_cli import FLUX, imagebatch, write
+from tests.integration.test_sql_submit import run_readme_sql
 
 # Three lines `submit` refuses, each for a different check against what a model takes.
 UNKNOWN_MODEL = {"model": "nope", "prompt": "x", "custom_id": "u"}
