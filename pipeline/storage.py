@@ -454,7 +454,8 @@ class S3Store:
             request = httpx.Request("PUT", url, content=data,
                                     headers={"Content-Type": content_type})
             response = await self._client_for(url).send(request)  # the body read: none
-        except (httpx.InvalidURL, *TRANSPORT_ERRORS) as exc:  # timeouts are among them
+        # ValueError: a URL aiohttp refuses to send (put_object then says why).
+        except (httpx.InvalidURL, ValueError, *TRANSPORT_ERRORS) as exc:  # timeouts too
             return (aiohttp_cause(exc) or exc).__class__.__name__
         return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
 

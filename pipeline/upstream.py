@@ -382,12 +382,11 @@ class UpstreamClient:
         """One hop: the bytes, or the URL the server redirects to (checked by the caller)."""
         host = url.host
         try:
-            target = httpx.URL(str(url))
+            request = _media_request(url)
         except httpx.InvalidURL:
             raise MediaRefused("the media URL is not a valid URL") from None
         try:
             # Redirects are never followed by the client: each hop's host is checked first.
-            request = httpx.Request("GET", target, headers=_MEDIA_HEADERS)
             async with self._media_http.sending(request) as response:
                 _log_response("GET", url, response)
                 if response.status_code in REDIRECT_STATUSES:
@@ -396,7 +395,7 @@ class UpstreamClient:
                     raise MediaRefused(f"{host} answered HTTP {response.status_code}")
                 _check_identity_encoding(response, host)
                 return await self._read_media(response, host)
-        except _TRANSPORT_ERRORS as exc:
+        except (*_TRANSPORT_ERRORS, ValueError) as exc:  # ValueError: aiohttp refused to send
             # `from None` and scrubbed: the exception's text can carry the pre-signed URL.
             raise MediaRefused(
                 self._scrub(f"the download from {host} failed: {self._detail(exc)}")) from None
@@ -746,6 +745,16 @@ def _auth_problem(api_base: str, api_key: str | None) -> str | None:
     if api_key and not api_key.isascii():
         return "the API key holds a character that is not ASCII: no HTTP header can carry it"
     return None
+
+
+def _media_request(url: URL) -> httpx.Request:
+    """One hop's GET. Credentials in the URL go as its Basic header (to this hop's host only)
+    and not in the URL itself: given both, aiohttp refuses the request."""
+    headers = _MEDIA_HEADERS
+    if url.user is not None or url.password is not None:
+        headers = httpx.Headers({**_MEDIA_HEADERS, **_authorization(None, url)})
+        url = url.with_user(None)
+    return httpx.Request("GET", httpx.URL(str(url)), headers=headers)
 
 
 def _authorization(api_key: str | None, url: URL | str) -> dict[str, str]:

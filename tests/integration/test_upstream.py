@@ -366,6 +366,16 @@ async def _json_result(request: web.Request) -> web.Response:
     return web.json_response({"created": 1, "data": [{"url": "http://cdn.invalid/a.png"}]})
 
 
+async def _auth_echo_media(request: web.Request) -> web.Response:
+    """PNG bytes, then the Authorization header this request came with."""
+    return web.Response(body=PNG + request.headers.get("Authorization", "none").encode())
+
+
+async def _to_other_host(request: web.Request) -> web.Response:
+    # The same server under another name: no credentials go along to it.
+    raise web.HTTPFound(f"http://localhost:{request.url.port}/auth-echo")
+
+
 async def _gzip_media(request: web.Request) -> web.Response:
     return web.Response(body=b"\x1f\x8b" + b"\0" * 20, headers={"Content-Encoding": "gzip"})
 
@@ -397,6 +407,8 @@ _ROUTES = [
              _sse(b'{"error": {"message": "no", "type": "invalid_request_error",'
                   b' "code": "content_policy_violation"}}')),
     web.get("/gzip", _gzip_media),
+    web.get("/auth-echo", _auth_echo_media),
+    web.get("/to-other-host", _to_other_host),
     web.get("/loop", _loop_redirect),
 ]
 
@@ -496,3 +508,20 @@ def test_a_plain_json_result_past_the_cap_is_delivered_and_refused() -> None:
     outcome = with_edge_server(lambda base: _generate_at(f"{base}/huge", max_media_bytes=10_000))
     assert isinstance(outcome, Delivered) and outcome.data == [], outcome
     assert outcome.refused is not None and "too large to keep" in outcome.refused
+
+
+def test_a_media_url_with_credentials_is_fetched_with_them_once() -> None:
+    """Sent as Basic auth to that URL's host (aiohttp refuses a request holding them twice, in
+    the URL and a header), and not carried to the host it redirects to."""
+    async def action(base: str) -> tuple[bytes, bytes]:
+        client = make_client(base)
+        try:
+            authed = base.replace("http://", "http://cdn:s%40cret@")
+            return (await client.fetch_media(f"{authed}/auth-echo"),
+                    await client.fetch_media(f"{authed}/to-other-host"))
+        finally:
+            await client.aclose()
+
+    direct, redirected = with_edge_server(action)
+    assert direct == PNG + b"Basic Y2RuOnNAY3JldA=="  # cdn:s@cret
+    assert redirected == PNG + b"none"

@@ -86,6 +86,15 @@ def test_the_bytes_come_without_the_key_and_as_identity() -> None:
     assert request.url.query == b"X-Amz-Signature=abc"
 
 
+def test_credentials_in_a_media_url_go_as_basic_auth_to_its_host_only() -> None:
+    cdn = Recorder({"/a.png": moved("http://192.0.2.60/b.png"), "/b.png": reply(content=PNG)})
+    assert fetch(cdn, "http://cdn:s%40cret@192.0.2.50/a.png") == PNG
+    first, second = cdn.requests
+    assert str(first.url) == f"{CDN}/a.png"  # not in the URL as well: aiohttp refuses both
+    assert first.headers["authorization"] == "Basic Y2RuOnNAY3JldA=="  # cdn:s@cret
+    assert "authorization" not in second.headers
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirects_are_followed_hop_by_hop(status: int) -> None:
     cdn = Recorder({
