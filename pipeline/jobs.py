@@ -262,18 +262,30 @@ def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
     recount_open_renders)."""
     if open_renders > 0:
         return False
-    job = session.get_one(Job, job_id)
-    if (job.finished_at is not None or job.plan_cursor is not None
-            or job.status in (JobStatus.PENDING, JobStatus.SUBMITTING)):
+    session.flush()  # what this session changed of the job is read below
+    db = session.connection()
+    state = queries.job_state(db, job_id)
+    if state is None:
+        raise JobNotFound(f"no job {job_id}")
+    if (state.finished_at is not None or state.plan_cursor is not None
+            or state.status in (JobStatus.PENDING, JobStatus.SUBMITTING)):
         return False
     counts = item_counts(session, job_id)
-    if job.status != JobStatus.CANCELLED:
-        job.status = final_status(counts)
-    job.finished_at = utcnow()
+    status = (state.status if state.status == JobStatus.CANCELLED
+              else final_status(counts).value)
+    queries.set_job(db, job_id, status=status, finished_at=utcnow())
     # Exact at the end whatever happened on the way (one read of the job, once).
-    session.flush()
     recount_items(session, job_id)
+    _reload_job(session, job_id)
     return True
+
+
+def _reload_job(session: Session, job_id: int) -> None:
+    """The job's row was written with Core: the copy this session holds, if any, is read
+    again when next used."""
+    loaded = session.identity_map.get(session.identity_key(Job, job_id))
+    if loaded is not None:
+        session.expire(loaded)
 
 
 def final_status(counts: Mapping[str, int]) -> JobStatus:
@@ -453,7 +465,6 @@ def _recount_and_close(session: Session, job_id: int) -> None:
     """After a whole-job change: open renders and the counters `status` shows counted anew
     (under the job's row lock, taken first), and the job closed if nothing of it is open."""
     open_renders = recount_open_renders(session, job_id)
-    session.get(Job, job_id, populate_existing=True)  # what the statements above wrote
     if not close_job_if_done(session, job_id, open_renders):  # closing recounts items itself
         recount_items(session, job_id)
 
@@ -605,7 +616,7 @@ def retry_job(session: Session, job_id: int, budget_cents: int | None = None,
     # the dispatcher plan the re-opened items and count the queued renders.
     queries.set_job(db, job_id, status=JobStatus.PENDING.value, finished_at=None, error=None)
     recount_items(session, job_id)
-    session.get(Job, job_id, populate_existing=True)
+    _reload_job(session, job_id)
     return len(items)
 
 
