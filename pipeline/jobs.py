@@ -216,7 +216,6 @@ def _line_of(item: queries.ItemToPlan) -> JobLine | LineError:
 
 
 # test_jobs EXPLAINs the statement the pipeline sends.
-SETTLE_ITEM = queries._SETTLE_ITEM
 
 
 def recount_open_renders(session: Session, job_id: int) -> int:
@@ -231,10 +230,10 @@ def recount_open_renders(session: Session, job_id: int) -> int:
     return queries.recount_open(db, job_id)
 
 
-def settle_item(session: Session, item_id: int) -> str | None:
+def close_item(session: Session, item_id: int) -> str | None:
     """An item's final status once none of its renders is open; None while one is (or when
     it had its final status already). The caller counts it on the job (ledger.item_ended)."""
-    return queries.settle_item(session.connection(), item_id)
+    return queries.close_item(session.connection(), item_id)
 
 
 def recount_items(session: Session, job_id: int) -> None:
@@ -423,7 +422,7 @@ def finish_cancel(transactions: Callable[[], AbstractContextManager[Session]], j
     for lo, hi in _line_ranges(transactions, job_id, chunk):
         _each(transactions, lambda db, lo=lo, hi=hi: (
             queries.cancel_pending_items(db, job_id, lo, hi),
-            queries.settle_running_items(db, job_id, lo, hi)))
+            queries.close_running_items(db, job_id, lo, hi)))
     with transactions() as session:
         _recount_and_close(session, job_id)
 
@@ -443,7 +442,7 @@ def _each(transactions: Callable[[], AbstractContextManager[Session]],
 def fail_queued_renders(transactions: Callable[[], AbstractContextManager[Session]],
                         job_id: int, reason: str, chunk: int = CHUNK) -> int:
     """Every queued render of the job failed with `reason`, `chunk` a transaction of
-    `transactions()`; then its items settled by ranges of lines and the job recounted and
+    `transactions()`; then its items closed by ranges of lines and the job recounted and
     closed if nothing of it is in flight (else its last render closes it). Renders in flight
     end as usual. Returns how many renders it failed."""
     failed = 0
@@ -454,7 +453,7 @@ def fail_queued_renders(transactions: Callable[[], AbstractContextManager[Sessio
         if done < chunk:
             break
     for lo, hi in _line_ranges(transactions, job_id, chunk):
-        _each(transactions, lambda db, lo=lo, hi=hi: queries.settle_running_items(
+        _each(transactions, lambda db, lo=lo, hi=hi: queries.close_running_items(
             db, job_id, lo, hi))
     with transactions() as session:
         _recount_and_close(session, job_id)

@@ -304,7 +304,7 @@ _FAIL_REPEATS = update(_items).where(
 ).values(status=ItemStatus.FAILED.value, error=bindparam("reason"))
 
 
-def _settle_items_where(which: ColumnElement[bool]) -> Any:
+def _close_items_where(which: ColumnElement[bool]) -> Any:
     """One UPDATE giving each chosen item with renders, none of them open, its final status:
     succeeded when all its renders did, failed when any failed, else cancelled.
 
@@ -332,7 +332,7 @@ def _settle_items_where(which: ColumnElement[bool]) -> Any:
             .values(status=final))
 
 
-_SETTLE_ITEM = _settle_items_where(_items.c.id == bindparam("item")).returning(_items.c.status)
+_CLOSE_ITEM = _close_items_where(_items.c.id == bindparam("item")).returning(_items.c.status)
 _ITEMS_BY_STATUS = (select(_items.c.status, func.count())
                     .where(_items.c.job_id == bindparam("job")).group_by(_items.c.status))
 # Items go by ranges of lines: (job_id, status, line) and (job_id, line) are both indexed, so
@@ -344,7 +344,7 @@ _IN_RANGE = and_(_items.c.job_id == bindparam("job"), _items.c.line >= bindparam
 _CANCEL_PENDING_ITEMS = update(_items).where(
     _IN_RANGE, _items.c.status == ItemStatus.PENDING.value,
 ).values(status=ItemStatus.CANCELLED.value, error="cancelled")
-_SETTLE_RUNNING_ITEMS = _settle_items_where(
+_CLOSE_RUNNING_ITEMS = _close_items_where(
     and_(_IN_RANGE, _items.c.status == ItemStatus.RUNNING.value))
 # An item opened again: running when it has renders (queued again with it), else pending
 # (it failed validation: it is planned again).
@@ -415,9 +415,9 @@ def fail_repeats(db: Connection, job_id: int, custom_id: str, *, first_line: int
                                "reason": reason})
 
 
-def settle_item(db: Connection, item_id: int) -> str | None:
+def close_item(db: Connection, item_id: int) -> str | None:
     """The item's final status, once none of its renders is open (else None)."""
-    return cast("str | None", db.execute(_SETTLE_ITEM, {"item": item_id}).scalar())
+    return cast("str | None", db.execute(_CLOSE_ITEM, {"item": item_id}).scalar())
 
 
 def items_by_status(db: Connection, job_id: int) -> dict[str, int]:
@@ -436,9 +436,9 @@ def cancel_pending_items(db: Connection, job_id: int, lo: int, hi: int) -> None:
     db.execute(_CANCEL_PENDING_ITEMS, {"job": job_id, "lo": lo, "hi": hi})
 
 
-def settle_running_items(db: Connection, job_id: int, lo: int, hi: int) -> None:
-    """The job's running items of lines lo <= line < hi whose renders all ended, settled."""
-    db.execute(_SETTLE_RUNNING_ITEMS, {"job": job_id, "lo": lo, "hi": hi})
+def close_running_items(db: Connection, job_id: int, lo: int, hi: int) -> None:
+    """The job's running items of lines lo <= line < hi whose renders all ended: closed."""
+    db.execute(_CLOSE_RUNNING_ITEMS, {"job": job_id, "lo": lo, "hi": hi})
 
 
 def reopen_cancelled_items(db: Connection, job_id: int, lo: int, hi: int) -> int:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from pipeline import ledger, queries
 from pipeline.attempts import out_of_attempts, rate_limited_too_long
 from pipeline.exhaustion import end_rest_for_budget, mark_if_exhausted
-from pipeline.jobs import STORAGE_FAILING, pause_job, settle_item, unpause_job
+from pipeline.jobs import STORAGE_FAILING, close_item, pause_job, unpause_job
 from pipeline.media import MediaInfo, NotMedia, sniff
 from pipeline.models import (
     TERMINAL_JOB,
@@ -325,7 +325,7 @@ def end_render(session: Session, render: queries.RenderRow, status: RenderStatus
     if not item_locked:
         queries.lock_item(db, render.item_id)
     queries.end_render(db, render.id, status, error)
-    final = settle_item(session, render.item_id)
+    final = close_item(session, render.item_id)
     if final is not None:
         ledger.item_ended(session, render.job_id, final)
     if claim is None:

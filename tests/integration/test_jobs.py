@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from pipeline import queries
 from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
-from pipeline.jobs import SETTLE_ITEM
 from pipeline.runtime import Services
 from tests.helpers import (
     assert_books_balance,
@@ -61,7 +61,7 @@ def test_settling_an_item_reads_its_own_renders_only(
             sent.append((statement, parameters))
 
         sa.event.listen(db, "before_cursor_execute", capture)
-        db.execute(SETTLE_ITEM, {"item": item_id})  # as the pipeline sends it
+        queries.close_item(db, item_id)  # as the pipeline sends it
         sa.event.remove(db, "before_cursor_execute", capture)
         statement, parameters = sent[-1]
         explained = db.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}",
