@@ -21,7 +21,14 @@ from pipeline.db import transaction
 from pipeline.jobs import create_job
 from pipeline.models import Job, Schedule, utcnow
 from pipeline.plan import parse_lines
-from pipeline.submission import InvalidLines, JobFileError, Submission, accept, check_text
+from pipeline.submission import (
+    InvalidLines,
+    JobFileError,
+    Submission,
+    accept,
+    check_text,
+    storable_text,
+)
 
 
 class ScheduleError(ValueError):
@@ -66,7 +73,8 @@ def add_schedule(session: Session, *, name: str, cron: str, job_text: str, team:
     if session.get(Schedule, name) is not None:
         raise ScheduleError(f"a schedule named {name!r} exists (remove it first)")
     schedule = Schedule(name=name, cron=cron, timezone=timezone, team=team,
-                        budget_cents=budget_cents, job_text=job_text, source_name=source_name,
+                        budget_cents=budget_cents, job_text=storable_text(job_text),
+                        source_name=source_name,
                         created_at=utcnow())
     session.add(schedule)
     return checked

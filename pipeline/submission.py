@@ -163,14 +163,34 @@ def job_name(path: str) -> str:
 
 def read_job_text(path: str) -> tuple[str, str]:
     """The whole job file as text (a schedule keeps it), and its name; '-' reads standard
-    input."""
+    input. Bytes that are not UTF-8 are kept as lone surrogates (surrogateescape), so
+    `check_text` finds their lines as `submit` does, each with its own error."""
     check_job_file(path)
-    if path == STDIN:
-        return sys.stdin.read(), job_name(path)
+    data = sys.stdin.buffer.read() if path == STDIN else Path(path).read_bytes()
+    return data.decode("utf-8", "surrogateescape"), job_name(path)
+
+
+def _text_bytes(text: str) -> bytes:
+    """The bytes a job text was read from (read_job_text), or, for a lone surrogate that
+    came from elsewhere, bytes that fail its line alone."""
     try:
-        return Path(path).read_text(encoding="utf-8"), job_name(path)
-    except UnicodeDecodeError as exc:
-        raise JobFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def storable_text(text: str) -> str:
+    """A job text as SQL can keep it: a line with bytes that are not UTF-8 or with a NUL
+    (PostgreSQL text holds none) has them as U+FFFD and one more U+FFFD in front, which is
+    not JSON: the line stays invalid and fails when its job is planned, as `submit` fails it,
+    instead of becoming a valid request."""
+    lines = []
+    for raw in _text_bytes(text).split(b"\n"):
+        line = raw.decode("utf-8", "replace")
+        if "\x00" in line or line.encode("utf-8") != raw:
+            line = "\ufffd" + line.replace("\x00", "\ufffd")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 @contextmanager
@@ -244,8 +264,7 @@ def check_file(path: str, caps: Mapping[str, Caps]) -> Submission:
 
 def check_text(text: str, caps: Mapping[str, Caps], where: str | None = None) -> Submission:
     """The same for a job file's text (a schedule's)."""
-    data = text.encode("utf-8", "surrogatepass")  # a lone surrogate fails its line alone
-    return _check_stream(io.BytesIO(data), caps, where or "the job text")
+    return _check_stream(io.BytesIO(_text_bytes(text)), caps, where or "the job text")
 
 
 def _check_stream(stream: IO[bytes], caps: Mapping[str, Caps], where: str) -> Submission:

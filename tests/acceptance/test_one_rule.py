@@ -103,3 +103,28 @@ def test_jobs_record_where_they_came_from(env, tmp_path, fake):
     inserted = max(sources(env))
     assert sources(env) == {submitted["id"]: "cli", ran["id"]: "cli", fired: "schedule",
                             inserted: "sql"}
+
+
+def test_lines_sql_cannot_keep_are_refused_as_submit_refuses_and_stay_failed(env, tmp_path):
+    """Bytes that are not UTF-8, and a NUL, inside a prompt: each line refused as `submit`
+    refuses it; allowed, the schedule keeps them failing (never as a valid request)."""
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(json.dumps(FLUX).encode() + b"\n"
+                     + b'{"model": "flux-2-dev", "prompt": "caf\xe9"}\n'
+                     + b'{"model": "flux-2-dev", "prompt": "a\x00b"}\n')
+    jobs = str(path)
+    submitted = imagebatch(env, "submit", jobs, "--budget", "1")
+    added = imagebatch(env, "schedule", "add", "raw", jobs, "--cron", "0 3 * * *",
+                       "--budget", "1")
+    assert added.returncode == submitted.returncode == 2
+    assert invalid_lines(added.stderr, jobs) == invalid_lines(submitted.stderr, jobs)
+    assert [line.split(": ")[0] for line in invalid_lines(added.stderr, jobs)] == [
+        f"{jobs}:2", f"{jobs}:3"]
+    assert "not UTF-8 text (byte 39)" in added.stderr and "Traceback" not in added.stderr
+    allowed = imagebatch(env, "schedule", "add", "raw", jobs, "--cron", "0 3 * * *",
+                         "--budget", "1", "--allow-invalid")
+    assert allowed.returncode == 0, allowed.stderr
+    ran = imagebatch(env, "schedule", "run", "raw")
+    scheduled = int(ran.stdout.split("job ")[1].split()[0])
+    assert imagebatch(env, "dispatch").returncode == 0
+    assert [line for line, _ in failed_items(env, scheduled)] == [2, 3]
