@@ -286,7 +286,9 @@ def test_run_of_a_file_whose_job_is_unfinished_needs_new(env, tmp_path, fake):
 
 def test_pause_and_resume_detach_on_a_worker(env, tmp_path, fake):
     env = {**env, "IMAGEBATCH_CONCURRENCY": "2"}
-    submitted = imagebatch(env, "submit", write(tmp_path, *otters(12, latency=0.4)), "--budget",
+    # 1.5 s a call, two at a time: 9 s of work, so `pause` (a process of its own, a second or
+    # more to start on a loaded machine) comes while the job still runs.
+    submitted = imagebatch(env, "submit", write(tmp_path, *otters(12, latency=1.5)), "--budget",
                            "1", "--json")
     job_id = json.loads(submitted.stdout)["id"]
     worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,

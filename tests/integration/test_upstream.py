@@ -235,7 +235,9 @@ def test_key_never_in_messages(fake: FakeServer) -> None:
 def test_many_in_flight_beyond_default_pool(fake: FakeServer) -> None:
     """150 concurrent renders on one client: none waits on a 100-connection pool."""
     async def action(client: UpstreamClient) -> list[Outcome]:
-        slow = body({"latency": 0.5})
+        # Long enough that the first answer does not come before the 150th call is sent on
+        # a loaded machine (at 0.5 s one came back with 149 in flight).
+        slow = body({"latency": 1.0})
         return list(await asyncio.gather(*(client.generate(slow) for _ in range(150))))
 
     start = time.monotonic()
