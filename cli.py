@@ -812,7 +812,7 @@ def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
     line against the models' caps). Its content is stored with the schedule, so moving or
     editing the file later changes nothing."""
     from pipeline.models import utcnow
-    from pipeline.schedules import add_schedule, next_slot
+    from pipeline.schedules import add_schedule, next_firing
 
     cap = cap_from_options(budget, budget_cents)
     text, source = read_job_text(file)
@@ -825,7 +825,7 @@ def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
                                    timezone=timezone, source_name=source, where=file)
     for line in error_lines(checked, file):
         say(line)
-    upcoming = next_slot(cron, timezone, utcnow())
+    upcoming = next_firing(cron, timezone, utcnow())
     out.print(f"schedule {name}: next firing {upcoming:%Y-%m-%d %H:%M} UTC "
               "(it fires while `imagebatch beat` runs)")
 

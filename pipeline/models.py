@@ -311,7 +311,8 @@ class Schedule(Base):
     budget_cents: Mapped[int] = mapped_column(BigInteger)
     job_text: Mapped[str] = mapped_column(Text)
     source_name: Mapped[str | None] = mapped_column(String(1000))
-    # The last slot fired; claiming a slot is a conditional UPDATE on this column.
-    last_slot: Mapped[datetime | None] = mapped_column(DateTime)
+    # When it last fired (its cron's firing time, not the clock's): a firing is claimed with
+    # a conditional UPDATE of this column. The column keeps its first name, last_slot.
+    last_fired: Mapped[datetime | None] = mapped_column("last_slot", DateTime)
     last_job_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

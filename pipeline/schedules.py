@@ -1,8 +1,8 @@
 """Scheduled renders: cron schedules kept in SQL with their job file's text, fired by beat.
 
-Each firing claims its slot with one conditional UPDATE of `last_slot` and creates the job in
-the same transaction, so two beats never fire one slot twice. After downtime only the latest
-missed slot fires, once.
+Each firing (a time the cron names) is claimed with one conditional UPDATE of `last_slot`
+and creates the job in the same transaction, so two beats never fire it twice. After downtime
+only the latest missed firing fires, once.
 """
 
 from __future__ import annotations
@@ -80,53 +80,53 @@ def add_schedule(session: Session, *, name: str, cron: str, job_text: str, team:
     return checked
 
 
-def latest_slot(cron: str, timezone: str, now: datetime) -> datetime:
+def latest_firing(cron: str, timezone: str, now: datetime) -> datetime:
     """The latest firing time <= now, as naive UTC (cron is read in the schedule's zone)."""
     zone = ZoneInfo(timezone)
     local_now = now.replace(tzinfo=UTC).astimezone(zone)
-    # croniter steps back from just after now, so a slot exactly at `now` counts.
-    slot = croniter(cron, local_now).get_prev(datetime)
+    # croniter steps back from just after now, so a firing exactly at `now` counts.
+    firing = croniter(cron, local_now).get_prev(datetime)
     if croniter.match(cron, local_now.replace(second=0, microsecond=0)):
-        slot = max(slot, local_now.replace(second=0, microsecond=0))
-    return slot.astimezone(UTC).replace(tzinfo=None)
+        firing = max(firing, local_now.replace(second=0, microsecond=0))
+    return firing.astimezone(UTC).replace(tzinfo=None)
 
 
-def next_slot(cron: str, timezone: str, now: datetime) -> datetime:
+def next_firing(cron: str, timezone: str, now: datetime) -> datetime:
     zone = ZoneInfo(timezone)
     local_now = now.replace(tzinfo=UTC).astimezone(zone)
     return croniter(cron, local_now).get_next(datetime).astimezone(UTC).replace(tzinfo=None)
 
 
 def fire_due(sessions: sessionmaker[Session], now: datetime | None = None) -> list[int]:
-    """Create a job for every schedule with a slot due; returns the new job ids."""
+    """Create a job for every schedule with a firing due; returns the new job ids."""
     now = now or utcnow()
     with sessions() as session:
         schedules = session.scalars(select(Schedule)).all()
     fired = []
     for schedule in schedules:
-        slot = latest_slot(schedule.cron, schedule.timezone, now)
-        if slot < schedule.created_at.replace(second=0, microsecond=0):
+        firing = latest_firing(schedule.cron, schedule.timezone, now)
+        if firing < schedule.created_at.replace(second=0, microsecond=0):
             continue  # nothing is due from before the schedule existed
-        if schedule.last_slot is not None and slot <= schedule.last_slot:
+        if schedule.last_fired is not None and firing <= schedule.last_fired:
             continue
-        job_id = _fire(sessions, schedule.name, slot)
+        job_id = _fire(sessions, schedule.name, firing)
         if job_id is not None:
             fired.append(job_id)
     return fired
 
 
-def _fire(sessions: sessionmaker[Session], name: str, slot: datetime) -> int | None:
+def _fire(sessions: sessionmaker[Session], name: str, firing: datetime) -> int | None:
     with transaction(sessions) as session:
         claimed = session.execute(
             update(Schedule)
             .where(Schedule.name == name,
-                   or_(Schedule.last_slot.is_(None), Schedule.last_slot < slot))
-            .values(last_slot=slot)
+                   or_(Schedule.last_fired.is_(None), Schedule.last_fired < firing))
+            .values(last_fired=firing)
         )
         if claimed.rowcount != 1:
-            return None  # another beat fired this slot
+            return None  # another beat took this firing
         schedule = session.get_one(Schedule, name)
-        job_id = _create_from(session, schedule, f"{name} @ {slot:%Y-%m-%d %H:%M}Z")
+        job_id = _create_from(session, schedule, f"{name} @ {firing:%Y-%m-%d %H:%M}Z")
         schedule.last_job_id = job_id
         return job_id
 
@@ -160,7 +160,7 @@ class ScheduleView:
     team: str
     budget_cents: int
     next_firing: datetime
-    last_slot: datetime | None
+    last_fired: datetime | None
     last_job_id: int | None
     last_job_status: str | None
 
@@ -172,7 +172,7 @@ def list_schedules(session: Session, now: datetime | None = None) -> list[Schedu
         job = session.get(Job, s.last_job_id) if s.last_job_id else None
         views.append(ScheduleView(
             s.name, s.cron, s.timezone, s.team, s.budget_cents,
-            next_slot(s.cron, s.timezone, now), s.last_slot, s.last_job_id,
+            next_firing(s.cron, s.timezone, now), s.last_fired, s.last_job_id,
             job.status if job else None,
         ))
     return views
