@@ -665,25 +665,79 @@ def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
 
 @main.command()
 @click.argument("job", type=JOB_ID)
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
-              show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Write to this file instead of standard output.")
-def export(job: int, fmt: str, output: str | None) -> None:
-    """Export one row per stored file of JOB: where it is, what it is, and what it cost."""
+@click.option("--format", "fmt", default="jsonl", show_default=True,
+              type=click.Choice(["jsonl", "csv", "hf", "webdataset", "parquet"]),
+              help="Rows (jsonl, csv), a Hugging Face imagefolder (hf), tar shards "
+                   "(webdataset) or one Parquet table.")
+@click.option("-o", "--output", metavar="DEST",
+              help="A file, a folder or s3://bucket/prefix/ (default: standard output for "
+                   "jsonl and csv, ./job-JOB-FORMAT otherwise).")
+@click.option("--shard-size", type=Number(1, 10_000_000), default=1000, show_default=True,
+              help="webdataset: samples per tar shard.")
+@click.option("--embed", is_flag=True, help="parquet: the files' bytes in a `content` column.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
+def export(job: int, fmt: str, output: str | None, shard_size: int, embed: bool,
+           as_json: bool) -> None:
+    """Export the stored files of JOB: rows (where each file is, what it is, what it cost)
+    or a dataset that datasets, webdataset or pyarrow loads as it is."""
+    from pipeline.datasets import DATASET_FORMATS, ExportError, export_dataset, file_count
     from pipeline.export import export_rows, write_export
     from pipeline.storage import open_store
 
+    if embed and fmt != "parquet":
+        raise UserError("--embed: only with --format parquet")
     settings = load_settings()
-    uri_of = open_store(settings.storage_url).uri
+    store = open_store(settings.storage_url)
     with database(settings) as sessions, sessions() as session:
         job_summary(session, job)  # a clear error for a job that does not exist
-        if output is None:
-            write_export(export_rows(session, job, uri_of), sys.stdout, fmt)
+        if fmt in DATASET_FORMATS:
+            target = output or f"job-{job}-{fmt}"
+            try:
+                with ExportProgress(file_count(session, job)) as progress:
+                    summary = export_dataset(session, job, store, fmt, target,
+                                             shard_size=shard_size, embed=embed,
+                                             on_file=progress.advance).as_dict()
+            except ExportError as exc:
+                raise UserError(str(exc)) from None
+        elif output is None:
+            write_export(export_rows(session, job, store.uri), sys.stdout, fmt)
             return
-        with open(output, "w", encoding="utf-8", newline="") as file:
-            count = write_export(export_rows(session, job, uri_of), file, fmt)
-    err.print(f"wrote {count} rows to {output}")
+        else:
+            with open(output, "w", encoding="utf-8", newline="") as file:
+                count = write_export(export_rows(session, job, store.uri), file, fmt)
+            summary = {"job": job, "format": fmt, "destination": output, "files": count,
+                       "skipped": 0, "outputs": 1}
+    if as_json:
+        print_json(summary)
+        return
+    skipped = f" ({summary['skipped']} audio/video skipped)" if summary["skipped"] else ""
+    err.print(f"wrote {summary['files']} files{skipped} to {summary['destination']}",
+              highlight=False)
+
+
+class ExportProgress:
+    """A progress bar on stderr while an export runs, only when stderr is a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self._bar: Any = None
+        if err.is_terminal:
+            from rich.progress import Progress
+
+            self._bar = Progress(console=err, transient=True)
+            self._task = self._bar.add_task("exporting", total=total)
+
+    def __enter__(self) -> ExportProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
 
 # --- teams, reports and schedules ----------------------------------------------------------
