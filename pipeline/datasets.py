@@ -191,7 +191,7 @@ def file_rows(session: Session, job_id: int, uri_of: Callable[[str], str],
         meta = json.loads(row.meta) if row.meta else None
         columns: dict[str, Any] = {
             "custom_id": row.custom_id,
-            "prompt": _prompt(row.body),
+            "prompt": prompt_of(row.body),
             "revised_prompt": row.revised_prompt,
             "seed": row.seed,
             "model": row.model,
@@ -220,7 +220,8 @@ def file_rows(session: Session, job_id: int, uri_of: Callable[[str], str],
         )
 
 
-def _prompt(body: str) -> str | None:
+def prompt_of(body: str) -> str | None:
+    """The prompt of a request body (JSON text), None when it has none."""
     try:
         prompt = json.loads(body).get("prompt")
     except (ValueError, AttributeError):

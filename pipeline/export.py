@@ -1,8 +1,12 @@
-"""A job's stored files as rows (JSONL or CSV): one row per file, read from SQL only."""
+"""A job's stored files as rows (JSONL or CSV): one row per file, read from SQL only.
+
+Each key of the items' metadata is also a column of its own (pipeline/datasets.py names and
+types them), after the fixed ones."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -10,17 +14,20 @@ from typing import IO, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline.datasets import metadata_columns, prompt_of
 from pipeline.models import Image, JobItem, Render
 
 EXPORT_FIELDS = (
     "job_id", "custom_id", "line", "render", "index", "uri", "content_type", "bytes", "sha256",
-    "width", "height", "seed", "revised_prompt", "cost_cents", "model", "metadata",
+    "width", "height", "seed", "revised_prompt", "cost_cents", "model", "metadata", "prompt",
 )
 
 
 def export_rows(session: Session, job_id: int, uri_of: Callable[[str], str]
                 ) -> Iterator[dict[str, Any]]:
-    """The job's files in line order; `uri_of(key)` is the store's URI of a key."""
+    """The job's files in line order; `uri_of(key)` is the store's URI of a key. Metadata
+    values are exact here (JSONL); CSV writes them as text."""
+    meta_columns = metadata_columns(session, job_id)
     query = (
         select(Image, JobItem, Render)
         .join(Render, Render.id == Image.render_id)
@@ -29,6 +36,8 @@ def export_rows(session: Session, job_id: int, uri_of: Callable[[str], str]
         .order_by(JobItem.line, Render.render_index, Image.image_index)
     )
     for image, item, render in session.execute(query).yield_per(1000):
+        meta = json.loads(item.meta) if item.meta else None
+        fields = meta if isinstance(meta, dict) else {}
         yield {
             "job_id": job_id,
             "custom_id": item.custom_id,
@@ -45,19 +54,25 @@ def export_rows(session: Session, job_id: int, uri_of: Callable[[str], str]
             "revised_prompt": image.revised_prompt,
             "cost_cents": image.cost_cents,
             "model": render.model,
-            "metadata": json.loads(item.meta) if item.meta else None,
+            "metadata": meta,
+            "prompt": prompt_of(item.body),
+            **{column.name: fields.get(column.key) for column in meta_columns},
         }
 
 
 def write_export(rows: Iterator[dict[str, Any]], out: IO[str], fmt: str) -> int:
     count = 0
     if fmt == "csv":
+        rows = iter(rows)
+        first = next(rows, None)
         # CRLF, as RFC 4180 has it: the csv module quotes a field holding any character of
         # the line terminator only, so with LF alone a CR inside a revised prompt went out
         # bare and split the row in two for every reader.
-        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\r\n")
+        # Every row has the same columns: the fixed ones, then the job's metadata keys.
+        fields = EXPORT_FIELDS if first is None else list(first)
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\r\n")
         writer.writeheader()
-        for row in rows:
+        for row in () if first is None else itertools.chain([first], rows):
             writer.writerow(_flat(row))
             count += 1
         return count
@@ -73,10 +88,19 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    flat = dict(row)
-    if flat["metadata"] is not None:
-        flat["metadata"] = json.dumps(flat["metadata"], ensure_ascii=False)
+    """Values as CSV text: the metadata object, and lists, objects and booleans in metadata
+    columns, as JSON."""
+    flat = {k: _as_text(v) for k, v in row.items()}
+    if row["metadata"] is not None:
+        flat["metadata"] = json.dumps(row["metadata"], ensure_ascii=False)
     return {k: ("" if v is None else neutralised(v)) for k, v in flat.items()}
+
+
+def _as_text(value: Any) -> Any:
+    if value is None or isinstance(value, str) or (
+            isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def neutralised(value: Any) -> Any:

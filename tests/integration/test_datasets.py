@@ -216,3 +216,32 @@ def test_a_missing_bucket_or_an_unwritable_folder_is_one_clear_error(svc, fake, 
         export(svc, job_id, "hf", str(a_file))
     with pytest.raises(ExportError, match="a-file/wds: cannot write here"):
         export(svc, job_id, "webdataset", str(a_file / "wds"))
+
+
+# --- jsonl and csv ---------------------------------------------------------------------------
+
+
+def test_jsonl_and_csv_rows_carry_the_prompt_and_each_metadata_key_as_a_column(svc, fake):
+    import csv
+    import io
+
+    from pipeline.export import export_rows, write_export
+
+    job_id = job(svc)
+
+    def exported(fmt: str) -> str:
+        out = io.StringIO()
+        with svc.sessions() as session:
+            assert write_export(export_rows(session, job_id, svc.store.uri), out, fmt) == 5
+        return out.getvalue()
+
+    records = [json.loads(line) for line in exported("jsonl").splitlines()]
+    assert [(r["prompt"], r["label"], r["score"]) for r in records] == [
+        ("an otter", "otter", 1)] * 3 + [("a fox", "fox", 0.5), ("a song", "song", None)]
+    assert records[0]["tags"] == ["a"] and records[3]["metadata_index"] == 9  # exact values
+    assert records[3]["index"] == 0  # the file's own column is not overwritten by metadata
+    rows = list(csv.DictReader(io.StringIO(exported("csv"), newline="")))
+    assert list(rows[0])[-6:] == ["prompt", "split", "label", "score", "tags",
+                                  "metadata_index"]
+    assert [(r["prompt"], r["label"], r["tags"]) for r in rows][::3] == [
+        ("an otter", "otter", '["a"]'), ("a fox", "fox", "")]
