@@ -275,6 +275,7 @@ def stored_text(longest: int) -> Callable[[str], str]:
 DOLLARS, CENTS = Checked("dollars", parse_dollars), Checked("cents", parse_cents)
 JOB_ID = Checked("integer", whole_number(1, 2**31 - 1))  # jobs.id is a 32-bit integer
 CONCURRENCY = Checked("integer", whole_number(1, 10_000))
+SHARD_SIZE = Checked("integer", whole_number(1, 10_000_000))
 TEAM_NAME = SCHEDULE_NAME = Checked("text", stored_text(200))
 JOB_NAME = Checked("text", stored_text(500))
 
@@ -672,7 +673,7 @@ def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
 @click.option("-o", "--output", metavar="DEST",
               help="A file, a folder or s3://bucket/prefix/ (default: standard output for "
                    "jsonl and csv, ./job-JOB-FORMAT otherwise).")
-@click.option("--shard-size", type=Number(1, 10_000_000), default=1000, show_default=True,
+@click.option("--shard-size", type=SHARD_SIZE, default=1000, show_default=True,
               help="webdataset: samples per tar shard.")
 @click.option("--embed", is_flag=True, help="parquet: the files' bytes in a `content` column.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
@@ -680,33 +681,39 @@ def export(job: int, fmt: str, output: str | None, shard_size: int, embed: bool,
            as_json: bool) -> None:
     """Export the stored files of JOB: rows (where each file is, what it is, what it cost)
     or a dataset that datasets, webdataset or pyarrow loads as it is."""
-    from pipeline.datasets import DATASET_FORMATS, ExportError, export_dataset, file_count
+    from pipeline.datasets import (
+        DATASET_FORMATS,
+        ExportError,
+        export_dataset,
+        file_count,
+        open_rows_output,
+    )
     from pipeline.export import export_rows, write_export
     from pipeline.storage import open_store
 
     if embed and fmt != "parquet":
         raise UserError("--embed: only with --format parquet")
-    settings = load_settings()
-    store = open_store(settings.storage_url)
-    with database(settings) as sessions, sessions() as session:
+    store = open_store(load_settings().storage_url)
+    with reading() as session:
         job_summary(session, job)  # a clear error for a job that does not exist
-        if fmt in DATASET_FORMATS:
-            target = output or f"job-{job}-{fmt}"
-            try:
-                with ExportProgress(file_count(session, job)) as progress:
-                    summary = export_dataset(session, job, store, fmt, target,
-                                             shard_size=shard_size, embed=embed,
-                                             on_file=progress.advance).as_dict()
-            except ExportError as exc:
-                raise UserError(str(exc)) from None
-        elif output is None:
+        if fmt not in DATASET_FORMATS and output is None:
             write_export(export_rows(session, job, store.uri), sys.stdout, fmt)
             return
-        else:
-            with open(output, "w", encoding="utf-8", newline="") as file:
-                count = write_export(export_rows(session, job, store.uri), file, fmt)
-            summary = {"job": job, "format": fmt, "destination": output, "files": count,
-                       "skipped": 0, "outputs": 1}
+        try:
+            if fmt in DATASET_FORMATS:
+                with ExportProgress(file_count(session, job)) as progress:
+                    summary = export_dataset(session, job, store, fmt,
+                                             output or f"job-{job}-{fmt}",
+                                             shard_size=shard_size, embed=embed,
+                                             on_file=progress.advance).as_dict()
+            else:
+                assert output is not None
+                with open_rows_output(output, f"job-{job:06d}.{fmt}") as file:
+                    count = write_export(export_rows(session, job, store.uri), file, fmt)
+                summary = {"job": job, "format": fmt, "destination": output, "files": count,
+                           "skipped": 0, "outputs": 1}
+        except ExportError as exc:
+            raise UserError(str(exc)) from None
     if as_json:
         print_json(summary)
         return

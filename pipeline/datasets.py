@@ -34,7 +34,9 @@ __all__ = [
     "export_dataset",
     "file_count",
     "file_rows",
+    "file_target",
     "metadata_columns",
+    "open_rows_output",
 ]
 
 DATASET_FORMATS = ("hf", "webdataset", "parquet")
@@ -263,17 +265,26 @@ class Destination:
             return f"s3://{self._s3.bucket}/{prefix}"
         return str(self._root)
 
-    def check(self) -> None:
-        """ExportError unless files can be written here (folder made, bucket there)."""
+    def check(self, *, empty: bool = False) -> None:
+        """ExportError unless files can be written here (folder made, bucket there) and, when
+        `empty`, nothing is there yet: a folder dataset is every file under it, so files
+        left by an earlier export (a shard more, a split of another job) would be loaded
+        with it."""
         if self._s3 is not None:
             try:
                 self._s3.check()
+                there = empty and self._first_s3_key()
             except StorageError as exc:
                 raise ExportError(f"cannot export to {self}: {exc}") from None
+            if there:
+                raise ExportError(f"{self}: not empty (s3://{self._s3.bucket}/{there} is "
+                                  "there): export a dataset to a new prefix")
             return
         assert self._root is not None
         if self._root.exists() and not self._root.is_dir():
-            raise ExportError(f"{self._root}: not a folder (this format writes a folder)")
+            raise ExportError(f"{self._root}: a file, not a folder")
+        if empty and self._root.is_dir() and next(self._root.iterdir(), None) is not None:
+            raise ExportError(f"{self._root}: not empty: export a dataset to a new folder")
         try:
             self._root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self._root, prefix=".imagebatch-probe-"):
@@ -281,6 +292,14 @@ class Destination:
         except OSError as exc:
             raise ExportError(f"{self._root}: cannot write here: "
                               f"{exc.strerror or exc}") from None
+
+    def _first_s3_key(self) -> str | None:
+        assert self._s3 is not None
+        prefix = f"{self._s3.prefix}/" if self._s3.prefix else ""
+        with self._s3._errors("list", prefix):
+            listed = self._s3._client.list_objects_v2(Bucket=self._s3.bucket, Prefix=prefix,
+                                                      MaxKeys=1)
+        return next((found["Key"] for found in listed.get("Contents", ())), None)
 
     def put(self, name: str, data: bytes, content_type: str) -> None:
         if self._s3 is not None:
@@ -332,9 +351,10 @@ def export_dataset(session: Session, job_id: int, store: MediaStore, fmt: str, t
         raise ExportError(f"unknown export format {fmt!r}: use one of {DATASET_FORMATS}")
     if shard_size < 1:
         raise ExportError(f"--shard-size {shard_size}: must be at least 1")
-    target, table = table_target(target) if fmt == "parquet" else (target, None)
+    target, table = file_target(target, f"job-{job_id:06d}.parquet") if fmt == "parquet" \
+        else (target, "")
     destination = Destination(target)
-    destination.check()
+    destination.check(empty=fmt != "parquet")
     meta = metadata_columns(session, job_id)
     rows = file_rows(session, job_id, store.uri, meta)
     if fmt == "hf":
@@ -343,19 +363,36 @@ def export_dataset(session: Session, job_id: int, store: MediaStore, fmt: str, t
         files, skipped, outputs = _write_shards(rows, store, destination, shard_size, on_file)
     else:
         files, skipped, outputs = _write_parquet(
-            rows, store, destination, table or f"job-{job_id:06d}.parquet", meta, embed, on_file)
+            rows, store, destination, table, meta, embed, on_file)
     return ExportSummary(job_id, fmt, str(destination), files, skipped, outputs)
 
 
-def table_target(target: str) -> tuple[str, str | None]:
-    """A Parquet DEST: a file (`….parquet`) is its folder and its name; anything else is a
-    folder or prefix that gets job-NNNNNN.parquet."""
-    head, _, name = target.rstrip("/").rpartition("/")
-    if target.endswith("/") or not name.lower().endswith(".parquet"):
-        return target, None
+def file_target(target: str, default_name: str) -> tuple[str, str]:
+    """A DEST of one file (parquet, jsonl, csv) as (folder or prefix, file name): a DEST that
+    ends in '/' or is a folder gets `default_name`; anything else is the file itself."""
+    is_s3 = urlsplit(target).scheme.lower() == "s3"
+    if target.endswith("/") or (not is_s3 and Path(target).expanduser().is_dir()):
+        return target, default_name
+    head, _, name = target.rpartition("/")
+    if is_s3 and head == "s3:/":  # s3://bucket: the bucket's top
+        return target + "/", default_name
     if not head:
         return ("/" if target.startswith("/") else "."), name
     return head, name
+
+
+@contextmanager
+def open_rows_output(target: str, default_name: str) -> Iterator[IO[str]]:
+    """The text file JSONL or CSV rows go to: a local file, or an S3 object uploaded once
+    the rows are written; either appears whole or not at all."""
+    folder, name = file_target(target, default_name)
+    destination = Destination(folder)
+    destination.check()
+    with destination.open(name) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        yield text
+        text.flush()
+        text.detach()
 
 
 def _write_imagefolder(rows: Iterator[FileRow], store: MediaStore, destination: Destination,

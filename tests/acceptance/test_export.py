@@ -110,13 +110,16 @@ def test_export_to_s3_prints_no_aws_secret(env, tmp_path, s3_endpoint):
     (("{job}", "--format", "webdataset", "--embed"), "--embed: only with --format parquet"),
     (("{job}", "--format", "webdataset", "--shard-size", "0"), "--shard-size"),
     (("{job}", "--format", "tar"), "tar"),
+    (("{job}", "--format", "hf", "-o", "{dir}"), "not empty"),
+    (("{job}", "--format", "csv", "-o", "{file}/rows.csv"), "a-file: a file, not a folder"),
     (("{job}", "--format", "parquet", "-o", "s3://user:pw@bucket/x/"), "bad S3"),
 ])
 def test_bad_export_requests_are_one_line_and_exit_2(env, tmp_path, args, message):
     job = run_job(env, tmp_path)
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    result = imagebatch(env, "export", *(a.format(job=job, file=a_file) for a in args))
+    result = imagebatch(env, "export", *(a.format(job=job, file=a_file, dir=tmp_path)
+                                              for a in args))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.lower().startswith("error")]

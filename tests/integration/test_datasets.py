@@ -151,7 +151,8 @@ def test_parquet_export_reads_back_with_pyarrow_with_and_without_the_bytes(svc, 
     summary = export(svc, job_id, "parquet", str(tmp_path / "files.parquet"))
     assert (summary["files"], summary["outputs"]) == (5, 1)
     check_table(svc, pq.read_table(tmp_path / "files.parquet"), embedded=False)
-    export(svc, job_id, "parquet", str(tmp_path / "folder"), embed=True)
+    (tmp_path / "folder").mkdir()
+    export(svc, job_id, "parquet", str(tmp_path / "folder"), embed=True)  # a folder: job-N
     check_table(svc, pq.read_table(tmp_path / "folder" / f"job-{job_id:06d}.parquet"),
                 embedded=True)
 
@@ -197,6 +198,8 @@ def test_every_dataset_format_exports_to_s3_and_loads_from_there(svc, fake, tmp_
     export(svc, job_id, "webdataset", f"s3://{BUCKET}/{prefix}/wds", shard_size=4)
     download(f"{prefix}/wds/", tmp_path / "wds")
     check_shards(svc, tmp_path / "wds", shards=2)
+    with pytest.raises(ExportError, match=f"/{prefix}/wds/: not empty"):
+        export(svc, job_id, "webdataset", f"s3://{BUCKET}/{prefix}/wds", shard_size=1)
     export(svc, job_id, "parquet", f"s3://{BUCKET}/{prefix}/t.parquet", embed=True)
     s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_env, access_key="test",
                                  secret_key=AWS_SECRET, region="us-east-1")
@@ -218,7 +221,36 @@ def test_a_missing_bucket_or_an_unwritable_folder_is_one_clear_error(svc, fake, 
         export(svc, job_id, "webdataset", str(a_file / "wds"))
 
 
+def test_a_dataset_folder_that_holds_files_is_refused_so_no_stale_shard_is_loaded(
+        svc, fake, tmp_path):
+    job_id = job(svc)
+    export(svc, job_id, "webdataset", str(tmp_path / "wds"), shard_size=1)
+    with pytest.raises(ExportError, match="wds: not empty"):
+        export(svc, job_id, "webdataset", str(tmp_path / "wds"), shard_size=5)
+    assert len(list((tmp_path / "wds").glob("shard-*.tar"))) == 5  # the first export, intact
+    export(svc, job_id, "parquet", str(tmp_path / "t.parquet"))
+    export(svc, job_id, "parquet", str(tmp_path / "t.parquet"))  # one file: replaced whole
+
+
 # --- jsonl and csv ---------------------------------------------------------------------------
+
+
+def test_jsonl_and_csv_rows_go_to_a_file_a_folder_or_s3(svc, fake, tmp_path, s3_env):
+    from pipeline.datasets import open_rows_output
+    from pipeline.export import export_rows, write_export
+
+    job_id = job(svc)
+    (tmp_path / "rows").mkdir()
+    for target in (str(tmp_path / "rows.jsonl"), str(tmp_path / "rows"),
+                   f"s3://{BUCKET}/rows-{job_id}/r.jsonl"):
+        with svc.sessions() as session, open_rows_output(target, "job.jsonl") as out:
+            assert write_export(export_rows(session, job_id, svc.store.uri), out, "jsonl") == 5
+    client = boto3.session.Session().client("s3")
+    from_s3 = client.get_object(Bucket=BUCKET, Key=f"rows-{job_id}/r.jsonl")["Body"].read()
+    local = (tmp_path / "rows.jsonl").read_bytes()
+    assert from_s3 == local == (tmp_path / "rows" / "job.jsonl").read_bytes()
+    assert [json.loads(line)["custom_id"] for line in local.splitlines()] == [
+        "otters", "otters", "otters", "fox", "song"]
 
 
 def test_jsonl_and_csv_rows_carry_the_prompt_and_each_metadata_key_as_a_column(svc, fake):

@@ -1,5 +1,5 @@
 """Pure rules of dataset exports: the type a metadata column takes, the names of metadata
-columns beside the file's own, where a Parquet DEST's table goes, split folders."""
+columns beside the file's own, where a one-file export (parquet, jsonl, csv) goes, split folders."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pipeline.datasets import (
     RESERVED,
     cell,
     column_name,
+    file_target,
     merged_kind,
     split_folder,
-    table_target,
     value_kind,
 )
 
@@ -56,13 +56,14 @@ def test_a_metadata_key_named_like_a_file_column_gets_a_prefix():
 @pytest.mark.parametrize(("dest", "where"), [
     ("out.parquet", (".", "out.parquet")),
     ("a/b/out.PARQUET", ("a/b", "out.PARQUET")),
-    ("/x.parquet", ("/", "x.parquet")),
+    ("/x.jsonl", ("/", "x.jsonl")),
     ("s3://bucket/p/x.parquet", ("s3://bucket/p", "x.parquet")),
-    ("folder", ("folder", None)),
-    ("s3://bucket/p/", ("s3://bucket/p/", None)),
+    ("s3://bucket", ("s3://bucket/", "job-000001.parquet")),
+    ("folder/", ("folder/", "job-000001.parquet")),
+    ("s3://bucket/p/", ("s3://bucket/p/", "job-000001.parquet")),
 ])
-def test_a_parquet_dest_is_a_file_or_a_folder(dest, where):
-    assert table_target(dest) == where
+def test_a_one_file_dest_is_that_file_or_a_folder_ending_in_a_slash(dest, where):
+    assert file_target(dest, "job-000001.parquet") == where
 
 
 def test_splits_become_safe_folder_names():
