@@ -351,6 +351,8 @@ def export_dataset(session: Session, job_id: int, store: MediaStore, fmt: str, t
         raise ExportError(f"unknown export format {fmt!r}: use one of {DATASET_FORMATS}")
     if shard_size < 1:
         raise ExportError(f"--shard-size {shard_size}: must be at least 1")
+    if fmt in ("hf", "parquet"):
+        _require_pyarrow(fmt)
     target, table = file_target(target, f"job-{job_id:06d}.parquet") if fmt == "parquet" \
         else (target, "")
     destination = Destination(target)
@@ -365,6 +367,15 @@ def export_dataset(session: Session, job_id: int, store: MediaStore, fmt: str, t
         files, skipped, outputs = _write_parquet(
             rows, store, destination, table, meta, embed, on_file)
     return ExportSummary(job_id, fmt, str(destination), files, skipped, outputs)
+
+
+def _require_pyarrow(fmt: str) -> None:
+    """pyarrow writes Parquet (the table, and hf's metadata); it is an optional extra."""
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ExportError(f"--format {fmt} needs pyarrow: pip install 'imagebatch[datasets]' "
+                          "(or pip install pyarrow)") from None
 
 
 def file_target(target: str, default_name: str) -> tuple[str, str]:

@@ -125,3 +125,17 @@ def test_bad_export_requests_are_one_line_and_exit_2(env, tmp_path, args, messag
     errors = [line for line in result.stderr.splitlines() if line.lower().startswith("error")]
     assert len(errors) == 1 and message in errors[0]  # around it, click's usage lines at most
     assert "pw@" not in result.stderr
+
+
+def test_without_pyarrow_parquet_and_hf_say_what_to_install(env, tmp_path):
+    job = run_job(env, tmp_path)
+    missing = tmp_path / "no-pyarrow" / "pyarrow"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ImportError('No module named pyarrow')\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(missing.parent), env.get("PYTHONPATH", "")])
+    for fmt in ("parquet", "hf"):
+        result = imagebatch(env, "export", str(job), "--format", fmt, "-o",
+                            str(tmp_path / f"out-{fmt}/"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == (f"error: --format {fmt} needs pyarrow: pip install "
+                                         "'imagebatch[datasets]' (or pip install pyarrow)")
