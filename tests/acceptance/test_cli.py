@@ -291,8 +291,10 @@ def test_pause_and_resume_detach_on_a_worker(env, tmp_path, fake):
     submitted = imagebatch(env, "submit", write(tmp_path, *otters(12, latency=1.5)), "--budget",
                            "1", "--json")
     job_id = json.loads(submitted.stdout)["id"]
+    # Its log goes to a file: a pipe nobody reads until the end fills, and the worker blocks.
+    log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=log, text=True)
 
     def status() -> dict[str, object]:
         return json.loads(imagebatch(env, "status", str(job_id), "--json").stdout)
@@ -313,10 +315,12 @@ def test_pause_and_resume_detach_on_a_worker(env, tmp_path, fake):
         assert imagebatch(env, "pause", str(job_id)).stdout.strip().endswith("paused already")
         detached = imagebatch(env, "resume", str(job_id), "--detach")
         assert detached.returncode == 0 and "running again" in detached.stdout
-        wait_for(lambda: status()["status"] == "succeeded", timeout=60, what="the job ending")
+        wait_for(lambda: status()["status"] == "succeeded", timeout=60,
+                 what=f"the job ending (worker log: {tmp_path / 'worker.log'})")
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.communicate(timeout=30)
+        log.close()
     prompts = [r["body"]["prompt"] for r in fake.requests()]
     assert sorted(prompts) == sorted(f"otter {i}" for i in range(12))
     assert status()["spent_cents"] == 36 == fake.stats()["billed_cents"]
