@@ -630,13 +630,6 @@ def job_state(session: Session, job_id: int) -> queries.JobState:
     return state
 
 
-def job_is_finished(session: Session, job_id: int) -> bool:
-    row = session.execute(select(Job.finished_at).where(Job.id == job_id)).one_or_none()
-    if row is None:
-        raise JobNotFound(f"no job {job_id}")
-    return row.finished_at is not None
-
-
 def job_summary(session: Session, job_id: int) -> dict[str, Any]:
     """The job as `status` shows it: one row, whatever the job's size (its counters)."""
     job = get_job(session, job_id)
