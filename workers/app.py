@@ -7,6 +7,7 @@ from pathlib import Path
 from celery import Celery
 from kombu.transport import memory
 
+import workers.broker  # noqa: F401  (registers the atomic folder transport as "filesystem")
 from pipeline.settings import Settings, SettingsError, mask_url
 
 # Polling transports wait this long between reads of an empty queue; Celery's default of
