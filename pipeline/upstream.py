@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -39,6 +39,11 @@ log = logging.getLogger("imagebatch.upstream")
 MAX_MESSAGE_CHARS = 500
 MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
+# How long the rest of a stream ([DONE], the body's end) is read for once its result is in.
+# A stream read to its end returns its connection to the pool, and its readers (async
+# generators in httpx and the transport) end with it: one left suspended is closed later by
+# the loop's finalizer, a task and a self-pipe write each, four per call.
+REST_OF_STREAM_SECONDS = 0.05
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Cloud metadata services: never fetched, even where private addresses are allowed.
 METADATA_ADDRESSES = frozenset(
@@ -97,6 +102,13 @@ class Unknown:
 
 
 Outcome = Delivered | Refused | Unknown
+
+
+@dataclass
+class _Call:
+    """One generation's outcome, once read: the deadline may end the rest of its stream."""
+
+    outcome: Outcome | None = None
 
 
 def rate_limited(outcome: object) -> TypeGuard[Refused]:
@@ -181,14 +193,17 @@ class UpstreamClient:
             content = _json_body(payload)
         except (TypeError, ValueError) as exc:
             return Refused(self._scrub(f"the request body is not JSON: {exc}"), None, False)
+        call = _Call()
         try:
             async with asyncio.timeout(self._deadline):
-                return await self._send_generation(content, on_accepted)
+                return await self._send_generation(content, call, on_accepted)
         except TimeoutError:
+            if call.outcome is not None:
+                return call.outcome  # the deadline ended only the rest of the stream
             # Keepalive comments reset the read timeout forever; only this ends a stall.
             return Unknown(f"no result within the {self._deadline:g}s render deadline")
 
-    async def _send_generation(self, content: bytes,
+    async def _send_generation(self, content: bytes, call: _Call,
                                on_accepted: Callable[[], None] | None = None) -> Outcome:
         if self._auth_conflict is not None:
             return Refused(self._auth_conflict, None, False)
@@ -205,7 +220,7 @@ class UpstreamClient:
             _log_response("POST", self._generations_url, response)
             if on_accepted is not None and 200 <= response.status_code < 300:
                 on_accepted()
-            return await self._read_outcome(response)
+            return await self._read_outcome(response, call)
         except _TRANSPORT_ERRORS as exc:
             return Unknown(self._scrub(f"the response broke off: {self._detail(exc)}"))
         finally:
@@ -222,13 +237,13 @@ class UpstreamClient:
             return Refused(self._scrub(f"cannot reach the upstream: {detail}"), None, True)
         return Unknown(self._scrub(f"the request failed after it was sent: {detail}"))
 
-    async def _read_outcome(self, response: httpx.Response) -> Outcome:
+    async def _read_outcome(self, response: httpx.Response, call: _Call) -> Outcome:
         if not 200 <= response.status_code < 300:
             return await self._refusal(response)
         content_type = _header(response, "content-type").lower()
         if "json" in content_type and "event-stream" not in content_type:
             return await self._json_outcome(response)
-        return await self._sse_outcome(response)
+        return await self._sse_outcome(response, call)
 
     async def _refusal(self, response: httpx.Response) -> Refused:
         status = response.status_code
@@ -256,22 +271,39 @@ class UpstreamClient:
         outcome = self._document_outcome(document)
         return outcome or Unknown("the JSON body holds neither a result nor an error")
 
-    async def _sse_outcome(self, response: httpx.Response) -> Outcome:
+    async def _sse_outcome(self, response: httpx.Response, call: _Call) -> Outcome:
         # Chunks into our own parser: line reading (httpx's aiter_lines, aiohttp's readline)
         # splits at more than CR and LF, or is quadratic on one long data line, which is what
         # a base64 result is. aiter_bytes: the body as the server meant it (gzip decoded).
         parser = SSEParser()
         received = 0
-        async for chunk in response.aiter_bytes():
+        chunks = response.aiter_bytes()
+        async for chunk in chunks:
             received += len(chunk)
             if received > self._max_result_bytes:
                 return self._too_large("stream")
             for event in parser.feed(chunk):
                 outcome = self._event_outcome(event)
                 if outcome is not None:
-                    return outcome  # at the result: no need to wait for [DONE]
+                    # Decided at the result: whatever follows (or fails to) changes nothing.
+                    call.outcome = outcome
+                    await self._read_rest(chunks, received)
+                    return outcome
         parser.close()
         return Unknown("the stream ended before a result")
+
+    async def _read_rest(self, chunks: AsyncIterator[bytes], received: int) -> None:
+        """What follows a result ([DONE], the body's end), read and dropped for at most
+        REST_OF_STREAM_SECONDS and within the size cap; a stream that goes on longer, breaks
+        off or passes the cap is left as it is (its connection is then closed)."""
+        try:
+            async with asyncio.timeout(REST_OF_STREAM_SECONDS):
+                async for chunk in chunks:
+                    received += len(chunk)
+                    if received > self._max_result_bytes:
+                        return
+        except _TRANSPORT_ERRORS:  # TimeoutError (an OSError) included
+            return
 
     def _too_large(self, what: str) -> Delivered:
         """A success answer past every result we could keep (n files at the media cap): the
