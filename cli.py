@@ -2,119 +2,55 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
 from rich.text import Text
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import views
-from pipeline.caps import current_caps
-from pipeline.db import SchemaBehind, database_revisions, error_reason, open_database, transaction
-from pipeline.jobs import (
-    RETRY_CHOICES,
-    JobNotFound,
-    cancel_in_chunks,
-    item_errors,
-    job_state,
-    job_summary,
-    list_jobs,
-    pause_job,
-    renders_running,
-    resume_job,
-    retry_job,
+from cli_terminal import (
+    CONCURRENCY,
+    EXIT_USAGE,
+    FINAL_OK,
+    JOB_ID,
+    SCHEDULE_NAME,
+    SHARD_SIZE,
+    TEAM_NAME,
+    Group,
+    UserError,
+    budget_options,
+    cap_from_options,
+    err,
+    exit_for,
+    finite,
+    job_options,
+    out,
+    parse_only,
+    print_json,
+    print_table,
+    progress_bar,
+    say,
+    show,
 )
-from pipeline.plan import column_problem, parse_cents, parse_dollars, shown
+from pipeline import jobs, submission, views
+from pipeline.caps import current_caps
+from pipeline.db import (
+    check_database,
+    database_revisions,
+    open_database,
+    reading,
+    transaction,
+    writing,
+)
+from pipeline.logs import configure_logging
 from pipeline.redact import redact_url
 from pipeline.report import GROUPS
-from pipeline.settings import Settings, SettingsError, mask_url, unknown_settings
-from pipeline.submission import (
-    InvalidLines,
-    check_file,
-    check_job_file,
-    check_not_unfinished,
-    error_lines,
-    job_name,
-    read_job_text,
-    submit_job,
-)
+from pipeline.settings import Settings, mask_url, unknown_settings
 from pipeline.views import money
-
-EXIT_OK, EXIT_JOB_NOT_OK, EXIT_USAGE = 0, 1, 2
-FINAL_OK = "succeeded"
-
-# Piped output is read by scripts and people alike: wide enough that tables never wrap ids.
-# No markup: user strings (job and team names, values in errors) are printed as they are
-# ("[/x]" in a name was a MarkupError traceback); styles are given as Text.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200, markup=False)
-err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200,
-              markup=False)
-
-
-def say(text: str) -> None:
-    """A line on stderr, as it is."""
-    err.print(text, highlight=False, markup=False)
-
-
-def show(text: str) -> None:
-    """A line on stdout, as it is."""
-    out.print(text, highlight=False, markup=False)
-
-
-class Stopped(click.ClickException):
-    """A run that cannot go on through no fault of its input: one line, exit code 1."""
-
-    exit_code = EXIT_JOB_NOT_OK
-
-    def show(self, file: Any = None) -> None:
-        say(f"error: {self.message}")
-
-
-class UserError(click.ClickException):
-    """A problem the user can fix: printed as one line, exit code 2, never a traceback."""
-
-    exit_code = EXIT_USAGE
-
-    def show(self, file: Any = None) -> None:
-        err.print(Text.assemble(("error:", "bold red"), f" {self.message}"), highlight=False)
-
-
-class Group(click.Group):
-    """Every error a user can meet as one line: bad input, settings and files exit 2 (each
-    invalid job line first, FILE:LINE: reason), a run that cannot go on exits 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        from pipeline.storage import StorageError
-        from pipeline.upstream import UpstreamError
-        from workers.local import Stopped as RunStopped
-
-        try:
-            return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except InvalidLines as exc:
-            for line in exc.lines:
-                say(line)
-            raise UserError(exc.summary) from None
-        except RunStopped as exc:
-            raise Stopped(str(exc)) from None
-        except (SettingsError, SchemaBehind, JobNotFound, StorageError, UpstreamError,
-                ValueError, OSError) as exc:
-            raise UserError(str(exc)) from None
-        except OperationalError as exc:  # the database went away or locked up mid-command
-            raise UserError(f"{Settings.from_env().database_label}: the database failed: "
-                            f"{error_reason(exc)}") from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,31 +70,13 @@ def main(ctx: click.Context, verbose: int) -> None:
     Try it with no key and no servers:  imagebatch demo
     """
     ctx.obj = verbose
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging(verbose)
     for unknown in unknown_settings():
         logging.getLogger("imagebatch").warning("%s is not an imagebatch setting (ignored)",
                                                 unknown)
-    if verbose < 2:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(one_line_transport_logs)
-    # A line per HTTP request or per task is noise at hundreds of renders a second: -vv shows it.
-    for chatty in ("httpx", "celery.worker.strategy", "celery.app.trace"):
-        logging.getLogger(chatty).setLevel(max(level, logging.WARNING) if verbose < 2
-                                           else logging.DEBUG)
 
 
 # --- shared plumbing -----------------------------------------------------------------------
-
-
-def one_line_transport_logs(record: logging.LogRecord) -> bool:
-    """Celery's and kombu's records without their tracebacks (they stay one line; -vv shows
-    them whole): the user's error, not a transport's stack, is what a command prints."""
-    if record.name.startswith(("celery", "kombu", "amqp")) and record.exc_info:
-        record.msg = f"{record.getMessage()} ({record.exc_info[1]!r})"
-        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
-    return True
 
 
 def load_settings(concurrency: int | None = None, **overrides: Any) -> Settings:
@@ -169,153 +87,17 @@ def load_settings(concurrency: int | None = None, **overrides: Any) -> Settings:
     return replace(settings, **overrides) if overrides else settings
 
 
-@contextmanager
-def database(settings: Settings | None = None) -> Iterator[sessionmaker[Session]]:
-    with open_database(settings or load_settings()) as sessions:
-        yield sessions
-
-
-@contextmanager
-def reading() -> Iterator[Session]:
-    """A session on the configured database, to read."""
-    with database() as sessions, sessions() as session:
-        yield session
-
-
-@contextmanager
-def writing() -> Iterator[Session]:
-    """One transaction on the configured database."""
-    with database() as sessions, transaction(sessions) as session:
-        yield session
-
-
-def _summary(sessions: sessionmaker[Session], job: int) -> dict[str, Any]:
+def summary_of(sessions: sessionmaker[Session], job: int) -> dict[str, Any]:
     with sessions() as session:
-        return job_summary(session, job)
+        return jobs.job_summary(session, job)
 
 
 def nudge(settings: Settings) -> None:
-    """Wake the dispatcher now. With the broker away the job still waits in SQL, where the
-    dispatcher of `worker` and `beat` finds it on its next round: a warning, not a failure."""
-    from workers.app import connected_app
-    from workers.tasks import nudge_dispatcher
+    """Wake the dispatcher now, or say why not (the job waits in SQL meanwhile)."""
+    from workers.tasks import wake_dispatcher
 
-    try:
-        nudge_dispatcher(connected_app(settings))
-    except SettingsError as exc:
-        say(f"warning: {exc}; `imagebatch worker` or `beat` picks the job up once they "
-            "reach it")
-
-
-def finite(value: float, option: str) -> float:
-    """click's FloatRange lets nan through (every comparison with it is false)."""
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=option)
-    return value
-
-
-# Where a check's reason names the option (argv can hold no NUL, so no value holds this).
-OPTION = "\x00option\x00"
-
-
-class Checked(click.ParamType):
-    """A value converted by `check`, or one line naming the option (exit 2) saying why not
-    (`check` raises ValueError; OPTION in its reason is the option's name)."""
-
-    def __init__(self, name: str, check: Callable[[str], Any]) -> None:
-        self.name, self.check = name, check
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> Any:
-        if not isinstance(value, str):
-            return value  # a default, converted already
-        try:
-            return self.check(value)
-        except ValueError as exc:
-            option, reason = _option(param), str(exc)
-            raise UserError(reason.replace(OPTION, option) if OPTION in reason
-                            else f"{option}: {reason}") from None
-
-
-def _option(param: click.Parameter | None) -> str:
-    if param is None:
-        return "value"
-    if isinstance(param, click.Argument):
-        return param.human_readable_name  # JOB, NAME
-    return max(param.opts, key=len) if param.opts else str(param.name)
-
-
-def whole_number(low: int, high: int) -> Callable[[str], int]:
-    """From `low` to `high`: a job id of 10**20 reached SQL as an OverflowError traceback."""
-    def check(text: str) -> int:
-        try:
-            number = int(text.strip())
-        except ValueError:
-            number = None
-        if number is None or not low <= number <= high:
-            raise ValueError(f"{shown(text)} is not a whole number from {low:,} to {high:,}")
-        return number
-    return check
-
-
-def stored_text(longest: int) -> Callable[[str], str]:
-    """Text that fits its column of `longest` characters and that SQL can store (no NUL,
-    no bytes that are not UTF-8, which reach Python as lone surrogates)."""
-    def check(text: str) -> str:
-        problem = column_problem(OPTION, text, longest)
-        if problem is not None:
-            raise ValueError(problem.replace("holds a lone surrogate", "holds bytes that are "
-                                             "not UTF-8 text, read as a lone surrogate"))
-        return text
-    return check
-
-
-# Money is integer cents from 0 to plan.MAX_CENTS, given as dollars ('5.00') or cents ('500'):
-# NaN, sNaN, Infinity, 1e309, a negative amount or a fraction of a cent are refused.
-DOLLARS, CENTS = Checked("dollars", parse_dollars), Checked("cents", parse_cents)
-JOB_ID = Checked("integer", whole_number(1, 2**31 - 1))  # jobs.id is a 32-bit integer
-CONCURRENCY = Checked("integer", whole_number(1, 10_000))
-SHARD_SIZE = Checked("integer", whole_number(1, 10_000_000))
-TEAM_NAME = SCHEDULE_NAME = Checked("text", stored_text(200))
-JOB_NAME = Checked("text", stored_text(500))
-
-
-def budget_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """--budget DOLLARS and --budget-cents CENTS, for `what`."""
-    def add(command: Callable[..., Any]) -> Callable[..., Any]:
-        command = click.option("--budget-cents", type=CENTS, help="The same, in cents.")(command)
-        return click.option("--budget", type=DOLLARS, help=f"{what} in dollars.")(command)
-    return add
-
-
-def cap_from_options(budget: int | None, cents: int | None, *, required: bool = True
-                     ) -> int | None:
-    """The cap in cents from --budget (already converted from dollars) or --budget-cents;
-    None when neither is given and none is `required`."""
-    if budget is not None and cents is not None:
-        raise UserError("give --budget or --budget-cents, not both")
-    if cents is not None:
-        return cents
-    if budget is None and required:
-        raise UserError("every job needs a cap: --budget DOLLARS (e.g. 5.00) or --budget-cents")
-    return budget
-
-
-def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, ensure_ascii=False, default=str))
-
-
-def print_table(view: views.TableView) -> None:
-    table = Table(title=view.title)
-    for column in view.columns:
-        table.add_column(column, justify="right" if column in view.right else "left")
-    for number, row in enumerate(view.rows, start=1):
-        table.add_row(*row, style="bold" if view.total and number == len(view.rows) else None)
-    out.print(table)
-
-
-def exit_for(status: str) -> NoReturn:
-    sys.exit(EXIT_OK if status == FINAL_OK else EXIT_JOB_NOT_OK)
+    if (warning := wake_dispatcher(settings)) is not None:
+        say(warning)
 
 
 # --- models and plan -----------------------------------------------------------------------
@@ -329,7 +111,7 @@ def models(refresh: bool, as_json: bool) -> None:
 
     The answer of GET /models is cached in SQL for IMAGEBATCH_MODELS_TTL seconds."""
     settings = load_settings()
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         caps = sorted(current_caps(settings, sessions, refresh=refresh).values(),
                       key=lambda c: c.model)
     if as_json:
@@ -350,14 +132,14 @@ def plan(file: str, as_json: bool) -> None:
     Per model: items, images, upstream calls (n split into calls of at most max_n) and the
     maximum cost. Exits 2 when any line is invalid (the first 100 are listed)."""
     settings = load_settings()
-    with database(settings) as sessions:
-        check_job_file(file)
-        planned = check_file(file, current_caps(settings, sessions))
+    with open_database(settings) as sessions:
+        submission.check_job_file(file)
+        planned = submission.check_file(file, current_caps(settings, sessions))
     if as_json:
         print_json(views.plan_dict(planned))
     else:
         print_table(views.plan_table(f"plan for {file}", planned))
-        for line in error_lines(planned, file):
+        for line in submission.error_lines(planned, file):
             say(line)
     if planned.error_count:
         sys.exit(EXIT_USAGE)
@@ -366,36 +148,16 @@ def plan(file: str, as_json: bool) -> None:
 # --- submit and run ------------------------------------------------------------------------
 
 
-def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.argument("file"),
-        click.option("--team", default="default", show_default=True, type=TEAM_NAME,
-                     help="Team the job is charged to (its period budget applies too)."),
-        budget_options("The job's cap"),
-        click.option("--name", type=JOB_NAME,
-                     help="A name for the job (default: the file's name)."),
-        click.option("--allow-invalid", is_flag=True,
-                     help="Submit even if some lines are invalid: they become failed items."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, team: str,
                 cap: int, name: str | None, allow_invalid: bool) -> int:
     """FILE written as a pending job under the submission rule; the invalid lines it let
     through (--allow-invalid) are listed, and a plan that costs more than the cap noted."""
-    check_job_file(file)
-    planned = submit_job(sessions, file, current_caps(settings, sessions), team=team,
-                         budget_cents=cap, name=name or job_name(file),
+    submission.check_job_file(file)
+    planned = submission.submit_job(sessions, file, current_caps(settings, sessions), team=team,
+                         budget_cents=cap, name=name or submission.job_name(file),
                          allow_invalid=allow_invalid)
-    for line in error_lines(planned, file):
+    for line in [*submission.error_lines(planned, file), *views.cap_notes(planned, cap)]:
         say(line)
-    if planned.max_cost_cents > cap:
-        say(f"note: the plan costs up to {money(planned.max_cost_cents)} but the cap is "
-            f"{money(cap)}: renders that do not fit will fail with reason 'budget'")
     assert planned.job_id is not None  # submit_job refuses what it does not write
     return planned.job_id
 
@@ -415,10 +177,10 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents)
     app = connected_app(settings)  # a broker out of reach is said before the job is written
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid)
         nudge_dispatcher(app)
-        summary = _summary(sessions, job_id)
+        summary = summary_of(sessions, job_id)
     if as_json:
         print_json(summary)
     else:
@@ -457,29 +219,15 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
 def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
                  allow_invalid: bool, *, quiet: bool, new: bool = True) -> dict[str, Any]:
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished."""
-    from workers.local import worker_here
+    from workers.local import run_here
 
-    with database(settings) as sessions:
-        # The file is looked at before any worker starts: a refusal prints its line alone.
-        check_job_file(file)
-        if not new:
-            check_not_unfinished(sessions, file)
-        # Celery's worker takes about a quarter of a second to start: while the file is
-        # submitted, not between the job's commit and its first call.
-        with worker_here(settings) as app:
-            job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid)
-            summary = follow_here(app, sessions, job_id, quiet=quiet)
+    with open_database(settings) as sessions:
+        summary = run_here(settings, sessions, file, lambda: submit_here(
+            settings, sessions, file, team, cap, name, allow_invalid), err, say, quiet=quiet,
+            new=new)
         if not quiet:
             print_outcome(settings, sessions, summary)
     return summary
-
-
-def follow_here(app: Any, sessions: sessionmaker[Session], job_id: int, *, quiet: bool
-                ) -> dict[str, Any]:
-    from workers.local import JobProgress, render_here
-
-    with JobProgress(err, job_id, quiet=quiet) as progress:
-        return render_here(app, sessions, job_id, progress, say)
 
 
 def print_outcome(settings: Settings, sessions: sessionmaker[Session],
@@ -492,11 +240,13 @@ def print_outcome(settings: Settings, sessions: sessionmaker[Session],
     if status == "paused":
         show(f"continue it with: imagebatch resume {job_id}")
     with sessions() as session:
-        errors = item_errors(session, job_id, limit=10)
+        errors = jobs.item_errors(session, job_id, limit=10)
     for line in views.item_error_lines(errors):
         say(line)
     if errors:
         err.print(f"export the files with: imagebatch export {job_id} --format csv")
+
+
 # --- job commands --------------------------------------------------------------------------
 
 
@@ -505,21 +255,21 @@ def print_outcome(settings: Settings, sessions: sessionmaker[Session],
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(job: int | None, as_json: bool) -> None:
     """Show one job (with its failed items), or the latest jobs."""
-    with reading() as session:
+    with reading(load_settings()) as session:
         if job is not None:
-            summary = job_summary(session, job)
-            summary["errors"] = item_errors(session, job)
+            summary = jobs.job_summary(session, job)
+            summary["errors"] = jobs.item_errors(session, job)
         else:
-            jobs = [job_summary(session, j.id) for j in list_jobs(session)]
+            latest = [jobs.job_summary(session, j.id) for j in jobs.list_jobs(session)]
     if job is not None and as_json:
         print_json(summary)
     elif job is not None:
         for line in views.job_lines(summary):
             show(line)
     elif as_json:
-        print_json({"jobs": jobs})
+        print_json({"jobs": latest})
     else:
-        print_table(views.jobs_table(jobs))
+        print_table(views.jobs_table(latest))
 
 
 @main.command()
@@ -531,23 +281,14 @@ def cancel(job: int) -> None:
     and pending items, in chunks: on a job of any size nothing new is called within a
     second. Interrupted, run it again. `imagebatch resume JOB` renders the cancelled items
     after all."""
-    with database() as sessions:
-        if not cancel_in_chunks(sessions, job):
-            out.print(f"job {job} had already ended ({_summary(sessions, job)['status']})")
+    with open_database(load_settings()) as sessions:
+        if not jobs.cancel_in_chunks(sessions, job):
+            out.print(f"job {job} had already ended ({summary_of(sessions, job)['status']})")
             return
         with sessions() as session:
-            in_flight = renders_running(session, job)
+            in_flight = jobs.renders_running(session, job)
     out.print(f"job {job} cancelled" + (
         f": {in_flight} render(s) in flight finish and are settled" if in_flight else ""))
-
-
-def parse_only(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    chosen = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    wrong = [v for v in chosen if v not in RETRY_CHOICES]
-    if wrong or not chosen:
-        raise click.BadParameter(f"{', '.join(wrong) or 'nothing'} is not among "
-                                 f"{', '.join(RETRY_CHOICES)}")
-    return chosen
 
 
 @main.command()
@@ -565,11 +306,11 @@ def retry(job: int, only: tuple[str, ...], budget: int | None, budget_cents: int
     processes do."""
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents, required=False)
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         with transaction(sessions) as session:
-            count = retry_job(session, job, cap, only)
+            count = jobs.retry_job(session, job, cap, only)
         if not count:  # the job was left exactly as it ended (its cap too)
-            state = _summary(sessions, job)["status"]
+            state = summary_of(sessions, job)["status"]
             out.print(f"job {job} is {state}: nothing to retry (no {' or '.join(only)} "
                       "items); nothing was changed", highlight=False)
             return
@@ -584,11 +325,11 @@ def pause(job: int) -> None:
     """Pause JOB: nothing new is sent, renders in flight finish and are settled, the rest
     waits queued. `imagebatch resume JOB` continues it in this process, `imagebatch resume
     JOB --detach` on `imagebatch worker` processes."""
-    with database() as sessions:
+    with open_database(load_settings()) as sessions:
         with transaction(sessions) as session:
-            changed = pause_job(session, job)
+            changed = jobs.pause_job(session, job)
         with sessions() as session:
-            state = job_state(session, job).status
+            state = jobs.job_state(session, job).status
     if changed:
         out.print(f"job {job} paused: renders in flight finish; continue it with "
                   f"`imagebatch resume {job}` (here) or `imagebatch resume {job} --detach` "
@@ -618,38 +359,29 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
 
     Exit codes as `run`: 0 when every item succeeded (also when it had already: nothing to
     resume), 1 when the job ended otherwise or was paused, 2 for usage errors."""
-    from workers.local import worker_here
+    from workers.local import resume_here
 
     settings = load_settings(concurrency)
     cap = cap_from_options(budget, budget_cents, required=False)
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         if detach:
-            resumed = resume_job(sessions, job, budget_cents=cap, in_process=False)
-            if resumed.resumed:
+            summary = None
+            if jobs.resume_job(sessions, job, budget_cents=cap, in_process=False).resumed:
                 nudge(settings)
-            summary = _summary(sessions, job)
-            if not resumed.resumed:
-                _nothing_to_resume(summary, as_json)
-            if as_json:
-                print_json(summary)
-            else:
-                out.print(f"job {job} is {summary['status']} again: `imagebatch worker` "
-                          f"processes continue it (follow it with `imagebatch status {job}`)",
-                          highlight=False)
-            return
-        with worker_here(settings) as app:
-            resumed = resume_job(sessions, job, budget_cents=cap, in_process=True)
-            if resumed.resumed:
-                if not as_json:
-                    say(f"resuming job {job} ({resumed.before})")
-                summary = follow_here(app, sessions, job, quiet=as_json)
-        if not resumed.resumed:
-            _nothing_to_resume(_summary(sessions, job), as_json)
-        if not as_json:
+                summary = summary_of(sessions, job)
+        else:
+            summary = resume_here(settings, sessions, job, cap, err, say, quiet=as_json)
+        if summary is None:
+            _nothing_to_resume(summary_of(sessions, job), as_json)
+        if not (as_json or detach):
             print_outcome(settings, sessions, summary)
     if as_json:
         print_json(summary)
-    exit_for(summary["status"])
+    if not detach:
+        exit_for(summary["status"])
+    if not as_json:
+        out.print(f"job {job} is {summary['status']} again: `imagebatch worker` processes "
+                  f"continue it (follow it with `imagebatch status {job}`)", highlight=False)
 
 
 def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
@@ -681,70 +413,25 @@ def export(job: int, fmt: str, output: str | None, shard_size: int, embed: bool,
            as_json: bool) -> None:
     """Export the stored files of JOB: rows (where each file is, what it is, what it cost)
     or a dataset that datasets, webdataset or pyarrow loads as it is."""
-    from pipeline.datasets import (
-        DATASET_FORMATS,
-        ExportError,
-        export_dataset,
-        file_count,
-        open_rows_output,
-    )
-    from pipeline.export import export_rows, write_export
+    from pipeline.datasets import DATASET_FORMATS, file_count
+    from pipeline.export import export_job, export_rows, write_export
     from pipeline.storage import open_store
 
-    if embed and fmt != "parquet":
-        raise UserError("--embed: only with --format parquet")
     store = open_store(load_settings().storage_url)
-    with reading() as session:
-        job_summary(session, job)  # a clear error for a job that does not exist
-        if fmt not in DATASET_FORMATS and output is None:
+    with reading(load_settings()) as session:
+        jobs.job_summary(session, job)  # a clear error for a job that does not exist
+        if fmt not in DATASET_FORMATS and output is None and not embed:
             write_export(export_rows(session, job, store.uri), sys.stdout, fmt)
             return
-        try:
-            if fmt in DATASET_FORMATS:
-                with ExportProgress(file_count(session, job)) as progress:
-                    summary = export_dataset(session, job, store, fmt,
-                                             output or f"job-{job}-{fmt}",
-                                             shard_size=shard_size, embed=embed,
-                                             on_file=progress.advance).as_dict()
-            else:
-                assert output is not None
-                with open_rows_output(output, f"job-{job:06d}.{fmt}") as file:
-                    count = write_export(export_rows(session, job, store.uri), file, fmt)
-                summary = {"job": job, "format": fmt, "destination": output, "files": count,
-                           "skipped": 0, "outputs": 1}
-        except ExportError as exc:
-            raise UserError(str(exc)) from None
+        with progress_bar("exporting", file_count(session, job)) as advance:
+            summary = export_job(session, job, store, fmt, output or f"job-{job}-{fmt}",
+                                 shard_size=shard_size, embed=embed, on_file=advance).as_dict()
     if as_json:
         print_json(summary)
         return
     skipped = f" ({summary['skipped']} audio/video skipped)" if summary["skipped"] else ""
     err.print(f"wrote {summary['files']} files{skipped} to {summary['destination']}",
               highlight=False)
-
-
-class ExportProgress:
-    """A progress bar on stderr while an export runs, only when stderr is a terminal."""
-
-    def __init__(self, total: int) -> None:
-        self._bar: Any = None
-        if err.is_terminal:
-            from rich.progress import Progress
-
-            self._bar = Progress(console=err, transient=True)
-            self._task = self._bar.add_task("exporting", total=total)
-
-    def __enter__(self) -> ExportProgress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def advance(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 # --- teams, reports and schedules ----------------------------------------------------------
@@ -769,7 +456,7 @@ def team_set(name: str, budget: int | None, budget_cents: int | None, period: st
     from pipeline.teams import set_team, team_state
 
     cap = None if no_budget else cap_from_options(budget, budget_cents)
-    with writing() as session:
+    with writing(load_settings()) as session:
         set_team(session, name, cap, period)
         session.flush()
         state = team_state(session, name)
@@ -783,7 +470,7 @@ def team_list(as_json: bool) -> None:
     """Every team with its current period's limit, spent, reserved and left."""
     from pipeline.teams import list_teams
 
-    with reading() as session:
+    with reading(load_settings()) as session:
         states = list_teams(session)
     if as_json:
         print_json([s.as_dict() for s in states])
@@ -798,7 +485,7 @@ def team_show(name: str, as_json: bool) -> None:
     """Team NAME's current period: limit, spent, reserved, unknown, left, start and end."""
     from pipeline.teams import team_state
 
-    with reading() as session:
+    with reading(load_settings()) as session:
         try:
             state = team_state(session, name)
         except LookupError as exc:
@@ -808,17 +495,6 @@ def team_show(name: str, as_json: bool) -> None:
         return
     for line in views.team_lines(state):
         out.print(line)
-
-
-def _parse_day(value: str | None, option: str) -> Any:
-    from datetime import datetime
-
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value.removesuffix("Z")).replace(tzinfo=None)
-    except ValueError:
-        raise UserError(f"{option} {value!r} is not a date (YYYY-MM-DD)") from None
 
 
 @main.command()
@@ -835,11 +511,11 @@ def report(team: str | None, job: int | None, model: str | None, since: str | No
            until: str | None, by: str | None, fmt: str, as_json: bool) -> None:
     """Costs from the ledger: upstream calls, images, charged, unknown, released, and the
     average cost per image (spent / images). Totals equal the ledger rows they cover."""
-    from pipeline.report import ReportFilter, ledger_report, total_of
+    from pipeline.report import ReportFilter, ledger_report, parse_moment, total_of
 
-    filters = ReportFilter(team=team, job=job, model=model,
-                           since=_parse_day(since, "--since"), until=_parse_day(until, "--until"))
-    with reading() as session:
+    filters = ReportFilter(team=team, job=job, model=model, since=parse_moment(since, "--since"),
+                           until=parse_moment(until, "--until"))
+    with reading(load_settings()) as session:
         rows = [*ledger_report(session, filters, by)]
     rows.append(total_of(rows))
     fmt = "json" if as_json else fmt
@@ -876,15 +552,15 @@ def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
     from pipeline.schedules import add_schedule, next_firing
 
     cap = cap_from_options(budget, budget_cents)
-    text, source = read_job_text(file)
+    text, source = submission.read_job_text(file)
     settings = load_settings()
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         caps = current_caps(settings, sessions)  # network: before the transaction
         with transaction(sessions) as session:
             checked = add_schedule(session, name=name, cron=cron, job_text=text, team=team,
                                    budget_cents=cap, caps=caps, allow_invalid=allow_invalid,
                                    timezone=timezone, source_name=source, where=file)
-    for line in error_lines(checked, file):
+    for line in submission.error_lines(checked, file):
         say(line)
     upcoming = next_firing(cron, timezone, utcnow())
     out.print(f"schedule {name}: next firing {upcoming:%Y-%m-%d %H:%M} UTC "
@@ -897,7 +573,7 @@ def schedule_list(as_json: bool) -> None:
     """Every schedule with its next firing and its last job."""
     from pipeline.schedules import list_schedules
 
-    with reading() as session:
+    with reading(load_settings()) as session:
         schedules = list_schedules(session)
     if as_json:
         print_json([s.__dict__ for s in schedules])
@@ -911,7 +587,7 @@ def schedule_remove(name: str) -> None:
     """Delete schedule NAME (its jobs stay)."""
     from pipeline.schedules import remove_schedule
 
-    with writing() as session:
+    with writing(load_settings()) as session:
         remove_schedule(session, name)
     out.print(f"schedule {name} removed")
 
@@ -923,7 +599,7 @@ def schedule_run(name: str) -> None:
     from pipeline.schedules import run_now
 
     settings = load_settings()
-    with database(settings) as sessions:
+    with open_database(settings) as sessions:
         with transaction(sessions) as session:
             job_id = run_now(session, name)
         nudge(settings)
@@ -951,8 +627,7 @@ def worker(verbose: int, concurrency: int | None, sweep: bool) -> None:
     from workers.serve import serve_worker
 
     settings = load_settings(concurrency)
-    with database(settings):
-        pass  # refuses to start on a schema that is behind
+    check_database(settings)  # refuses to start on a schema that is behind
     storage_ready(settings)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     serve_worker(settings, sweep=sweep, loglevel=level, banner=verbose > 0, say=say)
@@ -967,8 +642,7 @@ def beat(interval: float) -> None:
     from workers.serve import serve_beat
 
     settings = load_settings()
-    with database(settings):
-        pass
+    check_database(settings)
     serve_beat(settings, interval=interval, say=say)
 
 
@@ -980,8 +654,7 @@ def dispatch() -> None:
     from workers.tasks import shutdown_services
 
     settings = load_settings()
-    with database(settings):
-        pass
+    check_database(settings)
     count = tick(connected_app(settings))
     shutdown_services()
     out.print(f"enqueued {count} render(s)")
@@ -1015,7 +688,7 @@ def db_current() -> None:
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--latency", type=float, default=1.0, show_default=True,
               help="Seconds each render takes (keepalives are sent meanwhile).")
-@click.option("--keepalive", type=float, default=0.2, show_default=True,
+@click.option("--keepalive", "keepalive_interval", type=float, default=0.2, show_default=True,
               help="Seconds between two ': keepalive' comments.")
 @click.option("--media-bytes", type=int, default=2048, show_default=True,
               help="Approximate size of each media file.")
@@ -1026,19 +699,13 @@ def db_current() -> None:
               help="Serve this many generations at once; answer 429 to more.")
 @click.option("--concurrency-retry-after", type=click.FloatRange(min=0), default=None,
               help="Retry-After seconds of those 429s (none by default).")
-def fake_upstream(host: str, port: int, latency: float, keepalive: float, media_bytes: int,
-                  fail_rate: float, cut_rate: float, rate_limit_rate: float,
-                  max_concurrent: int | None, concurrency_retry_after: float | None) -> None:
+def fake_upstream(host: str, port: int, **config: Any) -> None:
     """Serve a fake provider (/v1/models, /v1/images/generations) for trying job files and
     budgets without spending: set IMAGEBATCH_API_BASE=http://HOST:PORT/v1."""
     from fake_upstream.app import FakeConfig, serve
 
-    config = FakeConfig(latency=latency, keepalive_interval=keepalive, media_bytes=media_bytes,
-                        fail_rate=fail_rate, cut_rate=cut_rate, rate_limit_rate=rate_limit_rate,
-                        max_concurrent=max_concurrent,
-                        concurrency_retry_after=concurrency_retry_after)
     err.print(f"fake upstream on http://{host}:{port}/v1 (Ctrl-C stops it)")
-    serve(host, port, config)
+    serve(host, port, FakeConfig(**config))
 
 
 @main.command()

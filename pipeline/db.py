@@ -82,6 +82,26 @@ def open_database(settings: Settings, *, upgrade: bool = True
         engine.dispose()
 
 
+def check_database(settings: Settings) -> None:
+    """The rule of `open_database` applied now, for a process that opens it later."""
+    with open_database(settings):
+        pass
+
+
+@contextmanager
+def reading(settings: Settings) -> Iterator[Session]:
+    """A session on the configured database, to read."""
+    with open_database(settings) as sessions, sessions() as session:
+        yield session
+
+
+@contextmanager
+def writing(settings: Settings) -> Iterator[Session]:
+    """One transaction on the configured database."""
+    with open_database(settings) as sessions, transaction(sessions) as session:
+        yield session
+
+
 def database_revisions(settings: Settings, *, upgrade: bool = False) -> tuple[str | None, str]:
     """(the database's schema revision, this code's), after an upgrade when `upgrade`
     (`imagebatch db upgrade`: any database, a server's too)."""

@@ -14,8 +14,17 @@ from typing import IO, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.datasets import metadata_columns, prompt_of
+from pipeline.datasets import (
+    DATASET_FORMATS,
+    ExportError,
+    ExportSummary,
+    export_dataset,
+    metadata_columns,
+    open_rows_output,
+    prompt_of,
+)
 from pipeline.models import Image, JobItem, Render
+from pipeline.storage import MediaStore
 
 EXPORT_FIELDS = (
     "job_id", "custom_id", "line", "render", "index", "uri", "content_type", "bytes", "sha256",
@@ -109,3 +118,18 @@ def neutralised(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
         return "'" + value
     return value
+
+
+def export_job(session: Session, job_id: int, store: MediaStore, fmt: str, output: str, *,
+               shard_size: int = 1000, embed: bool = False,
+               on_file: Callable[[], None] = lambda: None) -> ExportSummary:
+    """Write the job's files to `output` as rows (jsonl, csv) or a dataset (hf, webdataset,
+    parquet); ExportError names what cannot be done as asked."""
+    if embed and fmt != "parquet":
+        raise ExportError("--embed: only with --format parquet")
+    if fmt in DATASET_FORMATS:
+        return export_dataset(session, job_id, store, fmt, output, shard_size=shard_size,
+                              embed=embed, on_file=on_file)
+    with open_rows_output(output, f"job-{job_id:06d}.{fmt}") as file:
+        count = write_export(export_rows(session, job_id, store.uri), file, fmt)
+    return ExportSummary(job_id, fmt, output, count, skipped=0, outputs=1)

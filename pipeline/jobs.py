@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -310,7 +310,6 @@ def item_counts(session: Session, job_id: int) -> Counter[str]:
 # Rows per transaction when a job is cancelled or resumed: SQLite's one write lock is held for
 # a chunk, never for a whole job, and renders settle between chunks.
 CHUNK = 20_000
-ALL = 2**31 - 1  # "no chunks": one transaction does it all (cancel_job, small jobs and tests)
 RETRY_CHOICES = queries.RETRY_CHOICES
 
 
@@ -477,21 +476,12 @@ def _line_ranges(transactions: Callable[[], AbstractContextManager[Session]], jo
     return [(start, min(start + chunk, hi + 1)) for start in range(lo, hi + 1, chunk)]
 
 
-def cancel_job(session: Session, job_id: int) -> bool:
-    """Cancel in this one transaction (small jobs, tests): nothing new is sent, queued renders
-    and pending items are cancelled, in-flight renders finish and settle as usual (a
-    reservation is only ever held by an attempt in flight). `cancel_in_chunks` does the same
-    in short transactions, for jobs of any size."""
-    if not begin_cancel(session, job_id):
-        return False
-    finish_cancel(lambda: nullcontext(session), job_id, ALL)
-    return True
-
-
 def cancel_in_chunks(sessions: sessionmaker[Session], job_id: int, chunk: int = CHUNK) -> bool:
-    """`cancel_job` for jobs of any size: the status first, in a short transaction of its
-    own, then the rest `chunk` rows a transaction. Interrupted, it is taken up again by
-    running it again."""
+    """Cancel a job of any size: nothing new is sent, queued renders and pending items are
+    cancelled, in-flight renders finish and settle as usual (a reservation is only ever held
+    by an attempt in flight). The status goes first, in a short transaction of its own, then
+    the rest `chunk` rows a transaction. Interrupted, it is taken up again by running it
+    again."""
     with transaction(sessions) as session:
         if not begin_cancel(session, job_id):
             return False

@@ -100,16 +100,6 @@ class _RowMove:
     team: str = ""
     shown: dict[str, int] = field(default_factory=dict)  # a job's SHOWN counters' deltas
 
-    def deltas(self) -> dict[str, int]:
-        """The row's money deltas (what the UPDATE adds to reserved, spent, unknown)."""
-        return {"d_reserved": self.d_reserved, "d_spent": self.d_spent,
-                "d_unknown": self.d_unknown}
-
-    def shown_deltas(self) -> dict[str, int]:
-        """A job's deltas of every counter `status` shows, zero where it did not move."""
-        return {f"d_{column}": self.shown.get(column, 0) for column in SHOWN}
-
-
 
 @dataclass
 class Moves:

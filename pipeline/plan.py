@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -464,6 +464,37 @@ def parse_dollars(text: str) -> int:
 def parse_cents(text: str) -> int:
     """'500' -> 500: a whole number of cents from 0 to MAX_CENTS, or ValueError."""
     return _cents(text.strip(), text, places=0, what="a whole number of cents")
+
+
+# Stands for the option's name in a reason (argv can hold no NUL, so no value holds this):
+# the command line puts its own name in its place.
+OPTION = "\x00option\x00"
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """A check of a whole number from `low` to `high` (a job id of 10**20 reached SQL as an
+    OverflowError), raising ValueError with the reason."""
+    def check(text: str) -> int:
+        try:
+            number = int(text.strip())
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise ValueError(f"{shown(text)} is not a whole number from {low:,} to {high:,}")
+        return number
+    return check
+
+
+def stored_text(longest: int) -> Callable[[str], str]:
+    """A check of text that fits its column of `longest` characters and that SQL can store
+    (no NUL, no bytes that are not UTF-8, which reach Python as lone surrogates)."""
+    def check(text: str) -> str:
+        problem = column_problem(OPTION, text, longest)
+        if problem is not None:
+            raise ValueError(problem.replace("holds a lone surrogate", "holds bytes that are "
+                                             "not UTF-8 text, read as a lone surrogate"))
+        return text
+    return check
 
 
 def _cents(number: str, text: str, *, places: int, what: str) -> int:

@@ -100,3 +100,13 @@ def total_of(rows: list[ReportRow]) -> ReportRow:
         total.unknown_cents += row.unknown_cents
         total.released_cents += row.released_cents
     return total
+
+
+def parse_moment(value: str | None, option: str) -> datetime | None:
+    """--since/--until: a UTC date or time (a trailing Z allowed), or ValueError naming it."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value.removesuffix("Z")).replace(tzinfo=None)
+    except ValueError:
+        raise ValueError(f"{option} {value!r} is not a date (YYYY-MM-DD)") from None

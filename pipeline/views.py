@@ -29,6 +29,14 @@ def money(cents: int | None) -> str:
     return "-" if cents is None else f"${cents / 100:,.2f}"
 
 
+def cap_notes(planned: Submission, cap: int) -> list[str]:
+    """What a user should know of a job whose plan costs more than its cap."""
+    if planned.max_cost_cents <= cap:
+        return []
+    return [f"note: the plan costs up to {money(planned.max_cost_cents)} but the cap is "
+            f"{money(cap)}: renders that do not fit will fail with reason 'budget'"]
+
+
 def items_done(s: Mapping[str, Any]) -> int:
     return s["items_succeeded"] + s["items_failed"] + s["items_cancelled"]
 

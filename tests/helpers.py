@@ -104,3 +104,21 @@ def wait_until_blocked(svc: Services, timeout: float = 10.0) -> None:
     finally:
         watcher.dispose()
     raise AssertionError(f"no other session waited for a row lock within {timeout} s")
+
+
+def s3_environment(endpoint: str, secret: str) -> dict[str, str]:
+    """boto3's settings for the moto server at `endpoint`, and nothing of this machine's own
+    (no profile, config file, credentials file or instance metadata)."""
+    return {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def use_s3(mp: Any, endpoint: str, secret: str) -> None:
+    """Point boto3 in this process at the moto server (`mp`: a pytest MonkeyPatch)."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        mp.delenv(name, raising=False)
+    for name, value in s3_environment(endpoint, secret).items():
+        mp.setenv(name, value)

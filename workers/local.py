@@ -1,6 +1,7 @@
 """A job rendered in this process (`run`, `resume`, `demo`): the in-process worker on an
 in-memory broker, the ticker and feeder of this job alone, and the loop that follows the job
-until it ends or pauses, Ctrl-C (or SIGTERM) pausing it."""
+until it ends or pauses, Ctrl-C (or SIGTERM) pausing it; `run_here` and `resume_here` are
+what those commands call."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from rich.console import Console
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
-from pipeline.jobs import job_state, job_summary, pause_job, renders_running
+from pipeline.jobs import job_state, job_summary, pause_job, renders_running, resume_job
 from pipeline.settings import Settings, SettingsError, mask_url
+from pipeline.submission import check_job_file, check_not_unfinished
 from pipeline.views import items_done, money, progress_line
 from workers.app import check_shared_redis, create_app
 from workers.embedded import Feeder, InProcessWorker, Ticker
@@ -251,3 +253,38 @@ def _say_why_paused(session: Session, job_id: int, status: str, told: str | None
         say(f"job {job_id} paused ({error}): nothing new is bought; results already paid for "
             "keep trying to be stored, and the job runs on if they are")
     return error
+
+
+def follow_here(app: Celery, sessions: sessionmaker[Session], job_id: int, console: Console,
+                say: Say, *, quiet: bool) -> dict[str, Any]:
+    """Render job `job_id` here with a progress bar on `console` (none when `quiet`)."""
+    with JobProgress(console, job_id, quiet=quiet) as progress:
+        return render_here(app, sessions, job_id, progress, say)
+
+
+def run_here(settings: Settings, sessions: sessionmaker[Session], file: str,
+             submit: Callable[[], int], console: Console, say: Say, *, quiet: bool,
+             new: bool = True) -> dict[str, Any]:
+    """Submit FILE with `submit` and render the job here until it ends or pauses; unless
+    `new`, refuse a file whose earlier job is unfinished."""
+    # The file is looked at before any worker starts: a refusal prints its line alone.
+    check_job_file(file)
+    if not new:
+        check_not_unfinished(sessions, file)
+    # Celery's worker takes about a quarter of a second to start: while the file is
+    # submitted, not between the job's commit and its first call.
+    with worker_here(settings) as app:
+        return follow_here(app, sessions, submit(), console, say, quiet=quiet)
+
+
+def resume_here(settings: Settings, sessions: sessionmaker[Session], job_id: int,
+                cap: int | None, console: Console, say: Say, *, quiet: bool
+                ) -> dict[str, Any] | None:
+    """Continue job `job_id` here as `run` does; None when there was nothing to resume."""
+    with worker_here(settings) as app:
+        resumed = resume_job(sessions, job_id, budget_cents=cap, in_process=True)
+        if not resumed.resumed:
+            return None
+        if not quiet:
+            say(f"resuming job {job_id} ({resumed.before})")
+        return follow_here(app, sessions, job_id, console, say, quiet=quiet)

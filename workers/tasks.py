@@ -14,6 +14,7 @@ from celery import Celery
 from pipeline.dispatch import dispatch_pending
 from pipeline.render import run_render
 from pipeline.runtime import Services, start_services
+from pipeline.settings import Settings, SettingsError
 
 log = logging.getLogger("imagebatch.worker")
 
@@ -73,3 +74,16 @@ def announce_worker(app: Celery, slots: int) -> str:
 
 def nudge_dispatcher(app: Celery) -> None:
     app.tasks["imagebatch.dispatch"].apply_async()
+
+
+def wake_dispatcher(settings: Settings) -> str | None:
+    """Nudge the dispatcher now; with the broker out of reach, the warning to show instead: the
+    job still waits in SQL, where the dispatcher of `worker` and `beat` finds it next round."""
+    from workers.app import connected_app
+
+    try:
+        nudge_dispatcher(connected_app(settings))
+    except SettingsError as exc:
+        return (f"warning: {exc}; `imagebatch worker` or `beat` picks the job up once they "
+                "reach it")
+    return None

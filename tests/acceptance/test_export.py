@@ -13,6 +13,7 @@ import boto3
 import pytest
 
 from tests import ROOT
+from tests.helpers import s3_environment
 
 API_KEY = "sk-air-TESTSECRET-0123456789abcdef"
 AWS_SECRET = "aws-SECRET-never-printed-0123456789"
@@ -79,10 +80,7 @@ def test_export_writes_each_dataset_format_and_prints_a_summary(env, tmp_path):
 
 def test_export_to_s3_prints_no_aws_secret(env, tmp_path, s3_endpoint):
     job = run_job(env, tmp_path)
-    env.update(AWS_ENDPOINT_URL_S3=s3_endpoint, AWS_ACCESS_KEY_ID="test",
-               AWS_SECRET_ACCESS_KEY=AWS_SECRET, AWS_DEFAULT_REGION="us-east-1",
-               AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
-               AWS_EC2_METADATA_DISABLED="true")
+    env.update(s3_environment(s3_endpoint, AWS_SECRET))
     client = boto3.session.Session().client(
         "s3", endpoint_url=s3_endpoint, aws_access_key_id="test",
         aws_secret_access_key=AWS_SECRET, region_name="us-east-1")

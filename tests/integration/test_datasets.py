@@ -11,7 +11,7 @@ import boto3
 import pytest
 
 from pipeline.datasets import ExportError, export_dataset
-from tests.helpers import assert_books_balance, run_job
+from tests.helpers import assert_books_balance, run_job, use_s3
 
 FLUX = {"model": "flux-2-dev", "prompt": "an otter"}  # 3 cents an image
 SUNO = {"model": "suno-v5", "prompt": "a song"}  # 5 cents, audio
@@ -162,15 +162,7 @@ def test_parquet_export_reads_back_with_pyarrow_with_and_without_the_bytes(svc, 
 
 @pytest.fixture
 def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    use_s3(monkeypatch, s3_endpoint, AWS_SECRET)
     boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
     return s3_endpoint
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from pipeline.db import transaction
 from pipeline.dispatch import dispatch_pending
-from pipeline.jobs import cancel_job, retry_job
+from pipeline.jobs import cancel_in_chunks, retry_job
 from pipeline.models import Attempt, Image, JobItem, LedgerEntry, Render, RenderStatus
 from pipeline.render import end_render, run_render
 from pipeline.runtime import start_services
@@ -228,8 +228,7 @@ def test_cancel_stops_new_renders_and_lets_in_flight_ones_settle(svc, fake):
     worker = threading.Thread(target=run_render, args=(svc, first))
     worker.start()
     time.sleep(0.5)
-    with transaction(svc.sessions) as session:
-        cancel_job(session, job_id)
+    cancel_in_chunks(svc.sessions, job_id)
     render_all(svc, rest)
     worker.join()
     s = summary(svc, job_id)
@@ -256,8 +255,7 @@ def test_renders_waiting_for_a_call_slot_when_the_job_is_cancelled_call_nobody(s
         while summary(svc, job_id)["reserved_cents"] < 4 * 3 or fake.stats()["calls"] < 1:
             assert time.monotonic() < deadline, "the renders ahead never reserved"
             time.sleep(0.05)
-        with transaction(svc.sessions) as session:
-            cancel_job(session, job_id)
+        cancel_in_chunks(svc.sessions, job_id)
         for worker in workers:
             worker.join(20)
         s = summary(svc, job_id)

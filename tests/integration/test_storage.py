@@ -27,6 +27,7 @@ from pipeline.storage import (
     open_store,
     probe,
 )
+from tests.helpers import use_s3
 from tests.servers import start_moto, start_postgres, start_redis
 
 SECRET = "s3cr3t-never-printed-Zq9"
@@ -230,15 +231,7 @@ BUCKET = "imagebatch-test"
 def s3_endpoint() -> object:
     endpoint, stop = start_moto()
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        mp.setenv("AWS_ACCESS_KEY_ID", "test")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        use_s3(mp, endpoint, SECRET)
         boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
         yield endpoint
     stop()

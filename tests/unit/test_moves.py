@@ -22,11 +22,16 @@ def settlement(outcome: AttemptOutcome, cents: int, *, job: int = 1, budget: int
                       amount_cents=cents, price_per_image_cents=cents)
 
 
+def money(row: object) -> tuple[int, int, int]:
+    """A row's moves of reserved, spent and unknown cents."""
+    return row.d_reserved, row.d_spent, row.d_unknown  # type: ignore[attr-defined]
+
+
 def test_a_hold_reserves_on_the_job_and_on_the_team_budget() -> None:
     moves = Moves()
     moves.hold(1, "data", 7, 30)
-    assert moves.jobs[1].deltas() == {"d_reserved": 30, "d_spent": 0, "d_unknown": 0}
-    assert moves.budgets[7].deltas() == {"d_reserved": 30, "d_spent": 0, "d_unknown": 0}
+    assert money(moves.jobs[1]) == (30, 0, 0)
+    assert money(moves.budgets[7]) == (30, 0, 0)
 
 
 def test_a_hold_names_the_team_whose_limit_the_budget_row_is_checked_against() -> None:
@@ -58,29 +63,29 @@ def test_a_delivered_result_turns_the_reservation_into_spend() -> None:
     moves = Moves()
     moves.settle(settlement(AttemptOutcome.CHARGED, 30))
     for row in (moves.jobs[1], moves.budgets[7]):
-        assert row.deltas() == {"d_reserved": -30, "d_spent": 30, "d_unknown": 0}
+        assert money(row) == (-30, 30, 0)
 
 
 def test_a_definite_refusal_gives_the_reservation_back_and_spends_nothing() -> None:
     moves = Moves()
     moves.settle(settlement(AttemptOutcome.RELEASED, 30))
     for row in (moves.jobs[1], moves.budgets[7]):
-        assert row.deltas() == {"d_reserved": -30, "d_spent": 0, "d_unknown": 0}
+        assert money(row) == (-30, 0, 0)
 
 
 def test_an_unknown_outcome_is_spent_and_counted_as_unknown() -> None:
     moves = Moves()
     moves.settle(settlement(AttemptOutcome.UNKNOWN, 30))
     for row in (moves.jobs[1], moves.budgets[7]):
-        assert row.deltas() == {"d_reserved": -30, "d_spent": 30, "d_unknown": 30}
+        assert money(row) == (-30, 30, 30)
 
 
 def test_a_hold_and_its_settlement_in_one_group_leave_nothing_reserved() -> None:
     moves = Moves()
     moves.hold(1, "data", 7, 30)
     moves.settle(settlement(AttemptOutcome.CHARGED, 30))
-    assert moves.jobs[1].deltas() == {"d_reserved": 0, "d_spent": 30, "d_unknown": 0}
-    assert moves.budgets[7].deltas() == {"d_reserved": 0, "d_spent": 30, "d_unknown": 0}
+    assert money(moves.jobs[1]) == (0, 30, 0)
+    assert money(moves.budgets[7]) == (0, 30, 0)
     assert moves.jobs[1].holds  # the group still holds: its row is checked against the cap
 
 
@@ -97,7 +102,7 @@ def test_renders_of_one_job_become_one_move_of_its_row() -> None:
         moves.hold(1, "data", 7, 6)
         moves.settle(settlement(AttemptOutcome.CHARGED, 6, attempt=attempt))
     assert list(moves.jobs) == [1] and list(moves.budgets) == [7]
-    assert moves.jobs[1].deltas() == {"d_reserved": 0, "d_spent": 30, "d_unknown": 0}
+    assert money(moves.jobs[1]) == (0, 30, 0)
 
 
 def test_jobs_and_budgets_of_a_group_move_apart() -> None:
@@ -105,8 +110,8 @@ def test_jobs_and_budgets_of_a_group_move_apart() -> None:
     moves.hold(1, "data", 7, 10)
     moves.hold(2, "art", 8, 25)
     moves.settle(settlement(AttemptOutcome.UNKNOWN, 10, job=1, budget=7))
-    assert moves.jobs[1].deltas() == {"d_reserved": 0, "d_spent": 10, "d_unknown": 10}
-    assert moves.jobs[2].deltas() == {"d_reserved": 25, "d_spent": 0, "d_unknown": 0}
+    assert money(moves.jobs[1]) == (0, 10, 10)
+    assert money(moves.jobs[2]) == (25, 0, 0)
     assert moves.budgets[7].d_spent == 10 and moves.budgets[8].d_reserved == 25
     assert moves.budgets[8].team == "art"
 
@@ -134,7 +139,7 @@ def test_shown_counters_add_up_and_every_one_is_written() -> None:
 def test_counting_moves_no_money() -> None:
     moves = Moves()
     moves.count(1, "items_failed", 1)
-    assert moves.jobs[1].deltas() == {"d_reserved": 0, "d_spent": 0, "d_unknown": 0}
+    assert money(moves.jobs[1]) == (0, 0, 0)
     assert not moves.jobs[1].holds
 
 

@@ -92,7 +92,7 @@ def test_settings_that_depend_on_each_other_are_checked_together():
 def test_celery_records_reach_stderr_as_one_line():
     """Whatever Celery logs with a traceback (at start-up, at shutdown) is printed as one
     line; -vv keeps the whole record."""
-    from cli import one_line_transport_logs
+    from pipeline.logs import one_line_transport_logs
 
     try:
         raise AttributeError("'NoneType' object has no attribute 'qos_semantics_matches_spec'")
