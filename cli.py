@@ -17,6 +17,7 @@ from cli_terminal import (
     EXIT_USAGE,
     FINAL_OK,
     JOB_ID,
+    SAMPLE_SIZE,
     SCHEDULE_NAME,
     SHARD_SIZE,
     TEAM_NAME,
@@ -49,6 +50,7 @@ from pipeline.db import (
 from pipeline.logs import configure_logging
 from pipeline.redact import redact_url
 from pipeline.report import GROUPS
+from pipeline.sample import sample_cost, sample_rendered
 from pipeline.settings import Settings, mask_url, unknown_settings
 from pipeline.views import money
 
@@ -149,13 +151,14 @@ def plan(file: str, as_json: bool) -> None:
 
 
 def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, team: str,
-                cap: int, name: str | None, allow_invalid: bool) -> int:
+                cap: int, name: str | None, allow_invalid: bool, sample: int | None = None
+                ) -> int:
     """FILE written as a pending job under the submission rule; the invalid lines it let
     through (--allow-invalid) are listed, and a plan that costs more than the cap noted."""
     submission.check_job_file(file)
-    planned = submission.submit_job(sessions, file, current_caps(settings, sessions), team=team,
-                         budget_cents=cap, name=name or submission.job_name(file),
-                         allow_invalid=allow_invalid)
+    planned = submission.submit_job(
+        sessions, file, current_caps(settings, sessions), team=team, budget_cents=cap,
+        name=name or submission.job_name(file), allow_invalid=allow_invalid, sample=sample)
     for line in [*submission.error_lines(planned, file), *views.cap_notes(planned, cap)]:
         say(line)
     assert planned.job_id is not None  # submit_job refuses what it does not write
@@ -194,8 +197,15 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
               help="Upstream calls in flight (default IMAGEBATCH_CONCURRENCY, 64).")
 @click.option("--new", is_flag=True,
               help="Start a new job even if this file's earlier job is unfinished.")
+@click.option("--sample", type=SAMPLE_SIZE, metavar="K",
+              help="Render K lines drawn at random first (the same K for the same file), "
+                   "print what they cost and the projected total (projected_cents in "
+                   "--json), then ask whether to go on; with no terminal, or answered no, "
+                   "the job is left paused and `imagebatch resume JOB` renders the rest.")
+@click.option("--yes", "-y", is_flag=True, help="With --sample: go on without asking.")
 def run(file: str, team: str, budget: int | None, budget_cents: int | None, name: str | None,
-        allow_invalid: bool, as_json: bool, concurrency: int | None, new: bool) -> None:
+        allow_invalid: bool, as_json: bool, concurrency: int | None, new: bool,
+        sample: int | None, yes: bool) -> None:
     """Submit FILE and render it in this process until the job ends, with progress.
 
     Ctrl-C pauses the job: nothing new is sent, in-flight renders finish and are settled,
@@ -207,27 +217,54 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
 
     Exit code 0 when every item succeeded, 1 when the job ended partial, failed or cancelled
     or was paused, 2 for usage errors, invalid input and an unfinished earlier job."""
+    if yes and sample is None:
+        raise UserError("--yes: only with --sample K")
     settings = load_settings(concurrency)
     cap = cap_from_options(budget, budget_cents)
     summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json,
-                           new=new)
+                           new=new, sample=sample, yes=yes)
     if as_json:
         print_json(summary)
     exit_for(summary["status"])
 
 
 def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
-                 allow_invalid: bool, *, quiet: bool, new: bool = True) -> dict[str, Any]:
-    """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished."""
+                 allow_invalid: bool, *, quiet: bool, new: bool = True,
+                 sample: int | None = None, yes: bool = False) -> dict[str, Any]:
+    """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished.
+    With `sample`, the sample first, then the rest when the user says so."""
     from workers.local import run_here
 
     with open_database(settings) as sessions:
         summary = run_here(settings, sessions, file, lambda: submit_here(
-            settings, sessions, file, team, cap, name, allow_invalid), err, say, quiet=quiet,
-            new=new)
+            settings, sessions, file, team, cap, name, allow_invalid, sample), err, say,
+            quiet=quiet, new=new)
+        with sessions() as session:
+            sampled = sample is not None and sample_rendered(session, summary["id"])
+        if sampled:
+            summary = after_sample(settings, sessions, summary, yes=yes, quiet=quiet)
         if not quiet:
             print_outcome(settings, sessions, summary)
     return summary
+
+
+def after_sample(settings: Settings, sessions: sessionmaker[Session], summary: dict[str, Any],
+                 *, yes: bool, quiet: bool) -> dict[str, Any]:
+    """What the sample cost and the whole file would; the rest rendered here if the user
+    says so (or --yes), else the job left paused. The summary carries the sample's figures."""
+    from workers.local import resume_here
+
+    cost, job = sample_cost(summary), summary["id"]
+    say(f"sample: {cost.lines:,} of {cost.total_lines:,} lines cost {money(cost.cents)}; "
+        f"the whole file would cost about {money(cost.projected_cents)}")
+    rest = cost.total_lines - cost.lines
+    if yes or (sys.stdin.isatty() and click.confirm(
+            f"render the other {rest:,} lines?", default=False, err=True)):
+        summary = resume_here(settings, sessions, job, None, err, say, quiet=quiet) or summary
+    else:
+        say(f"job {job} is paused after its sample: `imagebatch resume {job}` renders the "
+            f"other {rest:,} lines (the sampled ones are not rendered again)")
+    return {**summary, **cost.as_dict()}
 
 
 def print_outcome(settings: Settings, sessions: sessionmaker[Session],

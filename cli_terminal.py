@@ -131,6 +131,7 @@ DOLLARS, CENTS = Checked("dollars", parse_dollars), Checked("cents", parse_cents
 JOB_ID = Checked("integer", whole_number(1, 2**31 - 1))  # jobs.id is a 32-bit integer
 CONCURRENCY = Checked("integer", whole_number(1, 10_000))
 SHARD_SIZE = Checked("integer", whole_number(1, 10_000_000))
+SAMPLE_SIZE = Checked("integer", whole_number(1, 2**31 - 1))
 TEAM_NAME = SCHEDULE_NAME = Checked("text", stored_text(200))
 JOB_NAME = Checked("text", stored_text(500))
 

@@ -269,6 +269,12 @@ def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
     if (state.finished_at is not None or state.plan_cursor is not None
             or state.status in (JobStatus.PENDING, JobStatus.SUBMITTING)):
         return False
+    if state.sample_lines is not None and state.status in (JobStatus.RUNNING, JobStatus.PAUSED):
+        # A sample rendered: the job waits, paused, for a person to see what it cost; the
+        # rest of its lines are pending items that `resume` plans.
+        queries.set_job(db, job_id, status=JobStatus.PAUSED.value)
+        recount_items(session, job_id)
+        return False
     counts = item_counts(session, job_id)
     status = (state.status if state.status == JobStatus.CANCELLED
               else final_status(counts).value)
@@ -528,7 +534,9 @@ def resume_job(sessions: sessionmaker[Session], job_id: int, *, budget_cents: in
             set_job_cap(session, job_id, budget_cents)
         held = before in (JobStatus.PAUSED, JobStatus.CANCELLED)
         if held:
-            queries.set_job(db, job_id, status=JobStatus.PAUSED.value, finished_at=None)
+            # A sample's job (`run --sample`) goes on as a whole job from here.
+            queries.set_job(db, job_id, status=JobStatus.PAUSED.value, finished_at=None,
+                            sample_lines=None)
             queries.keep_open(db, job_id)
     done = Resumed(before, before)
     done.renders = _repeat(sessions, queries.restore_cancelled_renders, job_id, chunk)
@@ -645,6 +653,9 @@ def job_summary(session: Session, job_id: int) -> dict[str, Any]:
         "items_failed": counts.get(ItemStatus.FAILED, 0),
         "items_cancelled": counts.get(ItemStatus.CANCELLED, 0),
         "images": images,
+        # `run --sample`: the lines it renders before it pauses (null once resumed, and for
+        # every other job).
+        "sample_lines": job.sample_lines,
         # Why a paused job is paused, when something other than a person paused it.
         "error": job.error,
         "created_at": _iso(job.created_at),

@@ -104,6 +104,9 @@ class Job(Base):
     source: Mapped[str] = mapped_column(String(20), server_default=text("'sql'"))
     # Planned in chunks: the last line planned so far, NULL once every item is planned.
     plan_cursor: Mapped[int | None] = mapped_column(Integer)
+    # `run --sample K`: the job renders K of its lines, then pauses instead of closing until
+    # `resume` clears this and plans the rest (pending items).
+    sample_lines: Mapped[int | None] = mapped_column(Integer)
     # sha256 of the submitted file: `run` of the same file finds this job if it is unfinished.
     source_digest: Mapped[str | None] = mapped_column(String(64), index=True)
     error: Mapped[str | None] = mapped_column(Text)

@@ -93,6 +93,7 @@ class JobState(Protocol):
     finished_at: datetime | None
     started_at: datetime | None
     plan_cursor: int | None
+    sample_lines: int | None  # set while a `run --sample` job renders its sample (see jobs)
 
 
 class JobSpending(Protocol):
@@ -140,7 +141,7 @@ _SET_SHOWN = update(_jobs).where(_jobs.c.id == bindparam("job")).values(
 _ADD_FAILED = update(_jobs).where(_jobs.c.id == bindparam("job")).values(
     items_failed=_jobs.c.items_failed + bindparam("failed"))
 _JOB_STATE = select(_jobs.c.status, _jobs.c.finished_at, _jobs.c.started_at,
-                    _jobs.c.plan_cursor).where(_jobs.c.id == bindparam("job"))
+                    _jobs.c.plan_cursor, _jobs.c.sample_lines).where(_jobs.c.id == bindparam("job"))
 # Sets the columns named by the parameters given with it (`set_job`).
 _SET_JOB = update(_jobs).where(_jobs.c.id == bindparam("job"))
 _KEEP_OPEN = _SET_JOB.values(open_renders=_jobs.c.open_renders + 1)
@@ -215,10 +216,11 @@ def job_state(db: Connection, job_id: int) -> JobState | None:
 
 def set_job(db: Connection, job_id: int, *, status: str | Keep = KEEP,
             error: str | Keep | None = KEEP, finished_at: datetime | Keep | None = KEEP,
-            plan_cursor: int | Keep | None = KEEP) -> None:
+            plan_cursor: int | Keep | None = KEEP, sample_lines: int | Keep | None = KEEP
+            ) -> None:
     """Set the job's columns given (a JobStatus value for `status`); the others stay."""
     given = {"status": status, "error": error, "finished_at": finished_at,
-             "plan_cursor": plan_cursor}
+             "plan_cursor": plan_cursor, "sample_lines": sample_lines}
     db.execute(_SET_JOB, {"job": job_id,
                           **{column: value for column, value in given.items()
                              if value is not KEEP}})

@@ -37,6 +37,7 @@ from pipeline.plan import (
     plan_line,
     repeated_id,
 )
+from pipeline.sample import Sampler
 
 # Invalid lines kept (to show); all of them are counted.
 MAX_ERRORS = 100
@@ -53,6 +54,7 @@ INSERT_ITEMS = insert(_items)
 SQLITE_INSERT_ITEMS = (f"INSERT INTO job_items ({', '.join(ITEM_COLUMNS)}) "
                        f"VALUES ({', '.join('?' * len(ITEM_COLUMNS))})")
 _RUNNING, _FAILED = ItemStatus.RUNNING.value, ItemStatus.FAILED.value
+_PENDING = ItemStatus.PENDING.value
 LINES_OF_CHUNK = (select(_items.c.line, _items.c.id)
                   .where(_items.c.job_id == bindparam("job"),
                          _items.c.line.between(bindparam("first"), bindparam("last"))))
@@ -406,19 +408,25 @@ class _JobWriter:
     job's million items a second time (a planning pass that took the worker's CPU and
     SQLite's write lock from the renders for a minute)."""
 
-    def __init__(self, sessions: sessionmaker[Session], job: dict[str, Any]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], job: dict[str, Any],
+                 sample: int | None = None) -> None:
         self.sessions, self.job, self.job_id = sessions, job, None
         self.rows: list[tuple[Any, ...]] = []
         self.planned: list[PlannedItem] = []
         self.items = self.failed = self.renders = 0
+        # A sample run writes its valid lines pending and keeps the drawn ones to plan last.
+        self.sampler = None if sample is None else Sampler(sample)
 
     def add(self, row: tuple[Any, ...], outcome: PlannedItem | LineError) -> None:
-        self.rows.append(row)
         self.items += 1
-        if isinstance(outcome, PlannedItem):
-            self.planned.append(outcome)
-        else:
+        if isinstance(outcome, LineError):
             self.failed += 1
+        elif self.sampler is not None:
+            row = (*row[:4], _PENDING, None)
+            self.sampler.offer(row, outcome)
+        else:
+            self.planned.append(outcome)
+        self.rows.append(row)
         if len(self.rows) >= CHUNK_ROWS:
             with transaction(self.sessions) as session:
                 self._write(session)
@@ -445,11 +453,34 @@ class _JobWriter:
     def finish(self, digest: str) -> int:
         with transaction(self.sessions) as session:
             job_id = self._write(session)
+            sample_lines = self._plan_sample(session)
             session.execute(update(Job).where(Job.id == job_id).values(
                 status=JobStatus.RUNNING.value, source_digest=digest, started_at=utcnow(),
-                open_renders=self.renders, items_total=self.items, items_failed=self.failed))
+                open_renders=self.renders, items_total=self.items, items_failed=self.failed,
+                sample_lines=sample_lines))
             close_job_if_done(session, job_id, self.renders)  # every line invalid
         return job_id
+
+    def _plan_sample(self, session: Session) -> int | None:
+        """The drawn lines running with their renders; how many, when the others wait
+        (pending) for `resume`, else None (the sample took every valid line)."""
+        if self.sampler is None or self.job_id is None:
+            return None
+        drawn: list[PlannedItem] = self.sampler.chosen()
+        db = session.connection()
+        for start in range(0, len(drawn), CHUNK_ROWS):
+            chunk = drawn[start:start + CHUNK_ROWS]
+            lines = [planned.line.line for planned in chunk]
+            ids = dict(db.execute(select(_items.c.line, _items.c.id).where(
+                _items.c.job_id == self.job_id, _items.c.line.in_(lines))).all())
+            db.execute(update(_items).where(_items.c.id.in_(list(ids.values())))
+                       .values(status=_RUNNING))
+            renders = [row for planned in chunk
+                       for row in render_rows(self.job_id, ids[planned.line.line], planned)]
+            insert_renders(db, renders)
+            self.renders += len(renders)
+        valid = self.items - self.failed
+        return len(drawn) if len(drawn) < valid else None
 
     def discard(self) -> None:
         """Forget the rows not written and delete the job, if any (its items cascade)."""
@@ -462,7 +493,7 @@ class _JobWriter:
 
 def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
                 team: str, budget_cents: int, name: str | None, allow_invalid: bool,
-                source: str = "cli") -> Submission:
+                source: str = "cli", sample: int | None = None) -> Submission:
     """Validate, price and write a job file as one pass over it, in bounded memory.
 
     The job is written as `submitting` with its items and their renders in chunks, then made
@@ -470,11 +501,13 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
     also records the file's digest. With
     an invalid line and not `allow_invalid`, writing stops there, the rest is still read to
     count and collect the errors, the job is deleted and job_id is None. With
-    `allow_invalid`, invalid lines become failed items carrying their reason."""
+    `allow_invalid`, invalid lines become failed items carrying their reason. With `sample`,
+    only that many valid lines, drawn by `sample.Sampler`, are planned: the others wait
+    pending and the job pauses once the drawn ones have ended (`jobs.close_job_if_done`)."""
     result = Submission()
     digest = hashlib.sha256()
     writer = _JobWriter(sessions, {"team": team, "name": name, "budget_cents": budget_cents,
-                                   "source": source})
+                                   "source": source}, sample)
     writing = True
     try:
         with open_job_file(path) as stream:
@@ -499,8 +532,9 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
 
 def submit_job(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
                team: str, budget_cents: int, name: str | None, allow_invalid: bool,
-               source: str = "cli") -> Submission:
+               source: str = "cli", sample: int | None = None) -> Submission:
     """A job file written as a job under the submission rule (`accept`)."""
     submitted = submit_file(sessions, path, caps, team=team, budget_cents=budget_cents,
-                            name=name, allow_invalid=allow_invalid, source=source)
+                            name=name, allow_invalid=allow_invalid, source=source,
+                            sample=sample)
     return accept(submitted, path, allow_invalid=allow_invalid)

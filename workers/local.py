@@ -202,7 +202,7 @@ def render_here(app: Celery, sessions: sessionmaker[Session], job_id: int,
         finally:
             feeder.stop()
             ticker.stop()
-    if summary["status"] == "paused":
+    if summary["status"] == "paused" and summary["sample_lines"] is None:  # `run` says it
         why = f" ({summary['error']})" if summary.get("error") else ""
         say(f"job {job_id} is paused{why}: continue it with `imagebatch resume {job_id}`")
     return summary
