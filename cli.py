@@ -6,16 +6,14 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli_terminal import (
     CONCURRENCY,
     EXIT_USAGE,
-    FINAL_OK,
     JOB_ID,
     SAMPLE_SIZE,
     SCHEDULE_NAME,
@@ -29,8 +27,10 @@ from cli_terminal import (
     exit_for,
     finite,
     job_options,
+    nothing_to_resume,
     out,
     parse_only,
+    print_job_outcome,
     print_json,
     print_table,
     progress_bar,
@@ -50,7 +50,7 @@ from pipeline.db import (
 from pipeline.logs import configure_logging
 from pipeline.redact import redact_url
 from pipeline.report import GROUPS
-from pipeline.sample import sample_cost, sample_rendered
+from pipeline.sample import sample_rendered
 from pipeline.settings import Settings, mask_url, unknown_settings
 from pipeline.views import money
 
@@ -233,7 +233,7 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
                  sample: int | None = None, yes: bool = False) -> dict[str, Any]:
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished.
     With `sample`, the sample first, then the rest when the user says so."""
-    from workers.local import run_here
+    from workers.local import after_sample, run_here
 
     with open_database(settings) as sessions:
         summary = run_here(settings, sessions, file, lambda: submit_here(
@@ -242,46 +242,20 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
         with sessions() as session:
             sampled = sample is not None and sample_rendered(session, summary["id"])
         if sampled:
-            summary = after_sample(settings, sessions, summary, yes=yes, quiet=quiet)
+            summary = after_sample(settings, sessions, summary, lambda rest: yes or (
+                sys.stdin.isatty() and click.confirm(f"render the other {rest:,} lines?",
+                                                     default=False, err=True)),
+                err, say, quiet=quiet)
         if not quiet:
             print_outcome(settings, sessions, summary)
     return summary
 
 
-def after_sample(settings: Settings, sessions: sessionmaker[Session], summary: dict[str, Any],
-                 *, yes: bool, quiet: bool) -> dict[str, Any]:
-    """What the sample cost and the whole file would; the rest rendered here if the user
-    says so (or --yes), else the job left paused. The summary carries the sample's figures."""
-    from workers.local import resume_here
-
-    cost, job = sample_cost(summary), summary["id"]
-    say(f"sample: {cost.lines:,} of {cost.total_lines:,} lines cost {money(cost.cents)}; "
-        f"the whole file would cost about {money(cost.projected_cents)}")
-    rest = cost.total_lines - cost.lines
-    if yes or (sys.stdin.isatty() and click.confirm(
-            f"render the other {rest:,} lines?", default=False, err=True)):
-        summary = resume_here(settings, sessions, job, None, err, say, quiet=quiet) or summary
-    else:
-        say(f"job {job} is paused after its sample: `imagebatch resume {job}` renders the "
-            f"other {rest:,} lines (the sampled ones are not rendered again)")
-    return {**summary, **cost.as_dict()}
-
-
 def print_outcome(settings: Settings, sessions: sessionmaker[Session],
                   summary: dict[str, Any]) -> None:
-    job_id, status = summary["id"], summary["status"]
-    colour = {"succeeded": "green", "partial": "yellow", "paused": "yellow"}.get(status, "red")
-    out.print(Text.assemble(f"job {job_id} ", (status, f"bold {colour}"), ": ")
-              + views.spent_of_cap(summary))
-    show(f"files: {settings.storage_url.rstrip('/')}/job-{job_id:06d}/")
-    if status == "paused":
-        show(f"continue it with: imagebatch resume {job_id}")
     with sessions() as session:
-        errors = jobs.item_errors(session, job_id, limit=10)
-    for line in views.item_error_lines(errors):
-        say(line)
-    if errors:
-        err.print(f"export the files with: imagebatch export {job_id} --format csv")
+        errors = jobs.item_errors(session, summary["id"], limit=10)
+    print_job_outcome(summary, settings.storage_url, errors)
 
 
 # --- job commands --------------------------------------------------------------------------
@@ -409,7 +383,7 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
         else:
             summary = resume_here(settings, sessions, job, cap, err, say, quiet=as_json)
         if summary is None:
-            _nothing_to_resume(summary_of(sessions, job), as_json)
+            nothing_to_resume(summary_of(sessions, job), as_json)
         if not (as_json or detach):
             print_outcome(settings, sessions, summary)
     if as_json:
@@ -419,18 +393,6 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
     if not as_json:
         out.print(f"job {job} is {summary['status']} again: `imagebatch worker` processes "
                   f"continue it (follow it with `imagebatch status {job}`)", highlight=False)
-
-
-def _nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
-    job, status = summary["id"], summary["status"]
-    hint = "" if status == FINAL_OK else (
-        f"; `imagebatch retry {job} --only failed,budget,unknown` renders failed items again")
-    say(f"job {job} {status}: nothing to resume{hint}")
-    if as_json:
-        print_json(summary)
-    else:
-        show(f"job {job} {status}: {views.spent_of_cap(summary, unknown=False)}")
-    exit_for(status)
 
 
 @main.command()

@@ -211,3 +211,33 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str) -> tuple[
         raise click.BadParameter(f"{', '.join(wrong) or 'nothing'} is not among "
                                  f"{', '.join(RETRY_CHOICES)}")
     return chosen
+
+
+def print_job_outcome(summary: dict[str, Any], storage_url: str,
+                      errors: list[dict[str, Any]]) -> None:
+    """How a job that `run` or `resume` followed ended, where its files are, and its first
+    failed items."""
+    job_id, status = summary["id"], summary["status"]
+    colour = {"succeeded": "green", "partial": "yellow", "paused": "yellow"}.get(status, "red")
+    out.print(Text.assemble(f"job {job_id} ", (status, f"bold {colour}"), ": ")
+              + views.spent_of_cap(summary))
+    show(f"files: {storage_url.rstrip('/')}/job-{job_id:06d}/")
+    if status == "paused":
+        show(f"continue it with: imagebatch resume {job_id}")
+    for line in views.item_error_lines(errors):
+        say(line)
+    if errors:
+        err.print(f"export the files with: imagebatch export {job_id} --format csv")
+
+
+def nothing_to_resume(summary: dict[str, Any], as_json: bool) -> NoReturn:
+    """`resume` of a job that has ended: why there is nothing to do, and the exit code."""
+    job, status = summary["id"], summary["status"]
+    hint = "" if status == FINAL_OK else (
+        f"; `imagebatch retry {job} --only failed,budget,unknown` renders failed items again")
+    say(f"job {job} {status}: nothing to resume{hint}")
+    if as_json:
+        print_json(summary)
+    else:
+        show(f"job {job} {status}: {views.spent_of_cap(summary, unknown=False)}")
+    exit_for(status)

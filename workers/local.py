@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import transaction
 from pipeline.jobs import job_state, job_summary, pause_job, renders_running, resume_job
+from pipeline.sample import sample_cost
 from pipeline.settings import Settings, SettingsError, mask_url
 from pipeline.submission import check_job_file, check_not_unfinished
 from pipeline.views import items_done, money, progress_line
@@ -288,3 +289,21 @@ def resume_here(settings: Settings, sessions: sessionmaker[Session], job_id: int
         if not quiet:
             say(f"resuming job {job_id} ({resumed.before})")
         return follow_here(app, sessions, job_id, console, say, quiet=quiet)
+
+
+def after_sample(settings: Settings, sessions: sessionmaker[Session], summary: dict[str, Any],
+                 go_on: Callable[[int], bool], console: Console, say: Say, *, quiet: bool
+                 ) -> dict[str, Any]:
+    """What a `run --sample` job's sample cost and the whole file would; the rest rendered
+    here when `go_on(lines left)` says so, else the job left paused. The summary returned
+    carries the sample's figures (`SampleCost.as_dict`)."""
+    cost, job = sample_cost(summary), summary["id"]
+    say(f"sample: {cost.lines:,} of {cost.total_lines:,} lines cost {money(cost.cents)}; "
+        f"the whole file would cost about {money(cost.projected_cents)}")
+    rest = cost.total_lines - cost.lines
+    if go_on(rest):
+        summary = resume_here(settings, sessions, job, None, console, say, quiet=quiet) or summary
+    else:
+        say(f"job {job} is paused after its sample: `imagebatch resume {job}` renders the "
+            f"other {rest:,} lines (the sampled ones are not rendered again)")
+    return {**summary, **cost.as_dict()}
