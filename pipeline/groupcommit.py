@@ -166,30 +166,26 @@ class GroupCommit:
 
     def _commit(self, group: list[_Queued[object]]) -> None:
         committed = False
-        ends: dict[str, tuple[GroupEnd, Session]] = {}
-        sessions: list[Session] = []
+        ends: dict[str, GroupEnd] = {}
         try:
-            with transaction(self._sessions) as outer:
-                connection = outer.connection()
+            with transaction(self._sessions) as session:
+                # One session for the group's works, emptied before each (its identity map:
+                # nothing stale from the works before it). A session of its own per work
+                # cost about 30 µs to make, join and close: as much as a statement.
+                session.info[_GROUP_END] = ends
                 for queued in group:
-                    # A session of its own per work (its own identity map, nothing stale
-                    # from the works before it) on the group's connection and transaction.
-                    session = Session(bind=connection, expire_on_commit=False,
-                                      info={_GROUP_END: ends})
-                    sessions.append(session)
+                    session.expunge_all()
                     queued.result = queued.work(session)
                     session.flush()
-                for end, session in ends.values():
+                session.expunge_all()
+                for end in ends.values():
                     end.apply(session)
-                for session in sessions:
-                    session.flush()
+                session.flush()
             committed = True
         except Exception as exc:
             log.debug("a group of %d rolled back (%s); each runs alone", len(group),
                       exc.__class__.__name__)
         finally:
-            for session in sessions:
-                session.close()
             # One wake-up of each caller loop for the whole group, not one per work.
             by_loop: defaultdict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]]
             by_loop = defaultdict(list)
@@ -219,8 +215,8 @@ def at_group_end(session: Session, key: str, start: Callable[[], E]) -> E | None
     if ends is None:
         return None
     if key not in ends:
-        ends[key] = (start(), session)
-    return ends[key][0]  # type: ignore[return-value]
+        ends[key] = start()
+    return ends[key]  # type: ignore[no-any-return]
 
 
 def _run_alone(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:
