@@ -50,9 +50,6 @@ class Media:
     def data(self) -> bytes:
         return self.head + self.tail
 
-    def b64(self) -> bytes:
-        return b"".join(self.b64_parts())
-
     def b64_parts(self) -> tuple[bytes, bytes]:
         """Base64 of data() in two pieces; only the head is encoded here, the tail's is cached.
 
