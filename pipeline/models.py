@@ -238,10 +238,15 @@ class Image(Base):
     """A stored media file. The row exists only once its bytes are in storage."""
 
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("render_id", "image_index", name="uq_images_render_index"),)
+    __table_args__ = (
+        UniqueConstraint("render_id", "image_index", name="uq_images_render_index"),
+        # A job's files in id order: the gallery's keyset pages (`imagebatch serve`), and the
+        # exports' lookups by job.
+        Index("ix_images_job_file", "job_id", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     # Its item is its render's (deleting an item cascades through its renders); its URI is
     # the store's URI of `key` (storage.MediaStore.uri): neither is repeated here.
     render_id: Mapped[int] = mapped_column(ForeignKey("renders.id", ondelete="CASCADE"))
