@@ -708,6 +708,17 @@ def fake_upstream(host: str, port: int, **config: Any) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on; any but loopback needs IMAGEBATCH_SERVE_TOKEN.")
+@click.option("--port", type=click.IntRange(1, 65_535), default=8080, show_default=True)
+def serve(host: str, port: int) -> None:
+    """A read-only web page of the jobs, their files and the spend, until stopped."""
+    from web.app import serve as serve_web
+
+    serve_web(load_settings(), host, port)
+
+
+@main.command()
 @click.option("--latency", type=float, default=0.5, show_default=True)
 def demo(latency: float) -> None:
     """Render the example job (examples/demo.jsonl) against a bundled fake upstream: no key,

@@ -36,6 +36,7 @@ __all__ = [
     "ItemPage",
     "ItemRow",
     "JobRow",
+    "StoredFile",
     "eta_seconds",
     "job_files",
     "job_items",
@@ -43,6 +44,7 @@ __all__ = [
     "known_models",
     "list_job_rows",
     "spend_by_day",
+    "stored_file",
     "team_budgets",
 ]
 
@@ -258,6 +260,19 @@ def job_items(session: Session, job_id: int, status: str, *, after: int | None =
         items.append(ItemRow(line=row.line, custom_id=row.custom_id, prompt=prompt,
                              size=asked, status=row.status, reason=row.reason))
     return ItemPage(items, items[-1].line if len(rows) > size else None)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    key: str  # the storage key, relative to the store's root or prefix
+    content_type: str
+
+
+def stored_file(session: Session, image_id: int) -> StoredFile | None:
+    """Where a file's bytes are: only keys the pipeline stored are ever served."""
+    row = session.execute(select(Image.key, Image.content_type).where(Image.id == image_id)
+                          ).first()
+    return None if row is None else StoredFile(row.key, row.content_type)
 
 
 def known_models(session: Session) -> list[str]:

@@ -267,7 +267,8 @@ NUMBERS = (
     Number("visibility_timeout", "VISIBILITY_TIMEOUT", float, 1, 30 * DAY, "seconds",
            zero="twice the render deadline plus 10 minutes"),
 )
-KNOWN = {"DATA_DIR", *TEXTS.values(), *FLAGS.values(), *(n.env for n in NUMBERS)}
+# SERVE_TOKEN: read by `imagebatch serve` alone (web/app.py), kept out of Settings.
+KNOWN = {"DATA_DIR", "SERVE_TOKEN", *TEXTS.values(), *FLAGS.values(), *(n.env for n in NUMBERS)}
 
 
 def _figure(number: float) -> str:
