@@ -2,11 +2,13 @@
 
 On a fresh Debian or Ubuntu machine, after `pip install -e .`, this one command installs the
 `test` extras (only when one is missing, so an existing install is left as it is), installs
-`redis-server` and the PostgreSQL server through apt when they are missing and it runs as root
-(or else names exactly what to install and exits 2), then runs pytest: by default the whole
-suite, all three lanes (tests/unit, tests/integration, tests/acceptance) and the `big` lane.
-Arguments go to pytest as they are (`python -m tests -m 'not big'`). A run of tests/unit alone
-needs no server, so none is looked for.
+`redis-server`, the PostgreSQL server and `chromium` (the browser tests of `imagebatch serve`,
+driven by Playwright: never a browser Playwright downloads) through apt when they are missing
+and it runs as root (or else names exactly what to install and exits 2), then runs pytest:
+by default the whole suite, all three lanes (tests/unit, tests/integration,
+tests/acceptance) and the `big` lane. Arguments go to pytest as they are
+(`python -m tests -m 'not big'`). A run of tests/unit alone needs no server, so none is
+looked for.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tests.servers import missing_servers
 # What `pip install -e '.[test]'` brings, by the module each package installs: the runtime
 # dependencies too, in case `pip install -e .` was not run first.
 NEEDED_MODULES = ("pytest", "pytest_timeout", "xdist", "moto", "flask", "httpx", "ruff", "celery",
-                  "sqlalchemy", "psycopg", "boto3", "aiohttp")
+                  "sqlalchemy", "psycopg", "boto3", "aiohttp", "jinja2", "playwright")
 UNIT_LANE = ROOT / "tests" / "unit"
 
 
@@ -93,13 +95,23 @@ def _in_unit_lane(arg: str) -> bool:
     return path == UNIT_LANE or UNIT_LANE in path.parents
 
 
+# The browser tests (tests/acceptance/test_serve.py) launch Debian's chromium.
+BROWSER_PACKAGE = "chromium"
+
+
+def missing_packages() -> list[str]:
+    """The Debian packages the integration and acceptance lanes need and do not find."""
+    browser = [] if shutil.which(BROWSER_PACKAGE) else [BROWSER_PACKAGE]
+    return [*missing_servers(), *browser]
+
+
 def install_servers() -> None:
-    packages = missing_servers()
+    packages = missing_packages()
     if not packages:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise Missing(f"missing {' and '.join(packages)} (the integration and acceptance "
-                      "tests start their own servers): install as root with "
+                      "tests start their own servers and a browser): install as root with "
                       f"`apt-get install -y {' '.join(packages)}` and run this again; the unit "
                       "lane needs no server: python -m pytest -q tests/unit")
     print(f"python -m tests: installing {' '.join(packages)} with apt-get", flush=True)
@@ -109,7 +121,7 @@ def install_servers() -> None:
         # A fresh image has no package lists yet.
         subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
         subprocess.run(install, env=env, check=False)
-    still = missing_servers()
+    still = missing_packages()
     if still:
         raise Missing(f"apt-get did not install {' and '.join(still)}: install it with "
                       f"`apt-get install -y {' '.join(still)}` and run this again")
