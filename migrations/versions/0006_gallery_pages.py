@@ -9,8 +9,10 @@ id LIMIT 61`). On PostgreSQL an index on job_id alone gives no id order: the pla
 the primary key and filtered on job_id instead, through every older job's files first (86 ms
 for the first page of a 100,000-file job stored after 200,000 others, and growing with the
 table). With (job_id, id) each page reads its 61 entries (`python bench/gallery_pages.py`).
-The exports' `job_id = J` lookups use it as they used the old one. SQLite's index already
-ended with the rowid (the id): the same order, now written down.
+The exports' `job_id = J` lookups use it as they used the old one. It costs 15.5 B a file at
+rest on PostgreSQL (22.6 B against the old index's 7.1 B, which deduplicated its one
+repeated key). SQLite's index already ended with the rowid (the id): the same order, now
+written down.
 """
 
 from collections.abc import Sequence
