@@ -1,7 +1,7 @@
 """A job's files in id order from one index: ix_images_job_id (job_id) becomes (job_id, id)
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-03 22:40:00
 
 `imagebatch serve` pages a job's files by image id (keyset: `job_id = J AND id > A ORDER BY
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
