@@ -53,6 +53,7 @@ __all__ = [
 FILES = "files"
 ITEM_STATUSES = (ItemStatus.FAILED, ItemStatus.CANCELLED, ItemStatus.RUNNING,
                  ItemStatus.PENDING)
+MEDIA_MODALITIES = frozenset({"image", "video", "audio"})
 PAGE_MAX = 200  # rows a page may ask for: a page is bounded whatever the URL says
 
 
@@ -276,9 +277,18 @@ def stored_file(session: Session, image_id: int) -> StoredFile | None:
 
 
 def known_models(session: Session) -> list[str]:
-    """The models the model cache knows (a small table), for the gallery's model filter:
-    listing a job's own models would read all its renders."""
-    return sorted(set(session.scalars(select(ModelCaps.id))))
+    """The media models the model cache knows (a small table), for the gallery's model
+    filter: listing a job's own models would read all its renders."""
+    models = set()
+    for model_id, entry in session.execute(select(ModelCaps.id, ModelCaps.entry)):
+        try:
+            modalities = json.loads(entry).get("output_modalities") or ()
+        except (ValueError, AttributeError):
+            modalities = ()
+        if not isinstance(modalities, list) or MEDIA_MODALITIES.intersection(
+                m for m in modalities if isinstance(m, str)):
+            models.add(model_id)  # media, or a model we cannot tell: shown
+    return sorted(models)
 
 
 # --- money -----------------------------------------------------------------------------------

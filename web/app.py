@@ -52,6 +52,7 @@ TOKEN_MIN = 16  # characters: guessing one is out of reach, even over many reque
 COOKIE = "imagebatch_session"
 HERE = Path(__file__).resolve().parent
 PAGE = 60  # files or items a gallery page shows
+JOBS_PAGE = 100
 SPEND_DAYS = 30
 
 SESSIONS = web.AppKey("sessions", sessionmaker)
@@ -163,9 +164,15 @@ def templates() -> jinja2.Environment:
     )
     env.filters["dollars"] = lambda cents: "-" if cents is None else dollars(cents)
     env.filters["duration"] = duration
-    env.globals["query"] = lambda **params: "?" + urlencode(
-        {k: v for k, v in params.items() if v not in (None, "")})
+    env.globals["query"] = query_string
     return env
+
+
+def query_string(**params: object) -> str:
+    """`?a=1&b=x` of the params that have a value (URL-encoded: the template escapes the
+    result again for its attribute); "" when none has."""
+    given = {name: value for name, value in params.items() if value not in (None, "")}
+    return "?" + urlencode(given) if given else ""
 
 
 def duration(seconds: int | None) -> str:
@@ -238,22 +245,29 @@ async def read(request: web.Request, query: Callable[..., T], *args: Any, **kwar
 
 
 async def jobs_page(request: web.Request) -> web.Response:
-    jobs = await read(request, gallery.list_job_rows, limit=100)
-    return page(request, "jobs.html", jobs=jobs)
+    before = _number(request, "before")
+    jobs = await read(request, gallery.list_job_rows, limit=JOBS_PAGE, before=before)
+    older = jobs[-1].id if len(jobs) == JOBS_PAGE else None
+    return page(request, "jobs.html", jobs=jobs, before=before, older=older)
 
 
 async def jobs_rows(request: web.Request) -> web.Response:
     """The jobs table's rows alone: what the list page fetches every 2 s to stay current."""
-    jobs = await read(request, gallery.list_job_rows, limit=100)
+    jobs = await read(request, gallery.list_job_rows, limit=JOBS_PAGE,
+                      before=_number(request, "before"))
     return page(request, "jobs_rows.html", jobs=jobs)
 
 
 def _after(request: web.Request) -> int | None:
-    text = request.query.get("after", "")
+    return _number(request, "after")
+
+
+def _number(request: web.Request, name: str) -> int | None:
+    text = request.query.get(name, "")
     if text == "":
         return None
-    if not text.isdigit() or len(text) > 18:
-        raise web.HTTPBadRequest(text="after: a whole number\n")
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:  # "²" is a digit too
+        raise web.HTTPBadRequest(text=f"{name}: a whole number\n")
     return int(text)
 
 

@@ -92,6 +92,14 @@ def test_failed_items_come_with_their_reasons_page_by_page(svc):
     assert cancelled.items == []
 
 
+def test_the_model_filter_offers_the_media_models_the_cache_knows(svc):
+    run_job(svc, [FLUX])  # fills the model cache from /models
+    with svc.sessions() as session:
+        models = gallery.known_models(session)
+    assert {"flux-2-dev", "suno-v5", "wan-2.2"} <= set(models)
+    assert "gpt-4o-mini" not in models  # a text model makes no files
+
+
 def test_jobs_list_newest_first_with_progress_and_spend(svc):
     done = run_job(svc, [{**FLUX, "n": 2}, {**FLUX, "fake": {"status": 422}}])
     waiting = submit(svc, [FLUX, FLUX])  # not planned yet

@@ -23,11 +23,12 @@ from pipeline.models import Image
 from pipeline.runtime import start_services
 from pipeline.storage import open_store
 from pipeline.teams import set_team
-from tests.helpers import run_job
+from tests.helpers import run_job, use_s3
 from web.app import COOKIE, loopback_hosts, make_app
 
 TOKEN = "serve-token-0123456789-abcdef"
 FLUX = {"model": "flux-2-dev", "prompt": "an otter", "aspect_ratio": "1:1"}
+S3_SECRET = "serve-test-secret-key"
 HOSTILE = "<script>window.pwned=1</script><img src=x onerror=alert(1)>"
 
 
@@ -105,20 +106,20 @@ def test_pages_show_jobs_files_reasons_and_spend_with_every_user_string_escaped(
 def test_media_served_as_stored_and_nothing_outside_the_storage_root(svc, rendered, tmp_path):
     store = open_store(svc.settings.storage_url)
     ids = _image_ids(svc, rendered["id"])
-    key, image_id = next(iter(ids.items()))
+    key, image_id = next((key, id_) for key, id_ in ids.items() if key.endswith(".png"))
+    others = [id_ for id_ in ids.values() if id_ != image_id]
     outside = tmp_path / "secret.txt"
     outside.write_text("not media")
     root = Path(store.root)
     (root / "escape.png").symlink_to(outside)
     with transaction(svc.sessions) as session:  # a row pointing at a symlink out of the root
-        session.execute(sa.update(Image).where(Image.id == ids[list(ids)[1]])
-                        .values(key="escape.png"))
-        session.execute(sa.update(Image).where(Image.id == ids[list(ids)[2]])
+        session.execute(sa.update(Image).where(Image.id == others[0]).values(key="escape.png"))
+        session.execute(sa.update(Image).where(Image.id == others[1])
                         .values(key="../../secret.txt"))
     with serving(svc) as base, httpx.Client(base_url=base) as http:
         media = http.get(f"/media/{image_id}")
-        symlinked = http.get(f"/media/{ids[list(ids)[1]]}")
-        dotted = http.get(f"/media/{ids[list(ids)[2]]}")
+        symlinked = http.get(f"/media/{others[0]}")
+        dotted = http.get(f"/media/{others[1]}")
         missing = http.get("/media/999999")
         raw = [http.get(path).status_code for path in (
             "/media/../../etc/passwd", "/media/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
@@ -179,24 +180,21 @@ def test_read_only_and_loopback_names_only_without_a_token(svc, rendered):
         local = http.get("/", headers={"Host": "localhost"})
         bad_after = http.get(f"/jobs/{rendered['id']}", params={"after": "1 OR 1=1"})
         bad_status = http.get(f"/jobs/{rendered['id']}", params={"status": "<script>"})
+        bad_numbers = [http.get(path, params=params).status_code for path, params in (
+            (f"/jobs/{rendered['id']}", {"after": "\u00b2"}), ("/", {"before": "-1"}),
+            ("/jobs/rows", {"before": "\u0661"}), ("/", {"before": "9" * 19}))]
         no_job = http.get("/jobs/999999")
     assert set(writes) == {405}
     assert rebound.status_code == 421 and local.status_code == 200
     assert bad_after.status_code == bad_status.status_code == 400
+    assert bad_numbers == [400] * 4
     assert "<script>" not in bad_status.text
     assert no_job.status_code == 404
 
 
 @pytest.fixture
 def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "serve-test-secret-key")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    use_s3(monkeypatch, s3_endpoint, S3_SECRET)
     bucket = f"serve-{os.getpid()}"
     client = boto3.session.Session().client("s3")
     if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
@@ -221,6 +219,6 @@ def test_s3_media_proxied_without_credentials_or_presigned_urls(settings, s3_env
     for key, answer in media.items():
         assert answer.status_code == 200 and answer.content == store.get(key)
         shown = answer.text if answer.headers["content-type"].startswith("text") else ""
-        assert "X-Amz" not in str(answer.headers) and "serve-test-secret-key" not in shown
+        assert "X-Amz" not in str(answer.headers) and S3_SECRET not in shown
     assert "X-Amz-Signature" not in gallery.text and "s3://" not in gallery.text
     assert {a.headers["content-type"] for a in media.values()} == {"image/png", "audio/mpeg"}
