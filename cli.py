@@ -151,14 +151,15 @@ def plan(file: str, as_json: bool) -> None:
 
 
 def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, team: str,
-                cap: int, name: str | None, allow_invalid: bool, sample: int | None = None
-                ) -> int:
+                cap: int, name: str | None, allow_invalid: bool, sample: int | None = None,
+                reuse: bool = True) -> int:
     """FILE written as a pending job under the submission rule; the invalid lines it let
     through (--allow-invalid) are listed, and a plan that costs more than the cap noted."""
     submission.check_job_file(file)
     planned = submission.submit_job(
         sessions, file, current_caps(settings, sessions), team=team, budget_cents=cap,
-        name=name or submission.job_name(file), allow_invalid=allow_invalid, sample=sample)
+        name=name or submission.job_name(file), allow_invalid=allow_invalid, sample=sample,
+        reuse=reuse)
     for line in [*submission.error_lines(planned, file), *views.cap_notes(planned, cap)]:
         say(line)
     assert planned.job_id is not None  # submit_job refuses what it does not write
@@ -168,7 +169,7 @@ def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, 
 @main.command()
 @job_options
 def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
-           name: str | None, allow_invalid: bool, as_json: bool) -> None:
+           name: str | None, allow_invalid: bool, no_reuse: bool, as_json: bool) -> None:
     """Submit FILE as a job for `imagebatch worker` processes to render, and return at once.
 
     FILE is JSONL ('-' for stdin): one request body per line (model, prompt, n, and any
@@ -181,7 +182,8 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
     cap = cap_from_options(budget, budget_cents)
     app = connected_app(settings)  # a broker out of reach is said before the job is written
     with open_database(settings) as sessions:
-        job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid)
+        job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid,
+                             reuse=not no_reuse)
         nudge_dispatcher(app)
         summary = summary_of(sessions, job_id)
     if as_json:
@@ -204,8 +206,8 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
                    "the job is left paused and `imagebatch resume JOB` renders the rest.")
 @click.option("--yes", "-y", is_flag=True, help="With --sample: go on without asking.")
 def run(file: str, team: str, budget: int | None, budget_cents: int | None, name: str | None,
-        allow_invalid: bool, as_json: bool, concurrency: int | None, new: bool,
-        sample: int | None, yes: bool) -> None:
+        allow_invalid: bool, no_reuse: bool, as_json: bool, concurrency: int | None,
+        new: bool, sample: int | None, yes: bool) -> None:
     """Submit FILE and render it in this process until the job ends, with progress.
 
     Ctrl-C pauses the job: nothing new is sent, in-flight renders finish and are settled,
@@ -222,7 +224,7 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
     settings = load_settings(concurrency)
     cap = cap_from_options(budget, budget_cents)
     summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json,
-                           new=new, sample=sample, yes=yes)
+                           new=new, sample=sample, yes=yes, reuse=not no_reuse)
     if as_json:
         print_json(summary)
     exit_for(summary["status"])
@@ -230,14 +232,15 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
 
 def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
                  allow_invalid: bool, *, quiet: bool, new: bool = True,
-                 sample: int | None = None, yes: bool = False) -> dict[str, Any]:
+                 sample: int | None = None, yes: bool = False, reuse: bool = True
+                 ) -> dict[str, Any]:
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished.
     With `sample`, the sample first, then the rest when the user says so."""
     from workers.local import after_sample, run_here
 
     with open_database(settings) as sessions:
         summary = run_here(settings, sessions, file, lambda: submit_here(
-            settings, sessions, file, team, cap, name, allow_invalid, sample), err, say,
+            settings, sessions, file, team, cap, name, allow_invalid, sample, reuse), err, say,
             quiet=quiet, new=new)
         with sessions() as session:
             sampled = sample is not None and sample_rendered(session, summary["id"])
@@ -508,8 +511,10 @@ def team_show(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
 def report(team: str | None, job: int | None, model: str | None, since: str | None,
            until: str | None, by: str | None, fmt: str, as_json: bool) -> None:
-    """Costs from the ledger: upstream calls, images, charged, unknown, released, and the
-    average cost per image (spent / images). Totals equal the ledger rows they cover."""
+    """Costs from the ledger: upstream calls, images, charged, unknown, released, the
+    average cost per image (spent / images), and the images reused (seeded requests that
+    had succeeded before: copied, not paid) with what they saved. Totals equal the ledger
+    rows they cover."""
     from pipeline.report import ReportFilter, ledger_report, parse_moment, total_of
 
     filters = ReportFilter(team=team, job=job, model=model, since=parse_moment(since, "--since"),

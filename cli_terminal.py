@@ -197,6 +197,9 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="A name for the job (default: the file's name)."),
         click.option("--allow-invalid", is_flag=True,
                      help="Submit even if some lines are invalid: they become failed items."),
+        click.option("--no-reuse", is_flag=True,
+                     help="Call the upstream even for a seeded request that already "
+                          "succeeded (by default its files are copied, at no cost)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     ]
     for option in reversed(options):

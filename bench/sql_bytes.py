@@ -1,10 +1,11 @@
 """SQL bytes a render on PostgreSQL after VACUUM FULL, table by table (heap and each index).
 
-    python bench/sql_bytes.py --renders 20000
+    python bench/sql_bytes.py --renders 20000 [--seeded]
 
 Starts its own PostgreSQL (tests/servers.py) and the fake upstream in this process, renders a
 job of N bench lines ({"model": "flux-2-dev", "prompt": "bench i"}) through the pipeline
-(dispatch, then every render), runs VACUUM FULL (what the rows take at rest, without the
+(dispatch, then every render; `--seeded`: each line with a seed of its own, so every render
+gets a request key for seeded reuse), runs VACUUM FULL (what the rows take at rest, without the
 dead tuples a live run leaves behind) and prints each table's bytes per render.
 """
 
@@ -31,13 +32,15 @@ from tests.servers import start_postgres  # noqa: E402
 TABLES = ("job_items", "renders", "attempts", "ledger", "images")
 
 
-def render_job(url: str, renders: int) -> None:
+def render_job(url: str, renders: int, seeded: bool = False) -> None:
     with FakeServer(FakeConfig(latency=0.01, keepalive_interval=0.5)) as fake, \
             tempfile.TemporaryDirectory() as tmp:
         svc = start_services(make_settings(Path(tmp), fake.base_url, database_url=url,
                                            concurrency=64))
         try:
-            lines = [{"model": "flux-2-dev", "prompt": f"bench {i}"} for i in range(renders)]
+            seeds = ({"seed": i} if seeded else {} for i in range(renders))
+            lines = [{"model": "flux-2-dev", "prompt": f"bench {i}", **seed}
+                     for i, seed in enumerate(seeds)]
             job_id = submit(svc, lines, budget_cents=10 * renders)
             while render_ids := dispatch_pending(svc):
                 render_all(svc, render_ids, concurrency=64)
@@ -73,11 +76,13 @@ def _size(db: sa.Connection, table: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--renders", type=int, default=20_000)
+    parser.add_argument("--seeded", action="store_true",
+                        help="seeded lines: what seeded reuse's request key costs")
     args = parser.parse_args()
     url, stop = start_postgres()
     try:
         upgrade_schema(make_engine(url))
-        render_job(url, args.renders)
+        render_job(url, args.renders, args.seeded)
         report(url, args.renders)
     finally:
         stop()

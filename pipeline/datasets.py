@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy.orm import Session, aliased
 
 from pipeline.models import Image, JobItem, Render
 from pipeline.storage import MediaStore, S3Store, StorageError, open_store, safe_slug
@@ -45,7 +45,7 @@ DATASET_FORMATS = ("hf", "webdataset", "parquet")
 FILE_COLUMNS = (
     "custom_id", "prompt", "revised_prompt", "seed", "model", "width", "height",
     "content_type", "sha256", "cost_cents", "bytes", "uri", "line", "render", "index",
-    "metadata",
+    "metadata", "reused_from",
 )
 # Names a metadata key cannot take as they are: a key named like one of these gets the
 # prefix "metadata_" (its value is never dropped: `metadata` keeps the whole object).
@@ -178,13 +178,16 @@ def file_count(session: Session, job_id: int) -> int:
 def file_rows(session: Session, job_id: int, uri_of: Callable[[str], str],
               meta_columns: list[MetadataColumn]) -> Iterator[FileRow]:
     """The job's files in line order, fetched from SQL in chunks of ROW_CHUNK rows."""
+    original = aliased(Image)
     query = (
         select(Image.key, Image.image_index, Image.content_type, Image.bytes, Image.sha256,
                Image.width, Image.height, Image.seed, Image.revised_prompt, Image.cost_cents,
                Render.render_index, Render.model, JobItem.line, JobItem.custom_id,
-               JobItem.body, JobItem.meta)
+               JobItem.body, JobItem.meta,
+               original.key.label("original_key"))
         .join(Render, Render.id == Image.render_id)
         .join(JobItem, JobItem.id == Render.item_id)
+        .outerjoin(original, reused_file(original))
         .where(Image.job_id == job_id)
         .order_by(JobItem.line, Render.render_index, Image.image_index)
         .execution_options(yield_per=ROW_CHUNK)
@@ -208,6 +211,7 @@ def file_rows(session: Session, job_id: int, uri_of: Callable[[str], str],
             "render": row.render_index,
             "index": row.image_index,
             "metadata": None if meta is None else json.dumps(meta, ensure_ascii=False),
+            "reused_from": None if row.original_key is None else uri_of(row.original_key),
         }
         fields = meta if isinstance(meta, dict) else {}
         for column in meta_columns:
@@ -220,6 +224,14 @@ def file_rows(session: Session, job_id: int, uri_of: Callable[[str], str],
             split=None if split is None else str(split),
             columns=columns,
         )
+
+
+def reused_file(original: Any) -> ColumnElement[bool]:
+    """Joins an image to the file it was copied from (seeded reuse), when it was: the same
+    index of the render named by its render's `reused_from`. None when rendered here, or
+    when the original's job was deleted since."""
+    return and_(original.render_id == Render.reused_from,
+                original.image_index == Image.image_index)
 
 
 def prompt_of(body: str) -> str | None:
@@ -562,7 +574,8 @@ def parquet_schema(meta: list[MetadataColumn], embed: bool) -> Any:
     types = {"custom_id": text, "prompt": text, "revised_prompt": text, "seed": number,
              "model": text, "width": number, "height": number, "content_type": text,
              "sha256": text, "cost_cents": number, "bytes": number, "uri": text,
-             "line": number, "render": number, "index": number, "metadata": text}
+             "line": number, "render": number, "index": number, "metadata": text,
+             "reused_from": text}
     kinds = {"string": text, "int": number, "float": pa.float64(), "bool": pa.bool_(),
              "json": text}
     fields = [pa.field(name, types[name]) for name in FILE_COLUMNS]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from pipeline.datasets import (
     DATASET_FORMATS,
@@ -22,13 +22,15 @@ from pipeline.datasets import (
     metadata_columns,
     open_rows_output,
     prompt_of,
+    reused_file,
 )
 from pipeline.models import Image, JobItem, Render
 from pipeline.storage import MediaStore
 
 EXPORT_FIELDS = (
     "job_id", "custom_id", "line", "render", "index", "uri", "content_type", "bytes", "sha256",
-    "width", "height", "seed", "revised_prompt", "cost_cents", "model", "metadata", "prompt",
+    "width", "height", "seed", "revised_prompt", "cost_cents", "reused_from", "model",
+    "metadata", "prompt",
 )
 
 
@@ -37,14 +39,16 @@ def export_rows(session: Session, job_id: int, uri_of: Callable[[str], str]
     """The job's files in line order; `uri_of(key)` is the store's URI of a key. Metadata
     values are exact here (JSONL); CSV writes them as text."""
     meta_columns = metadata_columns(session, job_id)
+    original = aliased(Image)
     query = (
-        select(Image, JobItem, Render)
+        select(Image, JobItem, Render, original.key)
         .join(Render, Render.id == Image.render_id)
         .join(JobItem, JobItem.id == Render.item_id)
+        .outerjoin(original, reused_file(original))
         .where(Image.job_id == job_id)
         .order_by(JobItem.line, Render.render_index, Image.image_index)
     )
-    for image, item, render in session.execute(query).yield_per(1000):
+    for image, item, render, original_key in session.execute(query).yield_per(1000):
         meta = json.loads(item.meta) if item.meta else None
         fields = meta if isinstance(meta, dict) else {}
         yield {
@@ -62,6 +66,8 @@ def export_rows(session: Session, job_id: int, uri_of: Callable[[str], str]
             "seed": image.seed,
             "revised_prompt": image.revised_prompt,
             "cost_cents": image.cost_cents,
+            # The file this one was copied from (seeded reuse), as a URI; None: rendered here.
+            "reused_from": None if original_key is None else uri_of(original_key),
             "model": render.model,
             "metadata": meta,
             "prompt": prompt_of(item.body),

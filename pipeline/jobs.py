@@ -52,12 +52,13 @@ def create_job(
     entries: Iterable[JobLine | LineError],
     name: str | None = None,
     source: str = "cli",
+    reuse: bool = True,
 ) -> int:
     """Write a pending job and its items; the dispatcher plans it. Invalid entries become
     failed items carrying their reason (callers refuse invalid files unless told not to).
     `source` says who made it: "cli", "schedule" (a program writing SQL leaves "sql")."""
     job = Job(team=team, name=name, budget_cents=budget_cents, status=JobStatus.PENDING,
-              source=source)
+              source=source, reuse=reuse)
     session.add(job)
     session.flush()
     rows = [_item_row(job.id, entry) for entry in entries]

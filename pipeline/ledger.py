@@ -20,7 +20,10 @@ explains. Where each path settles:
 - lost worker: `settle_abandoned_attempt` (from render.begin_attempt and sweep.py) releases
   an attempt whose send was never recorded, and charges one that was as unknown;
 - cancel: jobs.begin_cancel stops new sends (record_send then releases); the attempts in
-  flight settle on the usual path.
+  flight settle on the usual path;
+- reused (reuse.py): an attempt that copies an earlier render's files holds nothing
+  (`reserve_nothing`: a 0-cent reservation, no budget touched) and settles `reused` at 0
+  cents once its files are copied, or is released (0) if the copy fails.
 
 Every function here runs inside the caller's transaction, so the money commits with the
 render state it belongs to. Counters on `jobs` and `team_budgets` move in the same
@@ -217,6 +220,27 @@ def reserve(session: Session, render: RenderLike, team: str, now: datetime | Non
     return Reservation(attempt_id, number, amount, team_budget_id)
 
 
+def reserve_nothing(session: Session, render: RenderLike, team: str, now: datetime, *,
+                    price_per_image_cents: int) -> Reservation:
+    """A 0-cent reservation for an attempt that calls nobody (its files are copied from an
+    earlier render: reuse.py). No budget is held, so none has to fit: a job at its cap still
+    gets its copies. Recorded like any attempt (an attempt row, a `reserve` row of 0 cents
+    and 0 images: no call is asked for), so it settles exactly once, `reused` or released.
+    `price_per_image_cents` is the original's: the `reused` row says what the copy saved."""
+    moves, alone = _moves(session)
+    number = render.attempts + 1
+    attempt_id = queries.insert_attempt(
+        session.connection(), render_id=render.id, number=number, amount_cents=0,
+        started_at=now, sent_at=None, team=team, team_budget_id=None,
+        price_per_image_cents=price_per_image_cents)
+    moves.ledger_rows.append(_ledger_row(
+        render.job_id, render.id, render.model, 0, team, attempt_id, None,
+        LedgerKind.RESERVE, 0, price_per_image_cents))
+    if alone:
+        moves.apply(session)
+    return Reservation(attempt_id, number, 0, None)
+
+
 def _hold(session: Session, job_id: int, team: str, team_budget_id: int | None,
           amount: int) -> bool:
     """Both holds or neither. The job row first, then the team row (as settling does): one
@@ -235,6 +259,7 @@ SETTLE_KIND = {
     AttemptOutcome.CHARGED: LedgerKind.CHARGE,
     AttemptOutcome.RELEASED: LedgerKind.RELEASE,
     AttemptOutcome.UNKNOWN: LedgerKind.UNKNOWN,
+    AttemptOutcome.REUSED: LedgerKind.REUSED,
 }
 
 

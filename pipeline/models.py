@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ColumnElement,
     DateTime,
     ForeignKey,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     UniqueConstraint,
     literal_column,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -69,6 +71,7 @@ class AttemptOutcome(enum.StrEnum):
     CHARGED = "charged"  # a result came back: the provider did the work
     RELEASED = "released"  # a definite refusal: nothing was billed
     UNKNOWN = "unknown"  # cut, timed out or killed: charged, the provider may have billed it
+    REUSED = "reused"  # not sent: a succeeded render of the same seeded request was copied
 
 
 class LedgerKind(enum.StrEnum):
@@ -76,6 +79,9 @@ class LedgerKind(enum.StrEnum):
     CHARGE = "charge"  # a reservation turned into spend: result delivered
     RELEASE = "release"  # a reservation given back: definite refusal
     UNKNOWN = "unknown"  # a reservation turned into spend whose outcome is unknown
+    # 0 cents: the render's files were copied from an earlier render of the same seeded
+    # request (pipeline/reuse.py); `images` x `price_per_image_cents` is what that one paid.
+    REUSED = "reused"
 
 
 class Job(Base):
@@ -102,6 +108,9 @@ class Job(Base):
     items_cancelled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     images: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     source: Mapped[str] = mapped_column(String(20), server_default=text("'sql'"))
+    # Seeded renders whose request already succeeded copy its files instead of calling
+    # (pipeline/reuse.py); `--no-reuse` stores False. Jobs written with SQL reuse.
+    reuse: Mapped[bool] = mapped_column(Boolean, server_default=true())
     # Planned in chunks: the last line planned so far, NULL once every item is planned.
     plan_cursor: Mapped[int | None] = mapped_column(Integer)
     # `run --sample K`: the job renders K of its lines, then pauses instead of closing until
@@ -119,6 +128,8 @@ class Job(Base):
 # literal (`status_is`), because PostgreSQL proves a partial index applies from the SQL text,
 # and a generic plan of `status = $1` proves nothing.
 NOT_SUCCEEDED = text("status <> 'succeeded'")
+# The renders a seeded request can be reused from: succeeded, with a key.
+REUSABLE = text("status = 'succeeded' AND request_key IS NOT NULL")
 
 
 def status_is(column: ColumnElement[str], status: str) -> ColumnElement[bool]:
@@ -164,6 +175,10 @@ class Render(Base):
         Index("ix_renders_status_lease", "status", "lease_until",
               postgresql_where=text("status = 'running'"),
               sqlite_where=text("status = 'running'")),
+        # Seeded reuse looks a request up by its key among the renders that succeeded only
+        # (reuse.find_source): unseeded and unfinished renders cost the index nothing.
+        Index("ix_renders_request_key", "request_key",
+              postgresql_where=REUSABLE, sqlite_where=REUSABLE),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -183,6 +198,11 @@ class Render(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime)
     deliveries: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     error: Mapped[str | None] = mapped_column(Text)
+    # A digest of the seeded request sent upstream (reuse.request_key; NULL without a seed):
+    # a later render of the same request copies this one's files once it succeeded.
+    request_key: Mapped[int | None] = mapped_column(BigInteger)
+    # The render whose files this one copied instead of calling (NULL: rendered here).
+    reused_from: Mapped[int | None] = mapped_column(Integer)
 
 
 class Attempt(Base):

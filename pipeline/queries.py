@@ -491,6 +491,7 @@ class StartFacts(RenderRow, Protocol):
     """What an attempt needs to start, in one read (`start_facts`)."""
 
     job_status: str
+    job_reuse: bool  # False: submitted with --no-reuse
     team: str
     line: int
     custom_id: str | None
@@ -522,7 +523,8 @@ _JOB_MONEY_STATE = select(_jobs.c.status, _jobs.c.team, _jobs.c.budget_cents,
 # its item's request and its team's budget period (NULL: no team budget). FOR UPDATE OF
 # locks the render's row only, never the hot job row.
 _START_FACTS = (
-    select(_renders, _jobs.c.status.label("job_status"), _jobs.c.team, _items.c.line,
+    select(_renders, _jobs.c.status.label("job_status"), _jobs.c.reuse.label("job_reuse"),
+           _jobs.c.team, _items.c.line,
            _items.c.custom_id, _items.c.body, _teams.c.period.label("team_period"))
     .join_from(_renders, _jobs, _jobs.c.id == _renders.c.job_id)
     .join(_items, _items.c.id == _renders.c.item_id)
@@ -530,13 +532,17 @@ _START_FACTS = (
     .where(_renders.c.id == bindparam("render"))
     .with_for_update(of=_renders)
 )
+# The request's key rides on the same UPDATE (NULL for a copy: only originals are reused).
 _START_ATTEMPT = update(_renders).where(_renders.c.id == bindparam("render")).values(
     attempts=bindparam("number"), status=RenderStatus.RUNNING.value,
-    lease_until=bindparam("lease"), deliveries=bindparam("delivered"))
+    lease_until=bindparam("lease"), deliveries=bindparam("delivered"),
+    request_key=bindparam("key"))
 _COUNT_DELIVERY = update(_renders).where(_renders.c.id == bindparam("render")).values(
     deliveries=bindparam("delivered"))
+# The render its files were copied from (reuse.py) rides on the same UPDATE.
 _END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values(
-    status=bindparam("new_status"), error=bindparam("message"), lease_until=None)
+    status=bindparam("new_status"), error=bindparam("message"), lease_until=None,
+    reused_from=bindparam("reused_from"))
 # `forgiven` (0 or 1): a 429 takes back its attempt, as a pause does (attempts.py).
 _WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
     error=bindparam("message"), lease_until=bindparam("lease"),
@@ -588,18 +594,20 @@ def start_facts(db: Connection, render_id: int) -> StartFacts | None:
 
 
 def start_attempt(db: Connection, render_id: int, number: int, *, delivered: int,
-                  lease_until: datetime) -> None:
+                  lease_until: datetime, request_key: int | None = None) -> None:
     db.execute(_START_ATTEMPT, {"render": render_id, "number": number,
-                                "delivered": delivered, "lease": lease_until})
+                                "delivered": delivered, "lease": lease_until,
+                                "key": request_key})
 
 
 def count_delivery(db: Connection, render_id: int, delivered: int) -> None:
     db.execute(_COUNT_DELIVERY, {"render": render_id, "delivered": delivered})
 
 
-def end_render(db: Connection, render_id: int, status: RenderStatus, error: str | None) -> None:
+def end_render(db: Connection, render_id: int, status: RenderStatus, error: str | None, *,
+               reused_from: int | None = None) -> None:
     db.execute(_END_RENDER, {"render": render_id, "new_status": status.value,
-                             "message": error})
+                             "message": error, "reused_from": reused_from})
 
 
 def wait_for_retry(db: Connection, render_id: int, error: str, *, lease_until: datetime,
@@ -623,6 +631,66 @@ def expired_leases(db: Connection, now: datetime, limit: int) -> list[int]:
 
 def requeue_render(db: Connection, render_id: int) -> None:
     db.execute(_REQUEUE, {"render": render_id})
+
+
+# --- renders: seeded reuse (reuse.py) ---------------------------------------------------------
+
+
+class ReuseCandidate(Protocol):
+    """A render that succeeded with a request key, and what rebuilds its request."""
+
+    id: int
+    job_id: int
+    render_index: int
+    n: int
+    seed: int | None
+    body: str
+    price_per_image_cents: int  # what its delivering attempt was charged per image
+
+
+class StoredImage(Protocol):
+    image_index: int
+    key: str
+    content_type: str
+    bytes: int
+    sha256: str
+    width: int | None
+    height: int | None
+    seed: int | None
+    revised_prompt: str | None
+
+
+# The condition of ix_renders_request_key written out (SQLite matches a partial index only
+# from its own terms); newest first: its files are the likeliest to be still stored.
+_REUSE_CANDIDATES = (
+    select(_renders.c.id, _renders.c.job_id, _renders.c.render_index, _renders.c.n,
+           _renders.c.seed, _items.c.body, _attempts.c.price_per_image_cents)
+    .join(_items, _items.c.id == _renders.c.item_id)
+    .join(_attempts, and_(_attempts.c.render_id == _renders.c.id,
+                          _attempts.c.number == _renders.c.attempts))
+    .where(_renders.c.request_key == bindparam("key"),
+           status_is(_renders.c.status, RenderStatus.SUCCEEDED.value),
+           _renders.c.request_key.is_not(None), _renders.c.id != bindparam("render"))
+    .order_by(_renders.c.id.desc()).limit(bindparam("limit", type_=Integer))
+)
+_IMAGES_OF_RENDER = (
+    select(_images.c.image_index, _images.c.key, _images.c.content_type, _images.c.bytes,
+           _images.c.sha256, _images.c.width, _images.c.height, _images.c.seed,
+           _images.c.revised_prompt)
+    .where(_images.c.render_id == bindparam("render")).order_by(_images.c.image_index)
+)
+
+
+def reuse_candidates(db: Connection, key: int, render_id: int, limit: int
+                     ) -> list[ReuseCandidate]:
+    """Up to `limit` succeeded renders other than `render_id` whose request key is `key`."""
+    return cast("list[ReuseCandidate]", list(db.execute(_REUSE_CANDIDATES, {
+        "key": key, "render": render_id, "limit": limit}).all()))
+
+
+def images_of_render(db: Connection, render_id: int) -> list[StoredImage]:
+    return cast("list[StoredImage]",
+                list(db.execute(_IMAGES_OF_RENDER, {"render": render_id}).all()))
 
 
 # --- renders: planning, pause, cancel, resume, retry (in chunks of a job) ---------------------

@@ -31,7 +31,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from pipeline import ledger, queries
+from pipeline import ledger, queries, reuse
 from pipeline.attempts import out_of_attempts, rate_limited_too_long
 from pipeline.exhaustion import end_rest_for_budget, mark_if_exhausted
 from pipeline.jobs import STORAGE_FAILING, close_item, pause_job, unpause_job
@@ -107,6 +107,8 @@ class Begun:
     amount_cents: int
     price_per_image_cents: int
     request: dict[str, Any]
+    # Set: the request already succeeded there; its files are copied, nothing is sent.
+    source: reuse.Source | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ async def render_to_end(svc: Services, render_id: int) -> Stop:
 
 async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
     own_attempt: int | None = None
+    may_reuse = True  # until a copy fails: then the render calls
     with svc.leases.keep(render_id):
         while True:
             # In a group the holds come last (ledger.Moves); a group rolled back (a refused
@@ -172,7 +175,8 @@ async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
             # The database refusing writes for a while (disk full, a restart) is waited out
             # for up to a lease, here and before the call (`_send_or_not`).
             step = await svc.commits.run_durably(
-                partial(begin_attempt, svc, render_id, own_attempt), svc.settings.lease_seconds)
+                partial(begin_attempt, svc, render_id, own_attempt, may_reuse=may_reuse),
+                svc.settings.lease_seconds)
             if isinstance(step, EndRest):
                 await asyncio.to_thread(end_rest_for_budget, svc.sessions, step.job_id,
                                         step.reason)
@@ -180,6 +184,14 @@ async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
             if not isinstance(step, Begun):
                 return step
             own_attempt = step.number
+            if step.source is not None:  # reused: copied and settled at 0, nothing sent
+                settled = await copy_reused(svc, step)
+                if settled.unkept:
+                    await _delete_unkept(svc, settled.unkept)
+                if settled.retry_in is None:
+                    return Stop.FINISHED
+                may_reuse = False
+                continue
             outcome = await call_upstream(svc, step)
             if isinstance(outcome, Stop):  # nothing was sent: cancelled, paused or swept
                 return outcome
@@ -200,12 +212,14 @@ async def _attempts_until_done(svc: Services, render_id: int) -> Stop:
 # --- first transaction: lease and reservation ------------------------------------------------
 
 
-def begin_attempt(svc: Services, render_id: int, own_attempt: int | None, session: Session
-                  ) -> Begun | EndRest | Stop:
+def begin_attempt(svc: Services, render_id: int, own_attempt: int | None, session: Session,
+                  *, may_reuse: bool = True) -> Begun | EndRest | Stop:
     """Take the render's lease and reserve its price, or say why there is nothing to do.
 
     `own_attempt` is the attempt number this task already holds (a retry in the same task);
-    a task delivered again while another copy holds a live lease does nothing.
+    a task delivered again while another copy holds a live lease does nothing. A seeded
+    request that already succeeded (and `may_reuse`, and the job allows it) reserves nothing:
+    the Begun names its source, whose files are copied instead of calling (reuse.py).
     """
     settings = svc.settings
     db = session.connection()
@@ -224,7 +238,16 @@ def begin_attempt(svc: Services, render_id: int, own_attempt: int | None, sessio
         return _back_to_sql_queue(db, render.id, forgiven=False)  # no delivery counted
     delivered = render.deliveries + (1 if own_attempt is None else 0)
     refused = _cannot_start(render, render.job_status, delivered, settings.max_attempts)
-    if refused is None:
+    request = render_request(json.loads(render.body),
+                             RenderSpec(render.render_index, render.n, render.seed))
+    key = reuse.request_key(request)  # None without a seed: never reused
+    source = None
+    if refused is None and key is not None and may_reuse and render.job_reuse:
+        source = reuse.find_source(db, key, request, render.id)
+    if source is not None:
+        reservation = ledger.reserve_nothing(session, render, render.team, svc.clock(),
+                                             price_per_image_cents=source.price_per_image_cents)
+    elif refused is None:
         reservation = ledger.reserve(session, render, render.team, svc.clock(),
                                      team_period=render.team_period, sent=False)
         if reservation is None:
@@ -243,8 +266,9 @@ def begin_attempt(svc: Services, render_id: int, own_attempt: int | None, sessio
         return refused.stop
     # The lease runs from now, after the holds: they may have queued on the job's hot row,
     # and a lease already spent by then gets a live worker's call swept as lost.
-    _start_attempt(db, render, delivered, utcnow(), settings.lease_seconds)
-    spec = RenderSpec(render.render_index, render.n, render.seed)
+    # Only a render that calls gets the key: lookups find originals, never copies.
+    _start_attempt(db, render, delivered, utcnow(), settings.lease_seconds,
+                   request_key=None if source is not None else key)
     return Begun(
         render_id=render.id,
         job_id=render.job_id,
@@ -257,14 +281,16 @@ def begin_attempt(svc: Services, render_id: int, own_attempt: int | None, sessio
         number=reservation.number,
         amount_cents=reservation.amount_cents,
         price_per_image_cents=render.price_per_image_cents,
-        request=render_request(json.loads(render.body), spec),
+        request=request,
+        source=source,
     )
 
 
 def _start_attempt(db: Connection, render: queries.RenderRow, delivered: int, now: datetime,
-                   lease_seconds: float) -> None:
+                   lease_seconds: float, request_key: int | None) -> None:
     queries.start_attempt(db, render.id, render.attempts + 1, delivered=delivered,
-                          lease_until=now + timedelta(seconds=lease_seconds))
+                          lease_until=now + timedelta(seconds=lease_seconds),
+                          request_key=request_key)
 
 
 def _locked(db: Connection, render_id: int) -> queries.RenderRow:
@@ -313,7 +339,8 @@ def _no_reservation_reason(render: queries.RenderRow, job: queries.JobMoneyState
 
 
 def end_render(session: Session, render: queries.RenderRow, status: RenderStatus, error: str | None,
-               *, claim: ledger.Settlement | None = None, item_locked: bool = False) -> None:
+               *, claim: ledger.Settlement | None = None, item_locked: bool = False,
+               reused_from: int | None = None) -> None:
     """Move a render (an ORM Render or a renders row) to a terminal status, settle its item,
     apply its last attempt's settlement and maybe close its job.
 
@@ -324,7 +351,7 @@ def end_render(session: Session, render: queries.RenderRow, status: RenderStatus
     db = session.connection()
     if not item_locked:
         queries.lock_item(db, render.item_id)
-    queries.end_render(db, render.id, status, error)
+    queries.end_render(db, render.id, status, error, reused_from=reused_from)
     final = close_item(session, render.item_id)
     if final is not None:
         ledger.item_ended(session, render.job_id, final)
@@ -332,6 +359,70 @@ def end_render(session: Session, render: queries.RenderRow, status: RenderStatus
         ledger.render_ended(session, render.job_id)
     else:
         ledger.apply_settlement(session, claim, render_ended=True)
+
+
+# --- seeded reuse: the files copied, settled at 0 -------------------------------------------
+
+
+async def copy_reused(svc: Services, begun: Begun) -> Settled:
+    """The source's files copied under this render's keys (on a thread: S3 CopyObject or a
+    hard link), then `finish_reuse` records them."""
+    assert begun.source is not None
+    copied = await asyncio.to_thread(
+        reuse.copy_files, svc.store, begun.source, job_id=begun.job_id, line=begun.line,
+        custom_id=begun.custom_id, render_index=begun.render_index, attempt=begun.number)
+    return await svc.commits.run_durably(partial(finish_reuse, svc, begun, copied),
+                                         svc.settings.lease_seconds)
+
+
+def finish_reuse(svc: Services, begun: Begun, copied: reuse.Copied, session: Session
+                 ) -> Settled:
+    """Copied: the attempt settles `reused` (0 cents), the files are recorded and the render
+    succeeds, as if rendered. A copy that failed (the original's files deleted since) releases
+    the attempt (0 cents, not counted against the render's attempts) and the render calls
+    the upstream at once. Either way the keys no image row describes are deleted after."""
+    source = begun.source
+    assert source is not None
+    db = session.connection()
+    render = _locked(db, begun.render_id)
+    if copied.problem is not None:
+        error = f"reuse: {copied.problem}"
+        claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.RELEASED,
+                                        error=error, render=render)
+        if claim is None:
+            return Settled(unkept=copied.keys)  # the sweeper settled it; it owns the render
+        queries.wait_for_retry(db, render.id, error, forgiven=True, lease_until=utcnow()
+                               + timedelta(seconds=svc.settings.lease_seconds))
+        ledger.apply_settlement(session, claim)
+        return Settled(retry_in=0.0, unkept=copied.keys)
+    claim = ledger.claim_settlement(session, begun.attempt_id, AttemptOutcome.REUSED,
+                                    render=render)
+    if claim is None:
+        return Settled(unkept=copied.keys)
+    replaced = _replace_earlier_files(session, render, begun)
+    ledger.files_stored(session, render.job_id, len(copied.keys))
+    now = utcnow()
+    queries.insert_images(db, [queries.image_row(
+        job_id=render.job_id, render_id=render.id, image_index=file.index, key=key,
+        content_type=file.content_type, size=file.size, sha256=file.sha256,
+        width=file.width, height=file.height, seed=file.seed,
+        revised_prompt=file.revised_prompt, cost_cents=0, created_at=now)
+        for file, key in zip(source.files, copied.keys, strict=True)])
+    end_render(session, render, RenderStatus.SUCCEEDED, None, claim=claim, item_locked=True,
+               reused_from=source.render_id)
+    return Settled(unkept=replaced)
+
+
+def _replace_earlier_files(session: Session, render: queries.RenderRow, begun: Begun
+                           ) -> tuple[str, ...]:
+    """An earlier attempt of this render (before `retry JOB`) may have stored some files:
+    their rows go (the keys are returned, to delete), as this attempt's replace them."""
+    if begun.number == 1:
+        return ()
+    replaced = tuple(queries.delete_images(session.connection(), render.id))
+    if replaced:
+        ledger.files_stored(session, render.job_id, -len(replaced))
+    return replaced
 
 
 # --- the call and the media, outside any transaction ----------------------------------------
@@ -585,8 +676,8 @@ def finish_attempt(
     return Settled(retry_in=delay)
 
 
-def _record_delivery(session: Session, render: queries.RenderRow, begun: Begun, collected: Collected
-                     ) -> tuple[str, ...]:
+def _record_delivery(session: Session, render: queries.RenderRow, begun: Begun,
+                     collected: Collected) -> tuple[str, ...]:
     """Charge the attempt and record its files; returns the keys of stored objects that no
     image row describes (to delete)."""
     # Charged even if we reject what came back: the provider did the work.
@@ -597,12 +688,7 @@ def _record_delivery(session: Session, render: queries.RenderRow, begun: Begun, 
         # the render may have been done again since. Its files were stored under keys of
         # its own and are not recorded: the rows describe the attempt that settled.
         return tuple(m.key for m in collected.stored)
-    replaced: tuple[str, ...] = ()
-    if begun.number > 1:
-        # An earlier attempt of this render (before `retry JOB`) may have stored some files.
-        replaced = tuple(queries.delete_images(session.connection(), render.id))
-        if replaced:
-            ledger.files_stored(session, render.job_id, -len(replaced))
+    replaced = _replace_earlier_files(session, render, begun)
     if collected.stored:
         ledger.files_stored(session, render.job_id, len(collected.stored))
         queries.insert_images(session.connection(),

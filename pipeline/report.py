@@ -1,4 +1,6 @@
-"""Cost reports, computed from the ledger alone: calls, images, charged, unknown, released."""
+"""Cost reports, computed from the ledger alone: calls, images, charged, unknown, released,
+and the images reused (copied from an earlier render of the same seeded request) with the
+money they saved: what the original paid for them (`reused` rows: images x its price)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, literal, select
+from sqlalchemy import ColumnElement, and_, case, func, literal, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import LedgerEntry, LedgerKind
@@ -31,6 +33,8 @@ class ReportRow:
     charged_cents: int = 0
     unknown_cents: int = 0
     released_cents: int = 0
+    reused_images: int = 0
+    saved_cents: int = 0
 
     @property
     def spent_cents(self) -> int:
@@ -65,17 +69,27 @@ def _amount_of(kind: LedgerKind) -> ColumnElement[Any]:
     )
 
 
+def _reused(value: ColumnElement[Any]) -> ColumnElement[Any]:
+    return func.coalesce(func.sum(case((LedgerEntry.kind == LedgerKind.REUSED, value),
+                                       else_=0)), 0)
+
+
 def ledger_report(session: Session, filters: ReportFilter, by: str | None = None
                   ) -> list[ReportRow]:
     key = _group_key(session, by).label("grp")
+    # A call is a reservation that asked for images: a reused render's 0-cent reservation
+    # asks for none (ledger.reserve_nothing).
+    called = and_(LedgerEntry.kind == LedgerKind.RESERVE, LedgerEntry.images > 0)
     query = select(
         key,
-        func.coalesce(func.sum(case((LedgerEntry.kind == LedgerKind.RESERVE, 1), else_=0)), 0),
+        func.coalesce(func.sum(case((called, 1), else_=0)), 0),
         func.coalesce(func.sum(
             case((LedgerEntry.kind == LedgerKind.CHARGE, LedgerEntry.images), else_=0)), 0),
         _amount_of(LedgerKind.CHARGE),
         _amount_of(LedgerKind.UNKNOWN),
         _amount_of(LedgerKind.RELEASE),
+        _reused(LedgerEntry.images),
+        _reused(LedgerEntry.images * LedgerEntry.price_per_image_cents),
     ).group_by(key).order_by(key)
     for column, value in (("team", filters.team), ("job_id", filters.job),
                           ("model", filters.model)):
@@ -86,8 +100,10 @@ def ledger_report(session: Session, filters: ReportFilter, by: str | None = None
     if filters.until is not None:
         query = query.where(LedgerEntry.created_at < filters.until)
     return [
-        ReportRow(str(grp), int(calls), int(images), int(charged), int(unknown), int(released))
-        for grp, calls, images, charged, unknown, released in session.execute(query)
+        ReportRow(str(grp), int(calls), int(images), int(charged), int(unknown), int(released),
+                  int(reused), int(saved))
+        for grp, calls, images, charged, unknown, released, reused, saved
+        in session.execute(query)
     ]
 
 
@@ -99,6 +115,8 @@ def total_of(rows: list[ReportRow]) -> ReportRow:
         total.charged_cents += row.charged_cents
         total.unknown_cents += row.unknown_cents
         total.released_cents += row.released_cents
+        total.reused_images += row.reused_images
+        total.saved_cents += row.saved_cents
     return total
 
 

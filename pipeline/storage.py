@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 import ssl
 import stat
 import tempfile
@@ -81,6 +82,12 @@ class MediaStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object under `key`; nothing to do when there is none."""
+        ...
+
+    def copy(self, source: str, key: str, size: int) -> None:
+        """Store under `key` the object under `source` (`size` bytes), whole or not at all,
+        without its bytes passing through this process where the store allows it (seeded
+        reuse); ObjectNotFound when `source` holds none."""
         ...
 
 
@@ -291,6 +298,23 @@ class FileStore:
         except OSError as exc:
             raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from None
 
+    def copy(self, source: str, key: str, size: int) -> None:
+        """A hard link (no bytes copied), else a copy; either appears under `key` by a rename,
+        so no reader sees a half-written file. Files are never rewritten in place (`put`
+        renames a new file over the old), so the linked bytes never change under the copy."""
+        original, path = self._path(source), self._path(key)
+        try:
+            try:
+                _link_or_copy_atomically(original, path)
+            except FileNotFoundError:
+                if not original.is_file():
+                    raise ObjectNotFound(f"no object at {original}") from None
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy_atomically(original, path)
+        except OSError as exc:
+            raise StorageError(f"cannot copy {original} to {path}: {exc.strerror or exc}"
+                               ) from None
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -316,9 +340,31 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _link_or_copy_atomically(original: Path, path: Path) -> None:
+    """`original` linked (or, where links are refused, copied and fsynced) under a temporary
+    name beside `path`, then renamed over it."""
+    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}.part"
+    try:
+        try:
+            os.link(original, tmp)
+        except FileNotFoundError:
+            raise
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(original, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 # --- S3 --------------------------------------------------------------------------------------
 
 _BUCKET = re.compile(r"[A-Za-z0-9._-]{3,255}")
+_COPY_OBJECT_MAX = 5 * 1024**3  # S3 copies at most 5 GiB in one CopyObject
 _PRESIGNED_SECONDS = 300  # used at once; long enough for a slow upload to start
 _clients: dict[tuple[Any, ...], Any] = {}
 _clients_lock = threading.Lock()
@@ -519,6 +565,18 @@ class S3Store:
         full = self._full(key)
         with self._errors("delete", full):
             self._client.delete_object(Bucket=self.bucket, Key=full)
+
+    def copy(self, source: str, key: str, size: int) -> None:
+        """A server-side copy (CopyObject; a multipart copy past S3's 5 GiB limit for one):
+        the bytes stay in the bucket, and the object appears whole or not at all."""
+        original, full = self._full(source), self._full(key)
+        where = {"Bucket": self.bucket, "Key": original}
+        with self._errors("copy", original):
+            if size < _COPY_OBJECT_MAX:
+                self._client.copy_object(Bucket=self.bucket, Key=full, CopySource=where,
+                                         MetadataDirective="COPY")
+            else:
+                self._client.copy(where, self.bucket, full)
 
     def check(self) -> None:
         with self._errors("check", ""):

@@ -493,7 +493,8 @@ class _JobWriter:
 
 def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
                 team: str, budget_cents: int, name: str | None, allow_invalid: bool,
-                source: str = "cli", sample: int | None = None) -> Submission:
+                source: str = "cli", sample: int | None = None, reuse: bool = True
+                ) -> Submission:
     """Validate, price and write a job file as one pass over it, in bounded memory.
 
     The job is written as `submitting` with its items and their renders in chunks, then made
@@ -507,7 +508,7 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
     result = Submission()
     digest = hashlib.sha256()
     writer = _JobWriter(sessions, {"team": team, "name": name, "budget_cents": budget_cents,
-                                   "source": source}, sample)
+                                   "source": source, "reuse": reuse}, sample)
     writing = True
     try:
         with open_job_file(path) as stream:
@@ -532,9 +533,11 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
 
 def submit_job(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
                team: str, budget_cents: int, name: str | None, allow_invalid: bool,
-               source: str = "cli", sample: int | None = None) -> Submission:
-    """A job file written as a job under the submission rule (`accept`)."""
+               source: str = "cli", sample: int | None = None, reuse: bool = True
+               ) -> Submission:
+    """A job file written as a job under the submission rule (`accept`); `reuse` False: its
+    seeded requests are sent even when they already succeeded (reuse.py)."""
     submitted = submit_file(sessions, path, caps, team=team, budget_cents=budget_cents,
                             name=name, allow_invalid=allow_invalid, source=source,
-                            sample=sample)
+                            sample=sample, reuse=reuse)
     return accept(submitted, path, allow_invalid=allow_invalid)

@@ -135,12 +135,14 @@ def team_lines(state: Any) -> list[str]:
 
 def report_table(by: str | None, rows: list[ReportRow]) -> TableView:
     """The ledger's rows, their total last."""
-    numbers = ("calls", "images", "charged", "unknown", "released", "per image")
+    numbers = ("calls", "images", "charged", "unknown", "released", "per image", "reused",
+               "saved")
     return TableView("costs from the ledger", (by or "", *numbers),
                      [[row.group, str(row.calls), str(row.images), money(row.charged_cents),
                        money(row.unknown_cents), money(row.released_cents),
                        "-" if row.avg_cents_per_image is None
-                       else f"{row.avg_cents_per_image:.2f}¢"] for row in rows],
+                       else f"{row.avg_cents_per_image:.2f}¢", str(row.reused_images),
+                       money(row.saved_cents)] for row in rows],
                      right=numbers, total=True)
 
 
