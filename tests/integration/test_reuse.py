@@ -278,3 +278,46 @@ def test_the_lookup_uses_the_partial_index_of_succeeded_seeded_renders(svc, fake
         else:
             plan = [row[-1] for row in db.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
     assert any("ix_renders_request_key" in line for line in plan), plan
+
+
+def test_a_worker_lost_while_copying_leaves_nothing_held_and_the_copy_is_made_again(svc, fake):
+    """The copy's 0-cent reservation is committed, then the worker dies (before the files are
+    copied): the sweeper releases it (0 cents, nothing was sent) and the render is reused on
+    its next run, never sent."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from pipeline.models import utcnow
+    from pipeline.render import Begun, begin_attempt
+    from pipeline.sweep import sweep
+
+    run(svc, [FOX])
+    fake.reset()
+    job_id = submit(svc, [FOX])
+    (render_id,) = dispatch_pending(svc)
+    with transaction(svc.sessions) as session:
+        begun = begin_attempt(svc, render_id, None, session)
+    assert isinstance(begun, Begun) and begun.source is not None and begun.amount_cents == 0
+    with transaction(svc.sessions) as session:  # its lease runs out: the worker is gone
+        session.execute(update(Render).where(Render.id == render_id)
+                        .values(lease_until=utcnow() - timedelta(seconds=1)))
+    assert sweep(svc.sessions, svc.settings) == [render_id]
+    assert summary(svc, job_id)["reserved_cents"] == 0
+    assert ledger_kinds(svc, job_id) == [("release", 0), ("reserve", 0)]
+    render_all(svc, dispatch_pending(svc))
+    s = summary(svc, job_id)
+    assert (s["status"], s["images"], s["spent_cents"]) == ("succeeded", 1, 0)
+    assert fake.stats()["calls"] == 0
+    assert_books_balance(svc, job_id)
+    assert ledger_kinds(svc, job_id) == [("release", 0), ("reserve", 0), ("reserve", 0),
+                                         ("reused", 0)]
+
+
+def test_a_cap_that_fits_only_the_fresh_renders_runs_the_whole_mixed_job(svc, fake):
+    run(svc, [OTTERS, FOX])
+    fake.reset()
+    s = run(svc, [OTTERS, FOX, UNSEEDED], budget_cents=2 * 3)  # the heron's price, exactly
+    assert (s["status"], s["images"], s["spent_cents"], s["reserved_cents"]) == (
+        "succeeded", 9, 6, 0)
+    assert fake.stats()["calls"] == 1 and fake.stats()["billed_cents"] == 6
