@@ -15,6 +15,7 @@ from cli_terminal import (
     CONCURRENCY,
     EXIT_USAGE,
     JOB_ID,
+    NOTIFY,
     SAMPLE_SIZE,
     SCHEDULE_NAME,
     SHARD_SIZE,
@@ -53,6 +54,7 @@ from pipeline.report import GROUPS
 from pipeline.sample import sample_rendered
 from pipeline.settings import Settings, mask_url, unknown_settings
 from pipeline.views import money
+from pipeline.webhooks import delivery_lines, job_deliveries
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,16 +152,23 @@ def plan(file: str, as_json: bool) -> None:
 # --- submit and run ------------------------------------------------------------------------
 
 
+def notify_url(url: str | None, settings: Settings) -> str | None:
+    """--notify checked (form, addresses, the secret set) before anything is written."""
+    from pipeline.webhooks import check_notify_url
+
+    return None if url is None else check_notify_url(url, settings)
+
+
 def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, team: str,
                 cap: int, name: str | None, allow_invalid: bool, sample: int | None = None,
-                reuse: bool = True) -> int:
+                reuse: bool = True, notify: str | None = None) -> int:
     """FILE written as a pending job under the submission rule; the invalid lines it let
     through (--allow-invalid) are listed, and a plan that costs more than the cap noted."""
     submission.check_job_file(file)
     planned = submission.submit_job(
         sessions, file, current_caps(settings, sessions), team=team, budget_cents=cap,
         name=name or submission.job_name(file), allow_invalid=allow_invalid, sample=sample,
-        reuse=reuse)
+        reuse=reuse, notify_url=notify)
     for line in [*submission.error_lines(planned, file), *views.cap_notes(planned, cap)]:
         say(line)
     assert planned.job_id is not None  # submit_job refuses what it does not write
@@ -169,7 +178,8 @@ def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, 
 @main.command()
 @job_options
 def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
-           name: str | None, allow_invalid: bool, no_reuse: bool, as_json: bool) -> None:
+           name: str | None, allow_invalid: bool, no_reuse: bool, as_json: bool,
+           notify: str | None) -> None:
     """Submit FILE as a job for `imagebatch worker` processes to render, and return at once.
 
     FILE is JSONL ('-' for stdin): one request body per line (model, prompt, n, and any
@@ -180,10 +190,11 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
 
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents)
+    notify = notify_url(notify, settings)
     app = connected_app(settings)  # a broker out of reach is said before the job is written
     with open_database(settings) as sessions:
         job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid,
-                             reuse=not no_reuse)
+                             reuse=not no_reuse, notify=notify)
         nudge_dispatcher(app)
         summary = summary_of(sessions, job_id)
     if as_json:
@@ -206,7 +217,8 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
                    "the job is left paused and `imagebatch resume JOB` renders the rest.")
 @click.option("--yes", "-y", is_flag=True, help="With --sample: go on without asking.")
 def run(file: str, team: str, budget: int | None, budget_cents: int | None, name: str | None,
-        allow_invalid: bool, no_reuse: bool, as_json: bool, concurrency: int | None,
+        allow_invalid: bool, no_reuse: bool, as_json: bool, notify: str | None,
+        concurrency: int | None,
         new: bool, sample: int | None, yes: bool) -> None:
     """Submit FILE and render it in this process until the job ends, with progress.
 
@@ -224,7 +236,8 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
     settings = load_settings(concurrency)
     cap = cap_from_options(budget, budget_cents)
     summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json,
-                           new=new, sample=sample, yes=yes, reuse=not no_reuse)
+                           new=new, sample=sample, yes=yes, reuse=not no_reuse,
+                           notify=notify_url(notify, settings))
     if as_json:
         print_json(summary)
     exit_for(summary["status"])
@@ -232,7 +245,8 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
 
 def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
                  allow_invalid: bool, *, quiet: bool, new: bool = True,
-                 sample: int | None = None, yes: bool = False, reuse: bool = True
+                 sample: int | None = None, yes: bool = False, reuse: bool = True,
+                 notify: str | None = None
                  ) -> dict[str, Any]:
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished.
     With `sample`, the sample first, then the rest when the user says so."""
@@ -240,7 +254,8 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
 
     with open_database(settings) as sessions:
         summary = run_here(settings, sessions, file, lambda: submit_here(
-            settings, sessions, file, team, cap, name, allow_invalid, sample, reuse), err, say,
+            settings, sessions, file, team, cap, name, allow_invalid, sample, reuse, notify),
+            err, say,
             quiet=quiet, new=new)
         with sessions() as session:
             sampled = sample is not None and sample_rendered(session, summary["id"])
@@ -271,14 +286,15 @@ def status(job: int | None, as_json: bool) -> None:
     """Show one job (with its failed items), or the latest jobs."""
     with reading(load_settings()) as session:
         if job is not None:
-            summary = jobs.job_summary(session, job)
-            summary["errors"] = jobs.item_errors(session, job)
+            summary = jobs.status_document(session, job)
+            if told := job_deliveries(session, job):
+                summary["webhooks"] = told
         else:
             latest = [jobs.job_summary(session, j.id) for j in jobs.list_jobs(session)]
     if job is not None and as_json:
         print_json(summary)
     elif job is not None:
-        for line in views.job_lines(summary):
+        for line in [*views.job_lines(summary), *delivery_lines(summary.get("webhooks", []))]:
             show(line)
     elif as_json:
         print_json({"jobs": latest})
@@ -547,8 +563,10 @@ def schedule() -> None:
               help="The zone the cron expression is read in, e.g. Europe/Berlin.")
 @click.option("--allow-invalid", is_flag=True,
               help="Keep the schedule even if some lines are invalid: each job fails them.")
+@NOTIFY
 def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
-                 budget_cents: int | None, timezone: str, allow_invalid: bool) -> None:
+                 budget_cents: int | None, timezone: str, allow_invalid: bool,
+                 notify: str | None) -> None:
     """Fire FILE as a job on the cron schedule. FILE is checked as `submit` checks it (every
     line against the models' caps). Its content is stored with the schedule, so moving or
     editing the file later changes nothing."""
@@ -558,12 +576,14 @@ def schedule_add(name: str, file: str, cron: str, team: str, budget: int | None,
     cap = cap_from_options(budget, budget_cents)
     text, source = submission.read_job_text(file)
     settings = load_settings()
+    notify = notify_url(notify, settings)  # each firing's job gets it
     with open_database(settings) as sessions:
         caps = current_caps(settings, sessions)  # network: before the transaction
         with transaction(sessions) as session:
             checked = add_schedule(session, name=name, cron=cron, job_text=text, team=team,
                                    budget_cents=cap, caps=caps, allow_invalid=allow_invalid,
-                                   timezone=timezone, source_name=source, where=file)
+                                   timezone=timezone, source_name=source, where=file,
+                                   notify_url=notify)
     for line in submission.error_lines(checked, file):
         say(line)
     upcoming = next_firing(cron, timezone, utcnow())

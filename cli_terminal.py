@@ -187,6 +187,12 @@ def progress_bar(what: str, total: int) -> Iterator[Callable[[], None]]:
         yield lambda: bar.advance(task)
 
 
+NOTIFY = click.option(
+    "--notify", metavar="URL",
+    help="POST the job's end and its spend crossing 50/80/100 % of its cap or its team's "
+         "budget to URL, signed with IMAGEBATCH_WEBHOOK_SECRET (see README, Webhooks).")
+
+
 def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("file"),
@@ -201,6 +207,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Call the upstream even for a seeded request that already "
                           "succeeded (by default its files are copied, at no cost)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+        NOTIFY,
     ]
     for option in reversed(options):
         command = option(command)

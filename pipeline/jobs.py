@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, and_, func, insert, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import ledger, queries
+from pipeline import ledger, queries, webhooks
 from pipeline.caps import Caps
 from pipeline.db import retry_on_disconnect, transaction
 from pipeline.models import (
@@ -53,12 +53,14 @@ def create_job(
     name: str | None = None,
     source: str = "cli",
     reuse: bool = True,
+    notify_url: str | None = None,
 ) -> int:
     """Write a pending job and its items; the dispatcher plans it. Invalid entries become
     failed items carrying their reason (callers refuse invalid files unless told not to).
-    `source` says who made it: "cli", "schedule" (a program writing SQL leaves "sql")."""
+    `source` says who made it: "cli", "schedule" (a program writing SQL leaves "sql");
+    `notify_url`, where its end and spend crossings are told (pipeline/webhooks.py)."""
     job = Job(team=team, name=name, budget_cents=budget_cents, status=JobStatus.PENDING,
-              source=source, reuse=reuse)
+              source=source, reuse=reuse, notify_url=notify_url)
     session.add(job)
     session.flush()
     rows = [_item_row(job.id, entry) for entry in entries]
@@ -283,6 +285,8 @@ def close_job_if_done(session: Session, job_id: int, open_renders: int) -> bool:
     # Exact at the end whatever happened on the way (one read of the job, once).
     recount_items(session, job_id)
     _reload_job(session, job_id)
+    # Told in this transaction: the delivery exists exactly when the job has ended.
+    webhooks.tell_job_ended(session, job_id, status, lambda: status_document(session, job_id))
     return True
 
 
@@ -662,6 +666,11 @@ def job_summary(session: Session, job_id: int) -> dict[str, Any]:
         "created_at": _iso(job.created_at),
         "finished_at": _iso(job.finished_at),
     }
+
+
+def status_document(session: Session, job_id: int) -> dict[str, Any]:
+    """What `status JOB --json` prints: the summary and the first failed items' reasons."""
+    return {**job_summary(session, job_id), "errors": item_errors(session, job_id)}
 
 
 def _iso(value: Any) -> str | None:

@@ -88,6 +88,31 @@ def when_drained(close: Callable[[Session, int], object]) -> None:
     _drained.append(close)
 
 
+@dataclass(frozen=True)
+class SpendMoved:
+    """A budget's spend went up in a move: the job's cap (`team_budget_id` None) or a team's
+    period budget (`jobs`: the jobs whose settlements moved it). Read from the row the move's
+    own UPDATE returned: watching spend costs no statement."""
+
+    job_id: int  # the job (for a team's budget: the first of `jobs`)
+    team_budget_id: int | None
+    before_cents: int
+    after_cents: int
+    limit_cents: int | None
+    jobs: tuple[int, ...] = ()
+
+
+# Who watches spend (pipeline/webhooks.py tells crossings of 50/80/100 %): called in the
+# same transaction as the move, after the rows moved.
+_spent: list[Callable[[Session, SpendMoved], object]] = []
+
+
+def when_spent(watch: Callable[[Session, SpendMoved], object]) -> None:
+    """Have `watch(session, moved)` called, in the same transaction, for every move of this
+    module that raises a job's or a team period's spend."""
+    _spent.append(watch)
+
+
 class HoldRefused(Exception):
     """A budget could not hold a group's holds at its end: the group must roll back, and
     its renders be tried again one by one, each with its holds first."""
@@ -102,6 +127,7 @@ class _RowMove:
     holds: bool = False  # conditional on the budget (and, for a job, on it running)
     team: str = ""
     shown: dict[str, int] = field(default_factory=dict)  # a job's SHOWN counters' deltas
+    spenders: set[int] = field(default_factory=set)  # a team budget's: jobs that spent on it
 
 
 @dataclass
@@ -138,6 +164,8 @@ class Moves:
             row.d_reserved -= amount
             row.d_spent += spent
             row.d_unknown += unknown
+        if spent and claim.team_budget_id is not None:
+            rows[-1].spenders.add(claim.job_id)
 
     def render_ended(self, job_id: int) -> None:
         self.jobs.setdefault(job_id, _RowMove()).d_open -= 1
@@ -153,23 +181,43 @@ class Moves:
         db = session.connection()
         if self.ledger_rows:
             queries.insert_ledger(db, self.ledger_rows)
+        drained: list[int] = []
         for job_id in sorted(self.jobs):
             move = self.jobs[job_id]
-            still_open = queries.move_job(
+            moved = queries.moved_job(
                 db, job_id, reserved=move.d_reserved, spent=move.d_spent,
                 unknown=move.d_unknown, open_renders=move.d_open, shown=move.shown,
                 holds=move.holds)
-            if still_open is None:  # only a conditional UPDATE finds no row
+            if moved is None:  # only a conditional UPDATE finds no row
                 raise HoldRefused(job_id)
-            if job_id in self.ended and still_open == 0:
-                for close in _drained:
-                    close(session, job_id)
+            if move.d_spent > 0:
+                _spend_moved(session, SpendMoved(
+                    job_id, None, moved.spent_cents - move.d_spent, moved.spent_cents,
+                    moved.limit_cents, (job_id,)))
+            if job_id in self.ended and moved.open_renders == 0:
+                drained.append(job_id)
         for budget_id in sorted(self.budgets):
             move = self.budgets[budget_id]
-            if not queries.move_team_budget(db, budget_id, move.team, reserved=move.d_reserved,
-                                            spent=move.d_spent, unknown=move.d_unknown,
-                                            holds=move.holds):
+            moved = queries.moved_team_budget(
+                db, budget_id, move.team, reserved=move.d_reserved, spent=move.d_spent,
+                unknown=move.d_unknown, holds=move.holds)
+            if moved is None:
                 raise HoldRefused(budget_id)
+            if move.d_spent > 0 and move.spenders:
+                spenders = tuple(sorted(move.spenders))
+                _spend_moved(session, SpendMoved(
+                    spenders[0], budget_id, moved.spent_cents - move.d_spent,
+                    moved.spent_cents, moved.limit_cents, spenders))
+        # Closed once every row has moved: what a job's closing tells comes after what its
+        # spend told (pipeline/webhooks.py). It touches only job rows this move locked.
+        for job_id in drained:
+            for close in _drained:
+                close(session, job_id)
+
+
+def _spend_moved(session: Session, moved: SpendMoved) -> None:
+    for watch in _spent:
+        watch(session, moved)
 
 
 def _moves(session: Session) -> tuple[Moves, bool]:

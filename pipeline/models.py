@@ -122,6 +122,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=text("CURRENT_TIMESTAMP"))
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Where the job's end and its spend crossings are POSTed (pipeline/webhooks.py); NULL:
+    # nowhere. A program submitting with SQL may set it too.
+    notify_url: Mapped[str | None] = mapped_column(String(2000))
 
 
 # The condition of the partial indexes: statements that should use them name the status as a
@@ -344,3 +347,37 @@ class Schedule(Base):
     last_fired: Mapped[datetime | None] = mapped_column("last_slot", DateTime)
     last_job_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Each firing's job gets it as its notify_url.
+    notify_url: Mapped[str | None] = mapped_column(String(2000))
+
+
+class Delivery(Base):
+    """One webhook POST to make (pipeline/webhooks.py), written in the transaction that ends
+    the job or crosses a spend threshold, so it outlives the process that did; sent and
+    retried by the workers' and beat's notifier, never on a render's path."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        # The notifier's look for what is due: pending rows by time.
+        Index("ix_deliveries_due", "status", "next_at"),
+        # `status JOB` lists a job's.
+        Index("ix_deliveries_job", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # X-Imagebatch-Delivery: the same on every retry, unique across databases.
+    delivery_id: Mapped[str] = mapped_column(String(36), unique=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(40))
+    # Set on spend crossings ("job:J:spend.50", "team:B:spend.50"): unique, so each crossing
+    # is told once whatever races or cap changes happen; NULL for job ends.
+    once_key: Mapped[str | None] = mapped_column(String(100), unique=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    body: Mapped[str] = mapped_column(Text)  # the exact JSON sent (and signed)
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # When it is next due (pending), or taken by a sender until then.
+    next_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -1016,10 +1016,14 @@ _MOVE_JOB = (
     .values(**_moved(_jobs), open_renders=_jobs.c.open_renders + bindparam("d_open"),
             # What `status` shows rides on the same UPDATE: items ended, files stored.
             **{column: _jobs.c[column] + bindparam(f"d_{column}") for column in SHOWN})
-    .returning(_jobs.c.open_renders)
+    # Spent and cap after the move: a spend crossing (pipeline/webhooks.py) is computed
+    # from them, with no read of its own.
+    .returning(_jobs.c.open_renders, _jobs.c.spent_cents, _jobs.c.budget_cents)
 )
 _MOVE_TEAM = update(_budgets).where(_budgets.c.id == bindparam("budget")).values(
-    **_moved(_budgets))
+    **_moved(_budgets)).returning(
+    _budgets.c.spent_cents,
+    select(_teams.c.budget_cents).where(_teams.c.name == _budgets.c.team).scalar_subquery())
 # Holds with the moves, in one statement, conditional on the row's state after all of them
 # (and, for a job, on it running).
 _HOLD_AND_MOVE_JOB = _MOVE_JOB.where(
@@ -1044,25 +1048,52 @@ class TeamLimit(Protocol):
     period: str
 
 
+class Moved(NamedTuple):
+    """A job's or team budget's row after a move: `open_renders` (a job's; 0 for a team's),
+    what it has spent, and its limit (a job's cap, a team's period budget; None: none)."""
+
+    open_renders: int
+    spent_cents: int
+    limit_cents: int | None
+
+
 def move_job(db: Connection, job_id: int, *, reserved: int = 0, spent: int = 0,
              unknown: int = 0, open_renders: int = 0, shown: Mapping[str, int] | None = None,
              holds: bool = False) -> int | None:
     """Move the job's counters by these deltas; its open renders after. With `holds`, only
     if the job runs and its cap holds spent + reserved after the moves: None when not."""
+    moved = moved_job(db, job_id, reserved=reserved, spent=spent, unknown=unknown,
+                      open_renders=open_renders, shown=shown, holds=holds)
+    return None if moved is None else moved.open_renders
+
+
+def moved_job(db: Connection, job_id: int, *, reserved: int = 0, spent: int = 0,
+              unknown: int = 0, open_renders: int = 0, shown: Mapping[str, int] | None = None,
+              holds: bool = False) -> Moved | None:
+    """`move_job`, returning the job's row after it (None when a hold did not fit)."""
     shown = shown or {}
-    return db.execute(_HOLD_AND_MOVE_JOB if holds else _MOVE_JOB, {
+    row = db.execute(_HOLD_AND_MOVE_JOB if holds else _MOVE_JOB, {
         "job": job_id, "d_reserved": reserved, "d_spent": spent, "d_unknown": unknown,
         "d_open": open_renders, **{f"d_{column}": shown.get(column, 0) for column in SHOWN},
-    }).scalar()
+    }).first()
+    return None if row is None else Moved(row[0], row[1], row[2])
 
 
 def move_team_budget(db: Connection, budget_id: int, team: str, *, reserved: int = 0,
                      spent: int = 0, unknown: int = 0, holds: bool = False) -> bool:
     """Move the team budget row's counters; with `holds`, only if the team's limit holds
     spent + reserved after the moves (False when not)."""
-    return db.execute(_HOLD_AND_MOVE_TEAM if holds else _MOVE_TEAM, {
+    return moved_team_budget(db, budget_id, team, reserved=reserved, spent=spent,
+                             unknown=unknown, holds=holds) is not None
+
+
+def moved_team_budget(db: Connection, budget_id: int, team: str, *, reserved: int = 0,
+                      spent: int = 0, unknown: int = 0, holds: bool = False) -> Moved | None:
+    """`move_team_budget`, returning the row after it (None when a hold did not fit)."""
+    row = db.execute(_HOLD_AND_MOVE_TEAM if holds else _MOVE_TEAM, {
         "budget": budget_id, "team_name": team, "d_reserved": reserved, "d_spent": spent,
-        "d_unknown": unknown}).rowcount == 1
+        "d_unknown": unknown}).first()
+    return None if row is None else Moved(0, row[0], row[1])
 
 
 def ledger_entry(*, job_id: int, render_id: int, attempt_id: int, team_budget_id: int | None,

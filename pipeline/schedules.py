@@ -65,7 +65,7 @@ def check_schedule(cron: str, timezone: str, job_text: str, caps: Mapping[str, C
 def add_schedule(session: Session, *, name: str, cron: str, job_text: str, team: str,
                  budget_cents: int, caps: Mapping[str, Caps], allow_invalid: bool = False,
                  timezone: str = "UTC", source_name: str | None = None,
-                 where: str | None = None) -> Submission:
+                 where: str | None = None, notify_url: str | None = None) -> Submission:
     """Store a schedule whose job file passed `check_schedule` (`where`: the file's path,
     for the messages); returns the check (the invalid lines `allow_invalid` let through)."""
     checked = check_schedule(cron, timezone, job_text, caps, allow_invalid=allow_invalid,
@@ -74,7 +74,7 @@ def add_schedule(session: Session, *, name: str, cron: str, job_text: str, team:
         raise ScheduleError(f"a schedule named {name!r} exists (remove it first)")
     schedule = Schedule(name=name, cron=cron, timezone=timezone, team=team,
                         budget_cents=budget_cents, job_text=storable_text(job_text),
-                        source_name=source_name,
+                        source_name=source_name, notify_url=notify_url,
                         created_at=utcnow())
     session.add(schedule)
     return checked
@@ -142,7 +142,8 @@ def run_now(session: Session, name: str) -> int:
 
 def _create_from(session: Session, schedule: Schedule, job_name: str) -> int:
     return create_job(session, team=schedule.team, budget_cents=schedule.budget_cents,
-                      entries=parse_lines(schedule.job_text), name=job_name, source="schedule")
+                      entries=parse_lines(schedule.job_text), name=job_name, source="schedule",
+                      notify_url=schedule.notify_url)
 
 
 def remove_schedule(session: Session, name: str) -> None:

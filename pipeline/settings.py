@@ -44,6 +44,10 @@ class Settings:
     read_timeout: float = 120.0
     connect_timeout: float = 30.0
     allow_private_media: bool = False
+    # Webhooks (pipeline/webhooks.py): the HMAC key of their signatures, never shown, and
+    # whether a notify URL may be on a private or loopback address.
+    webhook_secret: str | None = field(default=None, repr=False)
+    allow_private_webhooks: bool = False
     # Models priced 0 in /models are refused unless this is set: no cap bounds their calls.
     allow_free_models: bool = False
     # A render sent to the broker this long ago and still not started, when renders sent after
@@ -191,9 +195,10 @@ DAY, WEEK = 86_400, 604_800
 TEXTS = {
     "api_base": "API_BASE", "api_key": "API_KEY", "database_url": "DATABASE_URL",
     "broker_url": "BROKER_URL", "storage_url": "STORAGE_URL",
-    "model_rates": "MODEL_RATES", "redis_url": "REDIS_URL",
+    "model_rates": "MODEL_RATES", "redis_url": "REDIS_URL", "webhook_secret": "WEBHOOK_SECRET",
 }
-FLAGS = {"allow_private_media": "ALLOW_PRIVATE_MEDIA", "allow_free_models": "ALLOW_FREE_MODELS"}
+FLAGS = {"allow_private_media": "ALLOW_PRIVATE_MEDIA", "allow_free_models": "ALLOW_FREE_MODELS",
+         "allow_private_webhooks": "ALLOW_PRIVATE_WEBHOOKS"}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 BROKER_SCHEMES = ("filesystem", "redis", "rediss", "memory")
 # The drivers the pipeline is tested with; others (async ones, MySQL) cannot run its SQL.

@@ -493,8 +493,8 @@ class _JobWriter:
 
 def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
                 team: str, budget_cents: int, name: str | None, allow_invalid: bool,
-                source: str = "cli", sample: int | None = None, reuse: bool = True
-                ) -> Submission:
+                source: str = "cli", sample: int | None = None, reuse: bool = True,
+                notify_url: str | None = None) -> Submission:
     """Validate, price and write a job file as one pass over it, in bounded memory.
 
     The job is written as `submitting` with its items and their renders in chunks, then made
@@ -508,7 +508,8 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
     result = Submission()
     digest = hashlib.sha256()
     writer = _JobWriter(sessions, {"team": team, "name": name, "budget_cents": budget_cents,
-                                   "source": source, "reuse": reuse}, sample)
+                                   "source": source, "reuse": reuse, "notify_url": notify_url},
+                       sample)
     writing = True
     try:
         with open_job_file(path) as stream:
@@ -533,11 +534,11 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
 
 def submit_job(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,
                team: str, budget_cents: int, name: str | None, allow_invalid: bool,
-               source: str = "cli", sample: int | None = None, reuse: bool = True
-               ) -> Submission:
+               source: str = "cli", sample: int | None = None, reuse: bool = True,
+               notify_url: str | None = None) -> Submission:
     """A job file written as a job under the submission rule (`accept`); `reuse` False: its
     seeded requests are sent even when they already succeeded (reuse.py)."""
     submitted = submit_file(sessions, path, caps, team=team, budget_cents=budget_cents,
                             name=name, allow_invalid=allow_invalid, source=source,
-                            sample=sample, reuse=reuse)
+                            sample=sample, reuse=reuse, notify_url=notify_url)
     return accept(submitted, path, allow_invalid=allow_invalid)

@@ -14,12 +14,15 @@ from celery import Celery
 from pipeline.dispatch import feed_window, plan_pending
 from pipeline.schedules import fire_due
 from pipeline.sweep import sweep
+from pipeline.webhooks import ROUND, deliver_due
 from workers.app import worker_options
 from workers.tasks import announce_worker, enqueue_renders, services
 
 log = logging.getLogger("imagebatch.worker")
 
 FEED_INTERVAL = 0.1
+# Seconds between two looks for webhook deliveries due (one indexed SELECT when none is).
+NOTIFY_INTERVAL = 1.0
 REPEAT_FAILURE_AFTER = 60.0
 # A round that sent this many goes again at once: the workers are taking messages fast.
 FEED_BUSY = 64
@@ -146,3 +149,18 @@ class Feeder(Every):
     def __init__(self, app: Celery, only_job: int | None = None) -> None:
         super().__init__(app, FEED_INTERVAL, partial(feed, only_job=only_job),
                          "imagebatch-feeder", busy_at=FEED_BUSY)
+
+
+def notify(app: Celery, only_job: int | None = None) -> int:
+    """Send the webhook deliveries due (`only_job`'s alone in a `run`); how many."""
+    svc = services(app)
+    return deliver_due(svc.sessions, svc.settings, only_job=only_job)
+
+
+class Notifier(Every):
+    """Webhook deliveries sent and retried on a thread of their own, with a client of their
+    own: a slow receiver never holds up a render or the ticker."""
+
+    def __init__(self, app: Celery, only_job: int | None = None) -> None:
+        super().__init__(app, NOTIFY_INTERVAL, partial(notify, only_job=only_job),
+                         "imagebatch-notifier", busy_at=ROUND)

@@ -25,7 +25,7 @@ from pipeline.settings import Settings, SettingsError, mask_url
 from pipeline.submission import check_job_file, check_not_unfinished
 from pipeline.views import items_done, money, progress_line
 from workers.app import check_shared_redis, create_app
-from workers.embedded import Feeder, InProcessWorker, Ticker
+from workers.embedded import Feeder, InProcessWorker, Notifier, Ticker
 from workers.tasks import services, shutdown_services
 
 # How long a run waits for a database that refuses writes (disk full) before it leaves; it
@@ -178,6 +178,7 @@ def render_here(app: Celery, sessions: sessionmaker[Session], job_id: int,
     Raises Stopped when the database refuses writes for DB_PATIENCE with nothing paid left
     unrecorded."""
     ticker, feeder = Ticker(app, interval=1.0, only_job=job_id), Feeder(app, only_job=job_id)
+    notifier = Notifier(app, only_job=job_id)
     svc = services(app)
 
     def stuck() -> str | None:
@@ -198,15 +199,35 @@ def render_here(app: Celery, sessions: sessionmaker[Session], job_id: int,
     with CtrlC(job_id) as ctrl_c:
         ticker.start()
         feeder.start()
+        notifier.start()
         try:
             summary = follow_job(sessions, job_id, ctrl_c, progress, say, stuck)
         finally:
             feeder.stop()
             ticker.stop()
+            notifier.stop()
+    if summary.get("finished_at") is not None:
+        notify_before_leaving(svc.sessions, svc.settings, job_id, say)
     if summary["status"] == "paused" and summary["sample_lines"] is None:  # `run` says it
         why = f" ({summary['error']})" if summary.get("error") else ""
         say(f"job {job_id} is paused{why}: continue it with `imagebatch resume {job_id}`")
     return summary
+
+
+def notify_before_leaving(sessions: sessionmaker[Session], settings: Settings, job_id: int,
+                          say: Say) -> None:
+    """The job's webhooks due now sent once more before `run` leaves; one that still failed
+    is said, with who retries it (it waits in SQL)."""
+    from pipeline.webhooks import PENDING, deliver_due, job_deliveries
+
+    deliver_due(sessions, settings, only_job=job_id)
+    with sessions() as session:
+        waiting = [d for d in job_deliveries(session, job_id) if d["status"] == PENDING]
+    for d in waiting:
+        why = f" ({d['last_error']})" if d["last_error"] else ""
+        say(f"webhook {d['event']} of job {job_id} is not delivered yet{why}: it waits in SQL "
+            f"and `imagebatch worker` or `imagebatch beat` retries it (`imagebatch status "
+            f"{job_id}` shows it)")
 
 
 def follow_job(sessions: sessionmaker[Session], job_id: int, ctrl_c: CtrlC, progress: Progress,

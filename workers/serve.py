@@ -14,7 +14,7 @@ from celery.exceptions import SecurityWarning
 
 from pipeline.settings import Settings, mask_url
 from workers.app import connected_app, worker_options
-from workers.embedded import Every, Feeder, Ticker
+from workers.embedded import Every, Feeder, Notifier, Ticker
 from workers.tasks import announce_worker, shutdown_services
 
 Say = Callable[[str], None]
@@ -49,6 +49,7 @@ def serve_worker(settings: Settings, *, sweep: bool, loglevel: str, banner: bool
     # window full as renders start.
     tickers: list[Every] = ([Ticker(app, interval=settings.sweep_interval), Feeder(app)]
                             if sweep else [])
+    tickers.append(Notifier(app))  # webhooks, off the renders' path
     for ticker in tickers:
         ticker.start()
     jobs = "plans, sends and sweeps jobs, " if sweep else ""
@@ -68,7 +69,7 @@ def serve_beat(settings: Settings, *, interval: float, say: Say) -> None:
     """Plan jobs (those inserted with SQL too), fire schedules, keep the broker's window
     full and sweep stuck renders, until SIGTERM or Ctrl-C."""
     app = connected_app(settings)
-    tickers = [Ticker(app, interval=interval), Feeder(app)]
+    tickers = [Ticker(app, interval=interval), Feeder(app), Notifier(app)]
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set())
                 for signum in (signal.SIGINT, signal.SIGTERM)}
