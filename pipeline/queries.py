@@ -1145,13 +1145,12 @@ _DELETE_IMAGES = delete(_images).where(_images.c.render_id == bindparam("render"
 
 def image_row(*, job_id: int, render_id: int, image_index: int, key: str, content_type: str,
               size: int, sha256: str, width: int | None, height: int | None, seed: int | None,
-              revised_prompt: str | None, cost_cents: int, created_at: datetime
-              ) -> dict[str, Any]:
+              revised_prompt: str | None, cost_cents: int) -> dict[str, Any]:
     """An images row, for `insert_images`."""
     return {"job_id": job_id, "render_id": render_id, "image_index": image_index, "key": key,
             "content_type": content_type, "bytes": size, "sha256": sha256, "width": width,
             "height": height, "seed": seed, "revised_prompt": revised_prompt,
-            "cost_cents": cost_cents, "created_at": created_at}
+            "cost_cents": cost_cents}
 
 
 def insert_images(db: Connection, rows: list[dict[str, Any]]) -> None:

@@ -401,12 +401,11 @@ def finish_reuse(svc: Services, begun: Begun, copied: reuse.Copied, session: Ses
         return Settled(unkept=copied.keys)
     replaced = _replace_earlier_files(session, render, begun)
     ledger.files_stored(session, render.job_id, len(copied.keys))
-    now = utcnow()
     queries.insert_images(db, [queries.image_row(
         job_id=render.job_id, render_id=render.id, image_index=file.index, key=key,
         content_type=file.content_type, size=file.size, sha256=file.sha256,
         width=file.width, height=file.height, seed=file.seed,
-        revised_prompt=file.revised_prompt, cost_cents=0, created_at=now)
+        revised_prompt=file.revised_prompt, cost_cents=0)
         for file, key in zip(source.files, copied.keys, strict=True)])
     end_render(session, render, RenderStatus.SUCCEEDED, None, claim=claim, item_locked=True,
                reused_from=source.render_id)
@@ -707,8 +706,7 @@ def _image_row(render: queries.RenderRow, begun: Begun, media: StoredMedia) -> d
         width=info.width, height=info.height,
         # Upstreams make image i of a call seeded s with s + i (see plan.split_into_renders).
         seed=None if begun.seed is None else begun.seed + media.index,
-        revised_prompt=media.revised_prompt, cost_cents=begun.price_per_image_cents,
-        created_at=utcnow())
+        revised_prompt=media.revised_prompt, cost_cents=begun.price_per_image_cents)
 
 
 def _should_retry(session: Session, render: queries.RenderRow, outcome: Refused | Unknown,
