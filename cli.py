@@ -31,13 +31,14 @@ from cli_terminal import (
     nothing_to_resume,
     out,
     parse_only,
-    print_job_outcome,
     print_json,
+    print_outcome,
     print_table,
     progress_bar,
     say,
     show,
 )
+from fake_upstream.command import fake_upstream_command
 from pipeline import jobs, submission, views
 from pipeline.caps import current_caps
 from pipeline.db import (
@@ -80,9 +81,6 @@ def main(ctx: click.Context, verbose: int) -> None:
                                                 unknown)
 
 
-# --- shared plumbing -----------------------------------------------------------------------
-
-
 def load_settings(concurrency: int | None = None, **overrides: Any) -> Settings:
     """The settings from the environment, with what the command line said instead."""
     if concurrency:
@@ -91,20 +89,12 @@ def load_settings(concurrency: int | None = None, **overrides: Any) -> Settings:
     return replace(settings, **overrides) if overrides else settings
 
 
-def summary_of(sessions: sessionmaker[Session], job: int) -> dict[str, Any]:
-    with sessions() as session:
-        return jobs.job_summary(session, job)
-
-
 def nudge(settings: Settings) -> None:
     """Wake the dispatcher now, or say why not (the job waits in SQL meanwhile)."""
     from workers.tasks import wake_dispatcher
 
     if (warning := wake_dispatcher(settings)) is not None:
         say(warning)
-
-
-# --- models and plan -----------------------------------------------------------------------
 
 
 @main.command()
@@ -149,9 +139,6 @@ def plan(file: str, as_json: bool) -> None:
         sys.exit(EXIT_USAGE)
 
 
-# --- submit and run ------------------------------------------------------------------------
-
-
 def notify_url(url: str | None, settings: Settings) -> str | None:
     """--notify checked (form, addresses, the secret set) before anything is written."""
     from pipeline.webhooks import check_notify_url
@@ -159,17 +146,14 @@ def notify_url(url: str | None, settings: Settings) -> str | None:
     return None if url is None else check_notify_url(url, settings)
 
 
-def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str, team: str,
-                cap: int, name: str | None, allow_invalid: bool, sample: int | None = None,
-                reuse: bool = True, notify: str | None = None) -> int:
+def submit_here(settings: Settings, sessions: sessionmaker[Session], file: str,
+                spec: submission.JobSpec) -> int:
     """FILE written as a pending job under the submission rule; the invalid lines it let
     through (--allow-invalid) are listed, and a plan that costs more than the cap noted."""
     submission.check_job_file(file)
-    planned = submission.submit_job(
-        sessions, file, current_caps(settings, sessions), team=team, budget_cents=cap,
-        name=name or submission.job_name(file), allow_invalid=allow_invalid, sample=sample,
-        reuse=reuse, notify_url=notify)
-    for line in [*submission.error_lines(planned, file), *views.cap_notes(planned, cap)]:
+    planned = submission.submit_spec(sessions, file, current_caps(settings, sessions), spec)
+    for line in [*submission.error_lines(planned, file),
+                 *views.cap_notes(planned, spec.budget_cents)]:
         say(line)
     assert planned.job_id is not None  # submit_job refuses what it does not write
     return planned.job_id
@@ -190,13 +174,13 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
 
     settings = load_settings()
     cap = cap_from_options(budget, budget_cents)
-    notify = notify_url(notify, settings)
+    spec = submission.JobSpec(team, cap, name, allow_invalid, reuse=not no_reuse,
+                              notify_url=notify_url(notify, settings))
     app = connected_app(settings)  # a broker out of reach is said before the job is written
     with open_database(settings) as sessions:
-        job_id = submit_here(settings, sessions, file, team, cap, name, allow_invalid,
-                             reuse=not no_reuse, notify=notify)
+        job_id = submit_here(settings, sessions, file, spec)
         nudge_dispatcher(app)
-        summary = summary_of(sessions, job_id)
+        summary = jobs.summary_of(sessions, job_id)
     if as_json:
         print_json(summary)
     else:
@@ -218,8 +202,7 @@ def submit(file: str, team: str, budget: int | None, budget_cents: int | None,
 @click.option("--yes", "-y", is_flag=True, help="With --sample: go on without asking.")
 def run(file: str, team: str, budget: int | None, budget_cents: int | None, name: str | None,
         allow_invalid: bool, no_reuse: bool, as_json: bool, notify: str | None,
-        concurrency: int | None,
-        new: bool, sample: int | None, yes: bool) -> None:
+        concurrency: int | None, new: bool, sample: int | None, yes: bool) -> None:
     """Submit FILE and render it in this process until the job ends, with progress.
 
     Ctrl-C pauses the job: nothing new is sent, in-flight renders finish and are settled,
@@ -235,30 +218,25 @@ def run(file: str, team: str, budget: int | None, budget_cents: int | None, name
         raise UserError("--yes: only with --sample K")
     settings = load_settings(concurrency)
     cap = cap_from_options(budget, budget_cents)
-    summary = run_job_here(settings, file, team, cap, name, allow_invalid, quiet=as_json,
-                           new=new, sample=sample, yes=yes, reuse=not no_reuse,
-                           notify=notify_url(notify, settings))
+    spec = submission.JobSpec(team, cap, name, allow_invalid, sample, not no_reuse,
+                              notify_url(notify, settings))
+    summary = run_job_here(settings, file, spec, quiet=as_json, new=new, yes=yes)
     if as_json:
         print_json(summary)
     exit_for(summary["status"])
 
 
-def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str | None,
-                 allow_invalid: bool, *, quiet: bool, new: bool = True,
-                 sample: int | None = None, yes: bool = False, reuse: bool = True,
-                 notify: str | None = None
-                 ) -> dict[str, Any]:
+def run_job_here(settings: Settings, file: str, spec: submission.JobSpec, *, quiet: bool,
+                 new: bool = True, yes: bool = False) -> dict[str, Any]:
     """Submit FILE and render it here; unless `new`, refuse a file whose job is unfinished.
     With `sample`, the sample first, then the rest when the user says so."""
     from workers.local import after_sample, run_here
 
     with open_database(settings) as sessions:
         summary = run_here(settings, sessions, file, lambda: submit_here(
-            settings, sessions, file, team, cap, name, allow_invalid, sample, reuse, notify),
-            err, say,
-            quiet=quiet, new=new)
+            settings, sessions, file, spec), err, say, quiet=quiet, new=new)
         with sessions() as session:
-            sampled = sample is not None and sample_rendered(session, summary["id"])
+            sampled = spec.sample is not None and sample_rendered(session, summary["id"])
         if sampled:
             summary = after_sample(settings, sessions, summary, lambda rest: yes or (
                 sys.stdin.isatty() and click.confirm(f"render the other {rest:,} lines?",
@@ -267,16 +245,6 @@ def run_job_here(settings: Settings, file: str, team: str, cap: int, name: str |
         if not quiet:
             print_outcome(settings, sessions, summary)
     return summary
-
-
-def print_outcome(settings: Settings, sessions: sessionmaker[Session],
-                  summary: dict[str, Any]) -> None:
-    with sessions() as session:
-        errors = jobs.item_errors(session, summary["id"], limit=10)
-    print_job_outcome(summary, settings.storage_url, errors)
-
-
-# --- job commands --------------------------------------------------------------------------
 
 
 @main.command()
@@ -313,7 +281,7 @@ def cancel(job: int) -> None:
     after all."""
     with open_database(load_settings()) as sessions:
         if not jobs.cancel_in_chunks(sessions, job):
-            out.print(f"job {job} had already ended ({summary_of(sessions, job)['status']})")
+            out.print(f"job {job} had already ended ({jobs.summary_of(sessions, job)['status']})")
             return
         with sessions() as session:
             in_flight = jobs.renders_running(session, job)
@@ -340,7 +308,7 @@ def retry(job: int, only: tuple[str, ...], budget: int | None, budget_cents: int
         with transaction(sessions) as session:
             count = jobs.retry_job(session, job, cap, only)
         if not count:  # the job was left exactly as it ended (its cap too)
-            state = summary_of(sessions, job)["status"]
+            state = jobs.summary_of(sessions, job)["status"]
             out.print(f"job {job} is {state}: nothing to retry (no {' or '.join(only)} "
                       "items); nothing was changed", highlight=False)
             return
@@ -398,11 +366,11 @@ def resume(job: int, budget: int | None, budget_cents: int | None, detach: bool,
             summary = None
             if jobs.resume_job(sessions, job, budget_cents=cap, in_process=False).resumed:
                 nudge(settings)
-                summary = summary_of(sessions, job)
+                summary = jobs.summary_of(sessions, job)
         else:
             summary = resume_here(settings, sessions, job, cap, err, say, quiet=as_json)
         if summary is None:
-            nothing_to_resume(summary_of(sessions, job), as_json)
+            nothing_to_resume(jobs.summary_of(sessions, job), as_json)
         if not (as_json or detach):
             print_outcome(settings, sessions, summary)
     if as_json:
@@ -450,9 +418,6 @@ def export(job: int, fmt: str, output: str | None, shard_size: int, embed: bool,
     skipped = f" ({summary['skipped']} audio/video skipped)" if summary["skipped"] else ""
     err.print(f"wrote {summary['files']} files{skipped} to {summary['destination']}",
               highlight=False)
-
-
-# --- teams, reports and schedules ----------------------------------------------------------
 
 
 @main.group()
@@ -630,9 +595,6 @@ def schedule_run(name: str) -> None:
     out.print(f"schedule {name}: job {job_id} submitted")
 
 
-# --- processes -----------------------------------------------------------------------------
-
-
 @main.command()
 @click.option("--concurrency", type=CONCURRENCY,
               help="Upstream calls in flight in this worker (default "
@@ -647,12 +609,9 @@ def worker(verbose: int, concurrency: int | None, sweep: bool) -> None:
 
     It starts with one line naming its broker, database, storage and concurrency; -v also
     shows Celery's banner."""
-    from workers.local import storage_ready
     from workers.serve import serve_worker
 
     settings = load_settings(concurrency)
-    check_database(settings)  # refuses to start on a schema that is behind
-    storage_ready(settings)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     serve_worker(settings, sweep=sweep, loglevel=level, banner=verbose > 0, say=say)
 
@@ -665,9 +624,7 @@ def beat(interval: float) -> None:
     """Pick up jobs inserted with SQL, fire schedules, and sweep stuck renders, until stopped."""
     from workers.serve import serve_beat
 
-    settings = load_settings()
-    check_database(settings)
-    serve_beat(settings, interval=interval, say=say)
+    serve_beat(load_settings(), interval=interval, say=say)
 
 
 @main.command()
@@ -704,34 +661,6 @@ def db_current() -> None:
     out.print(f"database: {current or 'empty'}; this imagebatch: {head}")
 
 
-# --- trying it out -------------------------------------------------------------------------
-
-
-@main.command("fake-upstream")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--latency", type=float, default=1.0, show_default=True,
-              help="Seconds each render takes (keepalives are sent meanwhile).")
-@click.option("--keepalive", "keepalive_interval", type=float, default=0.2, show_default=True,
-              help="Seconds between two ': keepalive' comments.")
-@click.option("--media-bytes", type=int, default=2048, show_default=True,
-              help="Approximate size of each media file.")
-@click.option("--fail-rate", type=float, default=0.0, help="Share of calls answered 500.")
-@click.option("--cut-rate", type=float, default=0.0, help="Share of streams cut (billed).")
-@click.option("--rate-limit-rate", type=float, default=0.0, help="Share answered 429.")
-@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
-              help="Serve this many generations at once; answer 429 to more.")
-@click.option("--concurrency-retry-after", type=click.FloatRange(min=0), default=None,
-              help="Retry-After seconds of those 429s (none by default).")
-def fake_upstream(host: str, port: int, **config: Any) -> None:
-    """Serve a fake provider (/v1/models, /v1/images/generations) for trying job files and
-    budgets without spending: set IMAGEBATCH_API_BASE=http://HOST:PORT/v1."""
-    from fake_upstream.app import FakeConfig, serve
-
-    err.print(f"fake upstream on http://{host}:{port}/v1 (Ctrl-C stops it)")
-    serve(host, port, FakeConfig(**config))
-
-
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="The address to listen on; any but loopback needs IMAGEBATCH_SERVE_TOKEN.")
@@ -754,12 +683,15 @@ def demo(latency: float) -> None:
     with FakeServer(FakeConfig(latency=latency)) as fake:
         settings = load_settings(api_base=fake.base_url, api_key=None)
         err.print(f"demo: fake upstream at {fake.base_url}, data in {settings.data_dir}")
-        summary = run_job_here(settings, str(example), "demo", 200, "demo", False, quiet=False)
+        summary = run_job_here(settings, str(example), submission.JobSpec("demo", 200, "demo"),
+                               quiet=False)
         billed = fake.stats()["billed_cents"]
     out.print(f"the fake upstream billed {money(billed)}; the ledger says "
               f"{money(summary['spent_cents'])}")
     exit_for(summary["status"])
 
+
+main.add_command(fake_upstream_command)
 
 if __name__ == "__main__":
     main()

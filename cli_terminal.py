@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import views
 from pipeline.db import SchemaBehind, error_reason
-from pipeline.jobs import RETRY_CHOICES, JobNotFound
+from pipeline.jobs import RETRY_CHOICES, JobNotFound, item_errors
 from pipeline.plan import OPTION, parse_cents, parse_dollars, stored_text, whole_number
 from pipeline.settings import Settings, SettingsError
 from pipeline.submission import InvalidLines
@@ -221,6 +222,14 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str) -> tuple[
         raise click.BadParameter(f"{', '.join(wrong) or 'nothing'} is not among "
                                  f"{', '.join(RETRY_CHOICES)}")
     return chosen
+
+
+def print_outcome(settings: Settings, sessions: sessionmaker[Session],
+                  summary: dict[str, Any]) -> None:
+    """`print_job_outcome` with the job's first failed items read from `sessions`."""
+    with sessions() as session:
+        errors = item_errors(session, summary["id"], limit=10)
+    print_job_outcome(summary, settings.storage_url, errors)
 
 
 def print_job_outcome(summary: dict[str, Any], storage_url: str,

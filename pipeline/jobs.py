@@ -673,6 +673,12 @@ def status_document(session: Session, job_id: int) -> dict[str, Any]:
     return {**job_summary(session, job_id), "errors": item_errors(session, job_id)}
 
 
+def summary_of(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
+    """`job_summary` in a session of its own."""
+    with sessions() as session:
+        return job_summary(session, job_id)
+
+
 def _iso(value: Any) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds") + "Z"
 

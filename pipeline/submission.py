@@ -10,7 +10,7 @@ import stat
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -530,6 +530,26 @@ def submit_file(sessions: sessionmaker[Session], path: str, caps: Mapping[str, C
         writer.discard()
         raise
     return result
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asks of a job besides its lines: who pays and up to what, and how it runs
+    (`submit`, `run`, `demo`)."""
+
+    team: str
+    budget_cents: int
+    name: str | None = None
+    allow_invalid: bool = False
+    sample: int | None = None  # `run --sample K`
+    reuse: bool = True  # False: `--no-reuse`
+    notify_url: str | None = None  # `--notify URL`
+
+
+def submit_spec(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps],
+                spec: JobSpec) -> Submission:
+    """`submit_job` of a JobSpec, named after its file when the spec names no job."""
+    return submit_job(sessions, path, caps, **{**asdict(spec), "name": spec.name or job_name(path)})
 
 
 def submit_job(sessions: sessionmaker[Session], path: str, caps: Mapping[str, Caps], *,

@@ -12,9 +12,11 @@ from collections.abc import Callable
 
 from celery.exceptions import SecurityWarning
 
+from pipeline.db import check_database
 from pipeline.settings import Settings, mask_url
 from workers.app import connected_app, worker_options
 from workers.embedded import Every, Feeder, Notifier, Ticker
+from workers.local import storage_ready
 from workers.tasks import announce_worker, shutdown_services
 
 Say = Callable[[str], None]
@@ -42,7 +44,10 @@ def serve_worker(settings: Settings, *, sweep: bool, loglevel: str, banner: bool
                  say: Say) -> None:
     """Render queued jobs until SIGTERM or Ctrl-C (Celery's warm shutdown: what started
     finishes). With `sweep`, also plan pending jobs, keep the broker's window full and bring
-    back stuck renders (where no beat runs)."""
+    back stuck renders (where no beat runs). Refuses to start on a schema that is behind or
+    on storage it cannot write."""
+    check_database(settings)
+    storage_ready(settings)
     app = connected_app(settings)
     announce_worker(app, settings.render_slots)
     # The ticker plans and sweeps every sweep_interval; the feeder keeps the broker's
@@ -68,6 +73,7 @@ def serve_worker(settings: Settings, *, sweep: bool, loglevel: str, banner: bool
 def serve_beat(settings: Settings, *, interval: float, say: Say) -> None:
     """Plan jobs (those inserted with SQL too), fire schedules, keep the broker's window
     full and sweep stuck renders, until SIGTERM or Ctrl-C."""
+    check_database(settings)
     app = connected_app(settings)
     tickers = [Ticker(app, interval=interval), Feeder(app), Notifier(app)]
     stop = threading.Event()

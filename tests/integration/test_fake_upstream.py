@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fake_upstream import FakeConfig, FakeServer
+from fake_upstream.app import FakeConfig, FakeServer
 from pipeline.media import NotMedia, sniff
 
 
