@@ -9,7 +9,6 @@ import re
 import shutil
 import ssl
 import stat
-import tempfile
 import threading
 import unicodedata
 import urllib.request
@@ -324,15 +323,13 @@ class FileStore:
             raise StorageError(f"storage folder {self.root} is not writable")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync it, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".part")
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to make the file under; renamed over `path` when the
+    block ends, removed if it fails: `path` is whole or as it was, never half written."""
+    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}.part"
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
@@ -340,11 +337,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync it, then rename it over `path`."""
+    with _replacing(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+
+
 def _link_or_copy_atomically(original: Path, path: Path) -> None:
     """`original` linked (or, where links are refused, copied and fsynced) under a temporary
     name beside `path`, then renamed over it."""
-    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}.part"
-    try:
+    with _replacing(path) as tmp:
         try:
             os.link(original, tmp)
         except FileNotFoundError:
@@ -354,11 +359,6 @@ def _link_or_copy_atomically(original: Path, path: Path) -> None:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- S3 --------------------------------------------------------------------------------------

@@ -129,12 +129,7 @@ def test_submit_and_a_separate_worker_need_no_server(env, tmp_path, fake):
     worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            job = json.loads(imagebatch(env, "status", str(job_id), "--json").stdout)
-            if job["status"] == "succeeded":
-                break
-            time.sleep(0.5)
+        job = wait_for_status(env, job_id, "succeeded")
         assert job["status"] == "succeeded", job
         assert job["spent_cents"] == 18 == fake.stats()["billed_cents"]
     finally:
@@ -218,6 +213,17 @@ def test_team_budget_report_and_schedule_commands(env, tmp_path, fake):
 
 def otters(count: int, latency: float) -> list[dict[str, object]]:
     return [{**FLUX, "prompt": f"otter {i}", "fake": {"latency": latency}} for i in range(count)]
+
+
+def wait_for_status(env: dict[str, str], job_id: int, status: str, timeout: float = 60.0
+                ) -> dict[str, object]:
+    """`status JOB --json` polled until the job is `status` (or the time is up): the last one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = json.loads(imagebatch(env, "status", str(job_id), "--json").stdout)
+        if job["status"] == status or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
 
 
 def wait_for(check, timeout: float = 30.0, what: str = "it") -> None:

@@ -11,13 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests import ROOT
-from tests.acceptance.test_cli import SECRET, imagebatch, write
+from tests.acceptance.test_cli import SECRET, imagebatch, wait_for_status, write
 
 SEEDED = [{"custom_id": "otters", "model": "flux-2-dev", "prompt": "sea otters", "n": 5,
            "seed": 42, "metadata": {"split": "train"}},
@@ -95,12 +94,7 @@ def test_no_reuse_on_run_and_submit_pays_again(env, tmp_path, fake):
     worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            job = json.loads(imagebatch(env, "status", str(job_id), "--json").stdout)
-            if job["status"] == "succeeded":
-                break
-            time.sleep(0.5)
+        job = wait_for_status(env, job_id, "succeeded")
         assert (job["status"], job["spent_cents"]) == ("succeeded", PAID - 3), job
         assert fake.stats()["calls"] == 9
     finally:

@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from pipeline.models import utcnow
 from pipeline.settings import Settings
 from pipeline.webhooks import CLAIM_SECONDS, deliver_due
-from tests.acceptance.test_cli import FLUX, ROOT, SECRET, imagebatch, write
+from tests.acceptance.test_cli import FLUX, ROOT, SECRET, imagebatch, wait_for_status, write
 from tests.receiver import WEBHOOK_SECRET, receiver
 
 
@@ -45,6 +47,18 @@ def jobs_in(env: dict[str, str]) -> int:
     with sqlite3.connect(database) as connection:
         return connection.execute("SELECT count(*) FROM jobs").fetchone()[0]
 
+
+
+@contextmanager
+def running(env: dict[str, str], command: str) -> Iterator[None]:
+    """`imagebatch worker` or `beat` in the background, stopped as a user stops it (SIGTERM)."""
+    process = subprocess.Popen([sys.executable, "-m", "cli", command], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
 
 def test_run_with_notify_posts_the_jobs_end_signed(env, tmp_path, fake, hook):
     result = imagebatch(env, "run", write(tmp_path, FLUX, {**FLUX, "n": 3}), "--budget-cents",
@@ -113,22 +127,14 @@ def test_a_delivery_left_in_sql_is_sent_by_beat(env, tmp_path, fake, hook):
                               env={**env, "IMAGEBATCH_WEBHOOK_SECRET": ""}, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):
-            status = json.loads(imagebatch(env, "status", "1", "--json").stdout)
-            if status["status"] == "succeeded":
-                break
+        wait_for_status(env, 1, "succeeded", timeout=120)
     finally:
         worker.send_signal(signal.SIGTERM)
         _, worker_err = worker.communicate(timeout=30)
     assert hook.received == []  # a worker without the secret sends nothing unsigned
     assert "IMAGEBATCH_WEBHOOK_SECRET is not set" in worker_err
-    beat = subprocess.Popen([sys.executable, "-m", "cli", "beat"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with running(env, "beat"):
         [post] = hook.wait_for(1, timeout=30)
-    finally:
-        beat.send_signal(signal.SIGTERM)
-        beat.wait(timeout=30)
     assert post.document["event"] == "job.succeeded" and post.signed_by(WEBHOOK_SECRET)
 
 
@@ -165,13 +171,8 @@ def test_a_schedules_jobs_inherit_its_notify_url(env, tmp_path, fake, hook):
     assert added.returncode == 0, added.stderr
     fired = imagebatch(env, "schedule", "run", "nightly")
     assert fired.returncode == 0, fired.stderr
-    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with running(env, "worker"):
         [post] = hook.wait_for(1, timeout=60)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=30)
     assert post.document["event"] == "job.succeeded"
     assert post.document["name"].startswith("nightly")
     assert SECRET not in post.body.decode()
