@@ -1,12 +1,14 @@
 """SQL bytes a render on PostgreSQL after VACUUM FULL, table by table (heap and each index).
 
-    python bench/sql_bytes.py --renders 20000 [--seeded]
+    python bench/sql_bytes.py --renders 20000 [--seeded] [--team NAME]
 
 Starts its own PostgreSQL (tests/servers.py) and the fake upstream in this process, renders a
 job of N bench lines ({"model": "flux-2-dev", "prompt": "bench i"}) through the pipeline
 (dispatch, then every render; `--seeded`: each line with a seed of its own, so every render
-gets a request key for seeded reuse), runs VACUUM FULL (what the rows take at rest, without the
-dead tuples a live run leaves behind) and prints each table's bytes per render.
+gets a request key for seeded reuse) for team `default` (what `run` and `submit` use unless
+told; a team's name is in every attempt and ledger row), runs VACUUM FULL (what the rows take
+at rest, without the dead tuples a live run leaves behind) and prints each table's bytes per
+render.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from tests.servers import start_postgres  # noqa: E402
 TABLES = ("job_items", "renders", "attempts", "ledger", "images")
 
 
-def render_job(url: str, renders: int, seeded: bool = False) -> None:
+def render_job(url: str, renders: int, seeded: bool = False, team: str = "default"
+               ) -> None:
     with FakeServer(FakeConfig(latency=0.01, keepalive_interval=0.5)) as fake, \
             tempfile.TemporaryDirectory() as tmp:
         svc = start_services(make_settings(Path(tmp), fake.base_url, database_url=url,
@@ -41,7 +44,7 @@ def render_job(url: str, renders: int, seeded: bool = False) -> None:
             seeds = ({"seed": i} if seeded else {} for i in range(renders))
             lines = [{"model": "flux-2-dev", "prompt": f"bench {i}", **seed}
                      for i, seed in enumerate(seeds)]
-            job_id = submit(svc, lines, budget_cents=10 * renders)
+            job_id = submit(svc, lines, budget_cents=10 * renders, team=team)
             while render_ids := dispatch_pending(svc):
                 render_all(svc, render_ids, concurrency=64)
             status = summary(svc, job_id)["status"]
@@ -78,11 +81,12 @@ def main() -> None:
     parser.add_argument("--renders", type=int, default=20_000)
     parser.add_argument("--seeded", action="store_true",
                         help="seeded lines: what seeded reuse's request key costs")
+    parser.add_argument("--team", default="default", help="the job's team (default: default)")
     args = parser.parse_args()
     url, stop = start_postgres()
     try:
         upgrade_schema(make_engine(url))
-        render_job(url, args.renders, args.seeded)
+        render_job(url, args.renders, args.seeded, args.team)
         report(url, args.renders)
     finally:
         stop()

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from fake_upstream.state import FakeState
 from fake_upstream.stream import SSE_HEADERS, ClientGone, EventStream
 
 STATE = web.AppKey("fake_state", FakeState)
+REQUEST_ID = web.RequestKey("fake_request_id", str)  # the id a call is answered with
 
 # ensure_ascii=False: a raw U+2028 in a prompt stays raw, which is what trips line splitters.
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
@@ -52,7 +54,9 @@ class Plan:
 async def generations(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await _read_json(request)
-    state.begin(body, bool(request.headers.get("Authorization")))
+    # Every answer names its call, as OpenAI's `x-request-id` does (the pipeline keeps it).
+    request[REQUEST_ID] = f"req_{uuid.uuid4().hex}"  # 36 characters, as OpenAI's
+    state.begin(body, bool(request.headers.get("Authorization")), request[REQUEST_ID])
     try:
         try:
             plan = _plan(body, state, _credential(request))
@@ -161,7 +165,7 @@ def _error_event_body(echoed: str | None = None) -> bytes:
 # --- SSE -------------------------------------------------------------------------------------
 
 async def _stream(request: web.Request, plan: Plan, state: FakeState) -> web.StreamResponse:
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = web.StreamResponse(headers={**SSE_HEADERS, **_named(request)})
     await response.prepare(request)
     stream = EventStream(request, response, plan.knobs, lambda: state.closing)
     with contextlib.suppress(ClientGone):  # a client that left needs nothing more
@@ -216,7 +220,7 @@ async def _plain(request: web.Request, plan: Plan, state: FakeState) -> web.Stre
     await asyncio.sleep(plan.latency)
     if plan.outcome == "error_event":  # without SSE the error comes as a 200 body
         state.count("error_event")
-        return _json_bytes(_error_event_body(plan.echoed))
+        return _json_bytes(_error_event_body(plan.echoed), _named(request))
     if _gone(request, state):
         state.count("client_gone")
         return web.Response(status=204)
@@ -224,11 +228,16 @@ async def _plain(request: web.Request, plan: Plan, state: FakeState) -> web.Stre
     _bill(state, plan)
     if plan.outcome == "cut":
         return await _cut_plain(request, result)
-    return _json_bytes(result)
+    return _json_bytes(result, _named(request))
 
 
-def _json_bytes(body: bytes) -> web.Response:
-    return web.Response(body=body, headers={"Content-Type": "application/json; charset=utf-8"})
+def _named(request: web.Request) -> dict[str, str]:
+    return {"x-request-id": request[REQUEST_ID]}
+
+
+def _json_bytes(body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=body, headers={"Content-Type": "application/json; charset=utf-8",
+                                            **(headers or {})})
 
 
 async def _cut_plain(request: web.Request, body: bytes) -> web.StreamResponse:

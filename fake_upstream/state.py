@@ -51,12 +51,13 @@ class FakeState:
         self.fail_counts: Counter[str] = Counter()
         self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
 
-    def begin(self, body: object, authorization: bool) -> None:
+    def begin(self, body: object, authorization: bool, request_id: str | None = None) -> None:
         self.calls += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        # Whether a key came, never the key itself.
-        self.requests.append({"body": body, "authorization": authorization})
+        # Whether a key came, never the key itself; the x-request-id the call was answered with.
+        self.requests.append({"body": body, "authorization": authorization,
+                              "request_id": request_id})
 
     def end(self) -> None:
         self.in_flight -= 1

@@ -45,7 +45,7 @@ DATASET_FORMATS = ("hf", "webdataset", "parquet")
 FILE_COLUMNS = (
     "custom_id", "prompt", "revised_prompt", "seed", "model", "width", "height",
     "content_type", "sha256", "cost_cents", "bytes", "uri", "line", "render", "index",
-    "metadata", "reused_from",
+    "metadata", "request_id", "reused_from",
 )
 # Names a metadata key cannot take as they are: a key named like one of these gets the
 # prefix "metadata_" (its value is never dropped: `metadata` keeps the whole object).
@@ -182,8 +182,8 @@ def file_rows(session: Session, job_id: int, uri_of: Callable[[str], str],
     query = (
         select(Image.key, Image.image_index, Image.content_type, Image.bytes, Image.sha256,
                Image.width, Image.height, Image.seed, Image.revised_prompt, Image.cost_cents,
-               Render.render_index, Render.model, JobItem.line, JobItem.custom_id,
-               JobItem.body, JobItem.meta,
+               Render.render_index, Render.model, Render.request_id, JobItem.line,
+               JobItem.custom_id, JobItem.body, JobItem.meta,
                original.key.label("original_key"))
         .join(Render, Render.id == Image.render_id)
         .join(JobItem, JobItem.id == Render.item_id)
@@ -211,6 +211,7 @@ def file_rows(session: Session, job_id: int, uri_of: Callable[[str], str],
             "render": row.render_index,
             "index": row.image_index,
             "metadata": None if meta is None else json.dumps(meta, ensure_ascii=False),
+            "request_id": row.request_id,
             "reused_from": None if row.original_key is None else uri_of(row.original_key),
         }
         fields = meta if isinstance(meta, dict) else {}
@@ -575,7 +576,7 @@ def parquet_schema(meta: list[MetadataColumn], embed: bool) -> Any:
              "model": text, "width": number, "height": number, "content_type": text,
              "sha256": text, "cost_cents": number, "bytes": number, "uri": text,
              "line": number, "render": number, "index": number, "metadata": text,
-             "reused_from": text}
+             "request_id": text, "reused_from": text}
     kinds = {"string": text, "int": number, "float": pa.float64(), "bool": pa.bool_(),
              "json": text}
     fields = [pa.field(name, types[name]) for name in FILE_COLUMNS]

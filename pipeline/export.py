@@ -29,8 +29,8 @@ from pipeline.storage import MediaStore
 
 EXPORT_FIELDS = (
     "job_id", "custom_id", "line", "render", "index", "uri", "content_type", "bytes", "sha256",
-    "width", "height", "seed", "revised_prompt", "cost_cents", "reused_from", "model",
-    "metadata", "prompt",
+    "width", "height", "seed", "revised_prompt", "cost_cents", "request_id", "reused_from",
+    "model", "metadata", "prompt",
 )
 
 
@@ -66,6 +66,7 @@ def export_rows(session: Session, job_id: int, uri_of: Callable[[str], str]
             "seed": image.seed,
             "revised_prompt": image.revised_prompt,
             "cost_cents": image.cost_cents,
+            "request_id": render.request_id,
             # The file this one was copied from (seeded reuse), as a URI; None: rendered here.
             "reused_from": None if original_key is None else uri_of(original_key),
             "model": render.model,

@@ -224,6 +224,9 @@ class Render(Base):
     request_key: Mapped[int | None] = mapped_column(BigInteger)
     # The render whose files this one copied instead of calling (NULL: rendered here).
     reused_from: Mapped[int | None] = mapped_column(Integer)
+    # The provider's name for the call that delivered (x-request-id or request-id header,
+    # else the body's `id`; NULL when it sent none): what its support asks for. Exported.
+    request_id: Mapped[str | None] = mapped_column(String(200))
 
 
 class Attempt(Base):

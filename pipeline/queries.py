@@ -542,7 +542,7 @@ _COUNT_DELIVERY = update(_renders).where(_renders.c.id == bindparam("render")).v
 # The render its files were copied from (reuse.py) rides on the same UPDATE.
 _END_RENDER = update(_renders).where(_renders.c.id == bindparam("render")).values(
     status=bindparam("new_status"), error=bindparam("message"), lease_until=None,
-    reused_from=bindparam("reused_from"))
+    reused_from=bindparam("reused_from"), request_id=bindparam("request_id"))
 # `forgiven` (0 or 1): a 429 takes back its attempt, as a pause does (attempts.py).
 _WAIT_FOR_RETRY = update(_renders).where(_renders.c.id == bindparam("render")).values(
     error=bindparam("message"), lease_until=bindparam("lease"),
@@ -605,9 +605,10 @@ def count_delivery(db: Connection, render_id: int, delivered: int) -> None:
 
 
 def end_render(db: Connection, render_id: int, status: RenderStatus, error: str | None, *,
-               reused_from: int | None = None) -> None:
+               reused_from: int | None = None, request_id: str | None = None) -> None:
     db.execute(_END_RENDER, {"render": render_id, "new_status": status.value,
-                             "message": error, "reused_from": reused_from})
+                             "message": error, "reused_from": reused_from,
+                             "request_id": request_id})
 
 
 def wait_for_retry(db: Connection, render_id: int, error: str, *, lease_until: datetime,

@@ -340,7 +340,7 @@ def _no_reservation_reason(render: queries.RenderRow, job: queries.JobMoneyState
 
 def end_render(session: Session, render: queries.RenderRow, status: RenderStatus, error: str | None,
                *, claim: ledger.Settlement | None = None, item_locked: bool = False,
-               reused_from: int | None = None) -> None:
+               reused_from: int | None = None, request_id: str | None = None) -> None:
     """Move a render (an ORM Render or a renders row) to a terminal status, settle its item,
     apply its last attempt's settlement and maybe close its job.
 
@@ -351,7 +351,8 @@ def end_render(session: Session, render: queries.RenderRow, status: RenderStatus
     db = session.connection()
     if not item_locked:
         queries.lock_item(db, render.item_id)
-    queries.end_render(db, render.id, status, error, reused_from=reused_from)
+    queries.end_render(db, render.id, status, error, reused_from=reused_from,
+                       request_id=request_id)
     final = close_item(session, render.item_id)
     if final is not None:
         ledger.item_ended(session, render.job_id, final)
@@ -647,7 +648,8 @@ def finish_attempt(
     render = _locked(session.connection(), begun.render_id)
     if isinstance(outcome, Delivered):
         assert collected is not None
-        return Settled(unkept=_record_delivery(session, render, begun, collected))
+        return Settled(unkept=_record_delivery(session, render, begun, collected,
+                                               outcome.request_id))
     settled_as = (
         AttemptOutcome.RELEASED if isinstance(outcome, Refused) else AttemptOutcome.UNKNOWN
     )
@@ -676,7 +678,7 @@ def finish_attempt(
 
 
 def _record_delivery(session: Session, render: queries.RenderRow, begun: Begun,
-                     collected: Collected) -> tuple[str, ...]:
+                     collected: Collected, request_id: str | None = None) -> tuple[str, ...]:
     """Charge the attempt and record its files; returns the keys of stored objects that no
     image row describes (to delete)."""
     # Charged even if we reject what came back: the provider did the work.
@@ -694,7 +696,7 @@ def _record_delivery(session: Session, render: queries.RenderRow, begun: Begun,
                               [_image_row(render, begun, m) for m in collected.stored])
     error = "; ".join(collected.problems) or None
     end_render(session, render, RenderStatus.FAILED if error else RenderStatus.SUCCEEDED, error,
-               claim=claim, item_locked=True)
+               claim=claim, item_locked=True, request_id=request_id)
     return replaced
 
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import email.utils
 import ipaddress
 import json
@@ -82,6 +83,9 @@ class Delivered:
     data: list[dict[str, Any]]
     created: int | None = None
     refused: str | None = None
+    # The provider's name for the call (x-request-id or request-id header, else the body's
+    # `id`), kept and exported: what its support asks for.
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,8 +246,14 @@ class UpstreamClient:
             return await self._refusal(response)
         content_type = _header(response, "content-type").lower()
         if "json" in content_type and "event-stream" not in content_type:
-            return await self._json_outcome(response)
-        return await self._sse_outcome(response, call)
+            outcome = await self._json_outcome(response)
+        else:
+            outcome = await self._sse_outcome(response, call)
+        named = (_request_id(_header(response, "x-request-id"))
+                 or _request_id(_header(response, "request-id")))
+        if isinstance(outcome, Delivered) and named is not None:
+            return dataclasses.replace(outcome, request_id=self._scrub(named))
+        return outcome
 
     async def _refusal(self, response: httpx.Response) -> Refused:
         status = response.status_code
@@ -334,8 +344,10 @@ class UpstreamClient:
         if isinstance(data, list):
             created = document.get("created")
             valid = isinstance(created, int) and not isinstance(created, bool)
+            named = _request_id(document.get("id"))
             return Delivered(data=[self._kept_entry(entry) for entry in data],
-                             created=created if valid else None)
+                             created=created if valid else None,
+                             request_id=None if named is None else self._scrub(named))
         return None
 
     def _kept_entry(self, entry: Any) -> Any:
@@ -711,6 +723,17 @@ async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
         if len(received) >= limit:
             break
     return bytes(received[:limit])
+
+
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def _request_id(value: Any) -> str | None:
+    """A request id as the provider sent it, if it is one: printable ASCII without spaces,
+    at most 200 characters (the column's size); anything else is not kept."""
+    if isinstance(value, str) and _REQUEST_ID.fullmatch(value.strip()):
+        return value.strip()
+    return None
 
 
 def _header(response: httpx.Response, name: str) -> str:

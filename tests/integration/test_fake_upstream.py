@@ -400,12 +400,16 @@ def test_billing_is_price_times_n(client: httpx.Client, fake: FakeServer) -> Non
 def test_request_log_records_bodies_and_whether_a_key_came(client: httpx.Client,
                                                           fake: FakeServer) -> None:
     headers = {"Authorization": "Bearer sk-air-secret"}
-    client.post(f"{fake.base_url}/images/generations", headers=headers,
-                json={"model": "flux-2-dev", "prompt": "x", "style": "EDM", "custom": True})
+    answer = client.post(f"{fake.base_url}/images/generations", headers=headers,
+                         json={"model": "flux-2-dev", "prompt": "x", "style": "EDM",
+                               "custom": True})
     generate(client, fake)
     logged = fake.requests()
     assert logged[0] == {"body": {"model": "flux-2-dev", "prompt": "x", "style": "EDM",
-                                  "custom": True}, "authorization": True}
+                                  "custom": True}, "authorization": True,
+                         "request_id": answer.headers["x-request-id"]}
+    assert logged[1]["request_id"].startswith("req_")
+    assert logged[1]["request_id"] != logged[0]["request_id"]
     assert logged[1]["authorization"] is False
     assert "sk-air-secret" not in json.dumps(logged)
     assert client.get(f"{fake.origin}/_fake/requests").json() == logged

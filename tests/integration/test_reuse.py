@@ -242,6 +242,7 @@ def test_exports_list_reused_files_with_the_uri_they_were_copied_from(svc, fake,
     from pipeline.export import export_rows
 
     first = run(svc, [OTTERS, UNSEEDED])
+    sent_ids = {entry["request_id"] for entry in fake.requests()}
     fake.reset()
     second = run(svc, [OTTERS, UNSEEDED])
     with svc.sessions() as session:
@@ -250,17 +251,22 @@ def test_exports_list_reused_files_with_the_uri_they_were_copied_from(svc, fake,
         rows = list(export_rows(session, second["id"], svc.store.uri))
         export_dataset(session, second["id"], svc.store, "parquet", str(tmp_path / "t.parquet"))
     table = pq.read_table(tmp_path / "t.parquet").to_pylist()
-    assert all(r["reused_from"] is None for r in old.values())  # rendered for their job
+    # Fresh files: the upstream's request id of their call, nothing reused.
+    assert all(r["request_id"] in sent_ids and r["reused_from"] is None
+               for r in old.values())
     otters = [r for r in rows if r["custom_id"] == "otters"]
     assert len(otters) == 6 and len(rows) == 8
     for row in otters:  # copies: the original file's URI, no call of their own
         original = old[("otters", row["render"], row["index"])]
         assert row["reused_from"] == original["uri"] != row["uri"]
-        assert (row["sha256"], row["cost_cents"]) == (original["sha256"], 0)
+        assert (row["sha256"], row["cost_cents"], row["request_id"]) == (
+            original["sha256"], 0, None)
     heron = [r for r in rows if r["custom_id"] == "plain"]
-    assert len(heron) == 2 and all(r["reused_from"] is None for r in heron)
-    assert [(r["uri"], r["reused_from"]) for r in table] == [
-        (r["uri"], r["reused_from"]) for r in rows]
+    assert len(heron) == 2 and all(
+        r["reused_from"] is None and r["request_id"] == fake.requests()[0]["request_id"]
+               for r in heron)
+    assert [(r["uri"], r["reused_from"], r["request_id"]) for r in table] == [
+        (r["uri"], r["reused_from"], r["request_id"]) for r in rows]
 
 
 def test_the_lookup_uses_the_partial_index_of_succeeded_seeded_renders(svc, fake):
