@@ -47,7 +47,7 @@ def run_job(env: dict[str, str], tmp_path: Path) -> int:
     return json.loads(result.stdout)["id"]
 
 
-def test_export_writes_each_dataset_format_and_prints_a_summary(env, tmp_path):
+def test_export_writes_each_dataset_format_and_prints_a_summary(env, tmp_path, fake):
     import pyarrow.parquet as pq
 
     job = run_job(env, tmp_path)
@@ -74,6 +74,10 @@ def test_export_writes_each_dataset_format_and_prints_a_summary(env, tmp_path):
     rows = pq.read_table(table).to_pylist()
     assert [(r["custom_id"], r["label"], len(r["content"]) == r["bytes"]) for r in rows] == [
         ("a", "x", True), ("a", "x", True), ("b", "y", True), ("s", None, True)]
+    # Each file names the call that made it, as the provider logged it: "a"'s two in one call.
+    called = {entry["request_id"] for entry in fake.requests()}
+    ids = [r["request_id"] for r in rows]
+    assert ids[0] == ids[1] and len(set(ids)) == 3 and set(ids) == called
     for result in (hf, wds, pqt):
         assert API_KEY not in result.stdout + result.stderr
 
