@@ -249,11 +249,22 @@ class UpstreamClient:
             outcome = await self._json_outcome(response)
         else:
             outcome = await self._sse_outcome(response, call)
-        named = (_request_id(_header(response, "x-request-id"))
-                 or _request_id(_header(response, "request-id")))
-        if isinstance(outcome, Delivered) and named is not None:
-            return dataclasses.replace(outcome, request_id=self._scrub(named))
+        if isinstance(outcome, Delivered):
+            named = (self._request_id(_header(response, "x-request-id"))
+                     or self._request_id(_header(response, "request-id")))
+            if named is not None:
+                return dataclasses.replace(outcome, request_id=named)
         return outcome
+
+    def _request_id(self, value: Any) -> str | None:
+        """A request id as the provider sent it, if it is one, with any secret in it redacted:
+        printable ASCII without spaces and at most 200 characters (the column's size) once
+        redacted; anything else is not kept (a value too long for its column would fail the
+        render's settlement)."""
+        if not isinstance(value, str):
+            return None
+        kept = self._scrub(value.strip())
+        return kept if _REQUEST_ID.fullmatch(kept) else None
 
     async def _refusal(self, response: httpx.Response) -> Refused:
         status = response.status_code
@@ -344,10 +355,9 @@ class UpstreamClient:
         if isinstance(data, list):
             created = document.get("created")
             valid = isinstance(created, int) and not isinstance(created, bool)
-            named = _request_id(document.get("id"))
             return Delivered(data=[self._kept_entry(entry) for entry in data],
                              created=created if valid else None,
-                             request_id=None if named is None else self._scrub(named))
+                             request_id=self._request_id(document.get("id")))
         return None
 
     def _kept_entry(self, entry: Any) -> Any:
@@ -726,14 +736,6 @@ async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
 
 
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
-
-
-def _request_id(value: Any) -> str | None:
-    """A request id as the provider sent it, if it is one: printable ASCII without spaces,
-    at most 200 characters (the column's size); anything else is not kept."""
-    if isinstance(value, str) and _REQUEST_ID.fullmatch(value.strip()):
-        return value.strip()
-    return None
 
 
 def _header(response: httpx.Response, name: str) -> str:

@@ -41,3 +41,15 @@ def test_a_refusal_carries_no_request_id() -> None:
     outcome = generate(lambda request: httpx.Response(400, json={"error": {"message": "bad"}},
                                                       headers={"x-request-id": "req_9"}))
     assert isinstance(outcome, Refused)
+
+
+def test_an_id_that_redaction_would_make_too_long_for_its_column_is_not_kept() -> None:
+    """A short key repeated in a 200-character id grows past 200 once each copy reads
+    "[redacted]": storing it would fail the render's settlement, so it is dropped."""
+    short_key = "k3ys"  # redaction takes secrets of 4 characters and more
+    outcome = generate(sse(event(RESULT), headers={"x-request-id": short_key * 50}),
+                       api_key=short_key)
+    assert isinstance(outcome, Delivered) and outcome.request_id is None
+    fits = generate(sse(event(RESULT), headers={"x-request-id": f"req_{short_key}"}),
+                    api_key=short_key)
+    assert isinstance(fits, Delivered) and fits.request_id == "req_[redacted]"
