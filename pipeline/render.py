@@ -678,7 +678,7 @@ def finish_attempt(
 
 
 def _record_delivery(session: Session, render: queries.RenderRow, begun: Begun,
-                     collected: Collected, request_id: str | None = None) -> tuple[str, ...]:
+                     collected: Collected, request_id: str | None) -> tuple[str, ...]:
     """Charge the attempt and record its files; returns the keys of stored objects that no
     image row describes (to delete)."""
     # Charged even if we reject what came back: the provider did the work.

@@ -26,6 +26,7 @@ Downgrade drops the column; the order of the others does not matter to anything.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from alembic import op
@@ -90,14 +91,14 @@ def rewrite(db: sa.Connection, table: str, order: tuple[str, ...]) -> None:
         db.exec_driver_sql(f"ALTER TABLE {other} ADD CONSTRAINT {_quoted(name)} {definition}")
 
 
+@dataclass
 class _Kept:
     """What a table carries besides its rows, read from the catalog before it is dropped."""
 
-    def __init__(self) -> None:
-        self.sequences: list[tuple[str, str]] = []  # (sequence, the column owning it)
-        self.constraints: list[tuple[str, str]] = []  # its own: primary, unique, check, foreign
-        self.incoming: list[tuple[str, str, str]] = []  # other tables' foreign keys to it
-        self.statements: list[str] = []  # indexes, triggers, grants and comments, as SQL
+    sequences: list[tuple[str, str]] = field(default_factory=list)  # (sequence, its column)
+    constraints: list[tuple[str, str]] = field(default_factory=list)  # primary, unique, ...
+    incoming: list[tuple[str, str, str]] = field(default_factory=list)  # others' foreign keys
+    statements: list[str] = field(default_factory=list)  # indexes, triggers, grants, comments
 
 
 def _columns(db: sa.Connection, table: str) -> dict[str, str]:
@@ -117,13 +118,10 @@ def _columns(db: sa.Connection, table: str) -> dict[str, str]:
 def _what_hangs_on(db: sa.Connection, table: str) -> _Kept:
     kept = _Kept()
     params = {"t": table}
-    for (column,) in db.execute(sa.text(
-            "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
-            "AND attnum > 0 AND NOT attisdropped"), params):
-        sequence = db.execute(sa.text("SELECT pg_get_serial_sequence(:t, :c)"),
-                              {"t": table, "c": column}).scalar()
-        if sequence is not None:
-            kept.sequences.append((sequence, column))
+    kept.sequences = [(sequence, column) for column, sequence in db.execute(sa.text(
+        "SELECT attname, pg_get_serial_sequence(:t, attname) FROM pg_attribute "
+        "WHERE attrelid = CAST(:t AS regclass) AND attnum > 0 AND NOT attisdropped"), params)
+        if sequence is not None]
     # Primary and unique keys first: the foreign keys of other tables need them.
     kept.constraints = [(name, definition) for name, definition in db.execute(sa.text(
         "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "

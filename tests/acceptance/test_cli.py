@@ -215,8 +215,8 @@ def otters(count: int, latency: float) -> list[dict[str, object]]:
     return [{**FLUX, "prompt": f"otter {i}", "fake": {"latency": latency}} for i in range(count)]
 
 
-def wait_for_status(env: dict[str, str], job_id: int, status: str, timeout: float = 60.0
-                ) -> dict[str, object]:
+def wait_for_status(env: dict[str, str], job_id: int, status: str,
+                    timeout: float = 60.0) -> dict[str, object]:
     """`status JOB --json` polled until the job is `status` (or the time is up): the last one."""
     deadline = time.monotonic() + timeout
     while True:

@@ -48,7 +48,6 @@ def jobs_in(env: dict[str, str]) -> int:
         return connection.execute("SELECT count(*) FROM jobs").fetchone()[0]
 
 
-
 @contextmanager
 def running(env: dict[str, str], command: str) -> Iterator[None]:
     """`imagebatch worker` or `beat` in the background, stopped as a user stops it (SIGTERM)."""
@@ -59,6 +58,7 @@ def running(env: dict[str, str], command: str) -> Iterator[None]:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
 
 def test_run_with_notify_posts_the_jobs_end_signed(env, tmp_path, fake, hook):
     result = imagebatch(env, "run", write(tmp_path, FLUX, {**FLUX, "n": 3}), "--budget-cents",
